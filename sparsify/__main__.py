@@ -1,0 +1,5 @@
+import sys
+
+from sparsify.cli import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""The ``sparsify`` command line.
+
+    sparsify train RECIPE [--set key.path=value ...] [--resume | --overwrite]
+    sparsify eval MODEL_DIR --task sst2 [--split validation] [--json]
+    sparsify recipe check RECIPE [--set ...] [--print]
+    sparsify report RUN_OR_MODEL_DIR [--json]
+    sparsify bench kernels [...]
+
+A user mistake prints one line starting with ``error:`` and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sparsify.errors import SparsifyError
+
+EPILOG = "Run 'sparsify COMMAND --help' for the options of a command. Docs: README.md and recipes/README.md."
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/quickstart.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a recipe field (repeatable), e.g. --set training.learning_rate=3e-5 "
+                        "--set techniques.0.final_sparsity=0.8; the value is parsed as YAML")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsify",
+        description="Make BERT-style encoders small and fast: recipe-driven pruning, distillation, "
+                    "length-adaptive training and 8-bit QAT, with block-sparse CPU kernels.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run a training recipe",
+                       description="Run a recipe end to end: train, evaluate, checkpoint, and write the run directory "
+                                   "(recipe.yaml, metrics.json, TensorBoard logs, checkpoints/, model/). Under "
+                                   "'accelerate launch' the same recipe runs on several processes.")
+    _add_recipe_args(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue from the newest checkpoint in the recipe's output_dir (same recipe required)")
+    mode.add_argument("--overwrite", action="store_true", help="delete an existing run in output_dir first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to TensorBoard)")
+
+    p = sub.add_parser("eval", help="evaluate a model directory on a task",
+                       description="Evaluate a Hugging Face model directory (or a run directory) on a GLUE-style task.")
+    p.add_argument("model", help="model directory, run directory or hub id")
+    p.add_argument("--task", required=True, help="GLUE task: sst2, mrpc, rte, qnli, cola, stsb, ...")
+    p.add_argument("--dataset", default="nyu-mll/glue", help="dataset hub id or directory (default: nyu-mll/glue)")
+    p.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
+    p.add_argument("--max-length", type=int, default=128, help="tokenizer max length (default: 128)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("recipe", help="check recipes", description="Validate recipes without training.")
+    rsub = p.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
+    c = rsub.add_parser("check", help="validate a recipe and print it resolved",
+                        description="Load and validate a recipe (with --set overrides); print the resolved recipe "
+                                    "with every default filled in.")
+    _add_recipe_args(c)
+    c.add_argument("--quiet", action="store_true", help="print only errors")
+
+    p = sub.add_parser("report", help="sparsity report of a saved model",
+                       description="Per-layer sparsity measured from the actual zeros of a saved model's weights, "
+                                   "with a check that the zeros follow the block pattern.")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="RUN_OR_MODEL_DIR [--json] [--block 4x1]")
+
+    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks: 'sparsify bench kernels --help'.")
+    p.add_argument("what", choices=["kernels"], help="what to benchmark")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except SparsifyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    if args.command == "recipe":
+        from sparsify.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if not args.quiet:
+            print(recipe.to_yaml(), end="")
+        print(f"ok: {args.recipe}", file=sys.stderr)
+        return 0
+    if args.command == "train":
+        from sparsify.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        from sparsify.train import train
+
+        train(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        return 0
+    if args.command == "eval":
+        from sparsify.evaluation import evaluate_model_dir
+
+        metrics = evaluate_model_dir(args.model, task=args.task, dataset=args.dataset, split=args.split,
+                                     max_length=args.max_length, batch_size=args.batch_size,
+                                     max_samples=args.max_samples)
+        if args.json:
+            print(json.dumps(metrics, indent=1))
+        else:
+            for k, v in metrics.items():
+                print(f"{k:>22s}  {v:.4f}" if isinstance(v, float) else f"{k:>22s}  {v}")
+        return 0
+    if args.command == "report":
+        from sparsify.sparsity import main as report_main
+
+        return report_main(args.args)
+    if args.command == "bench":
+        from sparsify.kernels.bench import main as bench_main
+
+        return bench_main(args.args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad recipe, a missing file, a wrong column) raises a :class:`SparsifyError`.
+The CLI prints its message on one line and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SparsifyError(Exception):
+    """An error caused by user input; the message says what, where and what to do."""
+
+
+class RecipeError(SparsifyError):
+    """A recipe that cannot be used: names the file, the line and the key path."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, key: str | None = None):
+        self.file, self.line, self.key, self.reason = file, line, key, message
+        where = ""
+        if file is not None:
+            where = f"{file}:{line}: " if line is not None else f"{file}: "
+        what = f"{key}: " if key else ""
+        super().__init__(f"{where}{what}{message}")

@@ -1,0 +1,386 @@
+"""Recipes: YAML files loaded with a safe loader into typed, frozen, self-validating configs.
+
+    recipe = load_recipe("recipes/sst2/minilm-l6-dense.yaml", overrides=["training.learning_rate=5e-5"])
+
+Every error names the file, the line, the key path and what is allowed; a misspelt key gets a suggestion.
+YAML holds literal values only: no tags, no expressions. ``--set key.path=value`` overrides any field,
+its value parsed as a YAML scalar or flow collection.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from sparsify.config import Config, FieldError
+from sparsify.errors import RecipeError
+from sparsify.techniques import TECHNIQUES
+
+KeyPath = tuple  # of str (mapping keys) and int (list indices)
+
+
+class ModelConfig(Config):
+    """The student: the model that is trained and compressed."""
+
+    name_or_path: str = Field(min_length=1, description="Hub id, local directory or run directory.")
+    revision: str | None = None
+    num_labels: int | None = Field(None, ge=1, description="Default: taken from the data.")
+    layers: tuple[int, ...] | None = Field(
+        None, description="Keep only these encoder layers of name_or_path (a shallower student), e.g. [0, 2, 4]."
+    )
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Override hidden and attention dropout.")
+
+    @model_validator(mode="after")
+    def _check_layers(self):
+        if self.layers is not None:
+            if len(self.layers) == 0:
+                raise FieldError("layers", "must name at least one layer")
+            if any(i < 0 for i in self.layers) or list(self.layers) != sorted(set(self.layers)):
+                raise FieldError("layers", f"must be distinct, increasing, non-negative indices, got {list(self.layers)}")
+        return self
+
+
+class TeacherConfig(Config):
+    """A frozen teacher for distillation (used by the ``distillation`` technique)."""
+
+    name_or_path: str = Field(min_length=1, description="Run directory, local directory or hub id.")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str | None = Field(None, description="Default: the student's device.")
+
+
+GLUE_TEXT_COLUMNS = {
+    "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
+    "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
+}
+
+
+class DataConfig(Config):
+    """Training and evaluation data: a hub/local dataset by name and config, or local files."""
+
+    dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
+    config: str | None = Field(None, description="Dataset configuration, e.g. sst2.")
+    train_file: str | None = Field(None, description="Local csv/tsv/json/jsonl/parquet file.")
+    validation_file: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_columns: tuple[str, ...] = Field(
+        ("sentence",), min_length=1, max_length=2, description="One column, or two for sentence pairs. Default: "
+        "the GLUE task's columns (sst2: sentence; mrpc, rte: sentence1, sentence2; ...)."
+    )
+    label_column: str = "label"
+    label_names: tuple[str, ...] | None = Field(None, description="Default: from the dataset's features or values.")
+    max_length: int = Field(128, ge=8, le=4096)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    task: str | None = Field(
+        None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...). Default: config or sst2."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _glue_columns(cls, data):
+        if isinstance(data, dict) and "text_columns" not in data:
+            task = data.get("task") or data.get("config")
+            if task in GLUE_TEXT_COLUMNS:
+                data = {**data, "text_columns": GLUE_TEXT_COLUMNS[task]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if (self.dataset is None) == (self.train_file is None):
+            raise FieldError("dataset", "give exactly one of 'dataset' (hub id or directory) or 'train_file'")
+        if self.train_file is not None and self.validation_file is None:
+            raise FieldError("validation_file", "is required with train_file")
+        return self
+
+    @property
+    def metric_task(self) -> str:
+        return self.task or self.config or "sst2"
+
+
+class TrainingConfig(Config):
+    """Optimization and bookkeeping. Every schedule counts optimizer steps."""
+
+    epochs: float | None = Field(None, gt=0, description="Converted to optimizer steps from the data size.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps; give epochs or steps.")
+    batch_size: int = Field(32, ge=1, description="Examples per process per forward pass.")
+    eval_batch_size: int = Field(128, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-5, gt=0, le=1.0)
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    warmup_steps: int | None = Field(None, ge=0, description="Overrides warmup_ratio.")
+    weight_decay: float = Field(0.01, ge=0.0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    mixed_precision: Literal["no", "bf16"] = "no"
+    eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (and at the end).")
+    save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints.")
+    log_every: int = Field(20, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    select_best: bool = Field(False, description="Final model = best evaluation, not the last step.")
+    metric_for_best: str | None = Field(None, description="Default: the task's main metric.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+
+    @model_validator(mode="after")
+    def _check_length(self):
+        if (self.epochs is None) == (self.steps is None):
+            raise FieldError("epochs", "give exactly one of 'epochs' or 'steps'")
+        return self
+
+
+class Recipe(Config):
+    """A whole recipe: what to train, on what, how, and with which compression techniques."""
+
+    name: str | None = None
+    output_dir: str = Field(min_length=1)
+    model: ModelConfig
+    teacher: TeacherConfig | None = None
+    data: DataConfig
+    training: TrainingConfig
+    techniques: tuple[Any, ...] = ()
+
+    def technique(self, kind: str):
+        """The config of the technique of this kind, or None."""
+        return next((t for t in self.techniques if t.kind == kind), None)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe (every default filled in), loadable again with :func:`load_recipe`."""
+        data = self.model_dump(mode="json")
+        data["techniques"] = [t.model_dump(mode="json") for t in self.techniques]
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecipeSource:
+    """Where each key of a recipe came from: file lines, or a --set override."""
+
+    file: str
+    lines: dict[KeyPath, int] = field(default_factory=dict)
+    overridden: set[KeyPath] = field(default_factory=set)
+
+    def locate(self, path: KeyPath) -> tuple[str, int | None]:
+        for n in range(len(path), -1, -1):
+            prefix = tuple(path[:n])
+            if prefix in self.overridden:
+                return "--set", None
+            if prefix in self.lines:
+                return self.file, self.lines[prefix]
+        return self.file, None
+
+    def error(self, path: KeyPath, message: str) -> RecipeError:
+        file, line = self.locate(path)
+        return RecipeError(message, file=file, line=line, key=format_path(path))
+
+
+def format_path(path: KeyPath) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loader that refuses duplicate keys (plain PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_map(node, path: KeyPath = (), out=None) -> dict[KeyPath, int]:
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            out[path + (k.value,)] = k.start_mark.line + 1
+            _line_map(v, path + (k.value,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _line_map(v, path + (i,), out)
+    return out
+
+
+def _parse_override(text: str) -> tuple[KeyPath, Any]:
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected key.path=value, e.g. training.learning_rate=3e-5")
+    key, _, raw = text.partition("=")
+    parts = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+    if not key.strip() or any(p == "" for p in parts):
+        raise RecipeError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {text!r}: value is not valid YAML ({e.problem})") from None
+    return parts, value
+
+
+def _apply_override(data: dict, path: KeyPath, value: Any) -> None:
+    node = data
+    for i, p in enumerate(path):
+        here = format_path(path[: i + 1])
+        if isinstance(node, list):
+            if not isinstance(p, int) or p >= len(node):
+                raise RecipeError(f"--set {format_path(path)}: {here} is not an index of the list ({len(node)} items)")
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {format_path(path)}: {format_path(path[:i])} is a value, not a section")
+        if i == len(path) - 1:
+            node[p] = value
+        else:
+            if isinstance(node, dict) and node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+
+
+def _allowed_fields(model_cls) -> list[str]:
+    return list(model_cls.model_fields)
+
+
+def _suggest(name: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _model_at(path: KeyPath, root_cls, technique_classes: dict[int, type]):
+    """The config class that owns the mapping at ``path`` (for listing allowed keys)."""
+    cls = root_cls
+    for i, p in enumerate(path):
+        if cls is Recipe and p == "techniques" and i + 1 < len(path):
+            cls = technique_classes.get(path[i + 1])
+            if cls is None:
+                return None
+            return _model_at(path[i + 2 :], cls, {}) if len(path) > i + 2 else cls
+        if isinstance(p, int):
+            continue
+        info = getattr(cls, "model_fields", {}).get(p)
+        if info is None:
+            return None
+        ann = info.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, Config)), None)
+        if nxt is None:
+            return None
+        cls = nxt
+    return cls
+
+
+def _describe(err: dict, cls) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        name = err["loc"][-1]
+        allowed = _allowed_fields(cls) if cls is not None else []
+        return f"unknown key.{_suggest(name, allowed)} Allowed: {', '.join(allowed)}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        return f"invalid value {err.get('input')!r}: {msg.replace('Input should be', 'expected')}"
+    if kind == "value_error":
+        return str(err["ctx"]["error"])
+    return f"{msg} (got {err.get('input')!r})"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, override and validate a recipe; raises :class:`RecipeError` for any problem."""
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)", file=file)
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise RecipeError(f"malformed YAML: {e.problem or e.context}", file=file, line=line) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"malformed YAML: {e}", file=file) from None
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a mapping of sections (model, data, training, ...)", file=file, line=1)
+    source = RecipeSource(file=file, lines=_line_map(node) if node is not None else {})
+    for text_override in overrides:
+        key, value = _parse_override(text_override)
+        _apply_override(data, key, value)
+        source.overridden.add(key)
+    return validate_recipe(data, source)
+
+
+def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
+    """Validate a recipe mapping; errors point into ``source``."""
+    raw_techniques = data.get("techniques") or []
+    if not isinstance(raw_techniques, list):
+        raise source.error(("techniques",), "must be a list of techniques, each a mapping with a 'kind'")
+    techniques, classes = [], {}
+    for i, entry in enumerate(raw_techniques):
+        where = ("techniques", i)
+        if not isinstance(entry, dict) or "kind" not in entry:
+            raise source.error(where, f"each technique is a mapping with a 'kind': one of {', '.join(TECHNIQUES)}")
+        kind = entry["kind"]
+        if kind not in TECHNIQUES:
+            raise source.error(where + ("kind",), f"unknown technique {kind!r}.{_suggest(kind, list(TECHNIQUES))}"
+                               f" Allowed: {', '.join(TECHNIQUES)}")
+        cls = TECHNIQUES[kind].config
+        classes[i] = cls
+        try:
+            techniques.append(cls.model_validate(entry))
+        except ValidationError as e:
+            raise _to_recipe_error(e, source, where, cls, classes) from None
+    if len({t.kind for t in techniques}) != len(techniques):
+        raise source.error(("techniques",), "each technique kind may appear only once")
+    body = {k: v for k, v in data.items() if k != "techniques"}
+    try:
+        recipe = Recipe.model_validate(body)
+    except ValidationError as e:
+        raise _to_recipe_error(e, source, (), Recipe, classes) from None
+    recipe = recipe.model_copy(update={"techniques": tuple(techniques)})
+    for i, t in enumerate(techniques):
+        check = getattr(t, "check_recipe", None)
+        if check is not None:
+            try:
+                check(recipe)
+            except FieldError as e:
+                raise source.error(("techniques", i) + e.field, str(e)) from None
+    object.__setattr__(recipe, "_source", source)
+    return recipe
+
+
+def _to_recipe_error(e: ValidationError, source: RecipeSource, prefix: KeyPath, cls, classes) -> RecipeError:
+    err = e.errors()[0]
+    loc = prefix + tuple(err["loc"])
+    if err["type"] == "value_error" and isinstance(err["ctx"]["error"], FieldError):
+        loc = loc + err["ctx"]["error"].field
+    owner = _model_at(loc[:-1], Recipe, classes) if err["type"] == "extra_forbidden" else None
+    if prefix and err["type"] == "extra_forbidden":
+        owner = _model_at(tuple(err["loc"][:-1]), cls, {})
+    more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+    return source.error(loc, _describe(err, owner) + more)
+
+
+def recipe_error(recipe: Recipe, path: KeyPath, message: str) -> RecipeError:
+    """An error about ``path`` of a loaded recipe, with file and line when known."""
+    source = getattr(recipe, "_source", None)
+    if source is None:
+        return RecipeError(message, key=format_path(path))
+    return source.error(path, message)

@@ -1,0 +1,366 @@
+"""The training loop: one function, :func:`train`, that reads top to bottom.
+
+    run_dir = train(load_recipe("recipes/quickstart.yaml"))
+
+Everything a user's input can break (recipe, data, model, techniques vs the model) is checked before the run
+directory is created. Then the loop runs; each compression technique is called explicitly where it acts:
+
+    loss = distiller.loss(...)          the loss terms (distillation)
+    pruner.mask_gradients()             after backward, before the optimizer step
+    optimizer.step(); pruner.step()     masks applied right after every optimizer step
+
+Schedules count optimizer steps; ``training.epochs`` is converted with the data size, the gradient
+accumulation and the number of processes. The same recipe runs on one process or under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, write_checkpoint
+from sparsify.config import FieldError
+from sparsify.data import collator, load_task_data
+from sparsify.errors import SparsifyError
+from sparsify.evaluation import evaluate
+from sparsify.metrics import main_metric
+from sparsify.modeling import load_classifier, load_tokenizer
+from sparsify.recipe import Recipe, recipe_error
+from sparsify.techniques import TECHNIQUES
+
+
+class EpochSampler(Sampler):
+    """A shuffled order that depends only on (seed, epoch): every process and every resume agrees on it."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def build_techniques(recipe: Recipe) -> dict:
+    """Technique instances by kind, in recipe order."""
+    return {cfg.kind: TECHNIQUES[cfg.kind].load()(cfg) for cfg in recipe.techniques}
+
+
+def _technique_error(recipe: Recipe, kind: str, err: FieldError) -> SparsifyError:
+    if getattr(err, "from_root", False):
+        return recipe_error(recipe, err.field, str(err))
+    index = next(i for i, t in enumerate(recipe.techniques) if t.kind == kind)
+    return recipe_error(recipe, ("techniques", index) + err.field, str(err))
+
+
+def _prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from. Refuses to mix two runs in one directory."""
+    run_dir = Path(recipe.output_dir)
+    ckpts = checkpoint_dirs(run_dir)
+    if resume:
+        if not ckpts:
+            raise SparsifyError(f"--resume: no checkpoint in {run_dir}/checkpoints; start the run without --resume")
+        saved = (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file() else None
+        if saved is not None and saved != recipe.to_yaml():
+            raise SparsifyError(
+                f"--resume: the recipe differs from {run_dir}/recipe.yaml, the one this run started with; "
+                "resume with the same recipe and --set values, or start a new output_dir"
+            )
+        return run_dir, ckpts[-1]
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise SparsifyError(
+                f"output_dir {run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, "
+                "or --set output_dir=..."
+            )
+    return run_dir, None
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run a recipe; returns the run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    tc = recipe.training
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        mixed_precision=tc.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(Path(recipe.output_dir)),
+        step_scheduler_with_optimizer=False,
+        # without a GPU, a distributed launch (accelerate launch --multi_gpu / torchrun) runs on CPU with gloo
+        cpu=not torch.cuda.is_available(),
+    )
+    set_seed(tc.seed)
+
+    # -- 1. inputs: tokenizer, data, models, techniques. Nothing is written before they all check out. --
+    tokenizer = _located(recipe, ("model", "name_or_path"), load_tokenizer, recipe.model.name_or_path, recipe.model.revision)
+    data = load_task_data(recipe.data, tokenizer, recipe)
+    task = recipe.data.metric_task
+    techniques = build_techniques(recipe)
+    pruner, distiller = techniques.get("pruning"), techniques.get("distillation")
+    model = _located(recipe, ("model", "name_or_path"), load_classifier, recipe.model.name_or_path,
+                     num_labels=data.num_labels, label_names=data.label_names, revision=recipe.model.revision,
+                     is_regression=data.is_regression, dropout=recipe.model.dropout)
+    if recipe.model.layers is not None:
+        from sparsify.student import shallow_student
+
+        try:
+            model = shallow_student(model, list(recipe.model.layers))
+        except FieldError as e:
+            raise _technique_error(recipe, "distillation", e) from None
+        except (ValueError, IndexError) as e:
+            raise recipe_error(recipe, ("model", "layers"), str(e)) from None
+    model.to(accelerator.device)
+    teacher = teacher_tokenizer = None
+    if recipe.teacher is not None:
+        tcfg = recipe.teacher
+        teacher_tokenizer = _located(recipe, ("teacher", "name_or_path"), load_tokenizer, tcfg.name_or_path, tcfg.revision)
+        teacher = _located(recipe, ("teacher", "name_or_path"), load_classifier, tcfg.name_or_path,
+                           num_labels=data.num_labels, label_names=data.label_names, revision=tcfg.revision,
+                           is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype))
+        teacher.to(tcfg.device or accelerator.device)
+
+    collate = collator(tokenizer)
+    sampler = EpochSampler(len(data.train), tc.seed)
+    # Own generators: a DataLoader otherwise draws a seed from the global RNG each time it is iterated, which
+    # would shift the dropout RNG stream of a resumed run.
+    train_dl = DataLoader(data.train, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(tc.seed))
+    eval_dl = DataLoader(data.eval, batch_size=tc.eval_batch_size, shuffle=False, collate_fn=collate,
+                         generator=torch.Generator().manual_seed(tc.seed))
+    train_dl, eval_dl = accelerator.prepare(train_dl, eval_dl)
+    steps_per_epoch = math.ceil(len(train_dl) / tc.gradient_accumulation_steps)
+    total_steps = tc.steps if tc.steps is not None else math.ceil(tc.epochs * steps_per_epoch)
+
+    if pruner is not None:
+        try:
+            pruner.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        except FieldError as e:
+            raise _technique_error(recipe, "pruning", e) from None
+    if distiller is not None:
+        try:
+            distiller.prepare(model, teacher, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
+        except FieldError as e:
+            raise _technique_error(recipe, "distillation", e) from None
+
+    run_dir, resume_from = _prepare_run_dir(recipe, resume, overwrite)
+    accelerator.wait_for_everyone()  # every process has looked at the directory before the main one writes
+
+    # -- 2. the run directory: resolved recipe, TensorBoard. --
+    if accelerator.is_main_process:
+        if run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)  # --overwrite
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers("tensorboard", config=_hparams(recipe))
+
+    # -- 3. optimizer, schedule, and (when resuming) the checkpoint. --
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if distiller is not None and distiller.parameters():
+        groups.append({"params": distiller.parameters(), "weight_decay": tc.weight_decay})
+    optimizer = torch.optim.AdamW(groups, lr=tc.learning_rate, eps=tc.adam_epsilon)
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else round(tc.warmup_ratio * total_steps)
+    scheduler = get_scheduler(tc.lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain_model = accelerator.unwrap_model(model)
+
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "elapsed": 0.0, "best": None, "evals": []}
+    if resume_from is not None:
+        technique_states, state = read_checkpoint(resume_from, model=plain_model, optimizer=optimizer,
+                                                  scheduler=scheduler, rank=accelerator.process_index)
+        for kind, technique in techniques.items():
+            technique.load_state_dict(technique_states[kind])
+        accelerator.print(f"resuming from {resume_from} (optimizer step {state['step']} of {total_steps})")
+
+    best_metric = tc.metric_for_best or main_metric(task)
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(model, eval_dl, task, is_regression=data.is_regression, accelerator=accelerator)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        state["evals"].append({"step": step, **metrics})
+        eligible = pruner is None or pruner.finished(step)
+        if tc.select_best and eligible and best_metric in metrics:
+            if state["best"] is None or metrics[best_metric] > state["best"][best_metric]:
+                state["best"] = {"step": step, **metrics}
+                _save_model(accelerator, plain_model, tokenizer, run_dir / "best")
+        return metrics
+
+    def save_checkpoint(step: int) -> None:
+        state["elapsed"] += time.monotonic() - started
+        write_checkpoint(run_dir, step, model=plain_model, optimizer=optimizer, scheduler=scheduler,
+                         techniques={k: t.state_dict() for k, t in techniques.items()}, trainer_state=state,
+                         rank=accelerator.process_index, is_main=accelerator.is_main_process,
+                         barrier=accelerator.wait_for_everyone, keep=tc.keep_checkpoints)
+        state["elapsed"] -= time.monotonic() - started
+
+    # -- 4. the loop. --
+    accelerator.print(
+        f"training {recipe.model.name_or_path} on {len(data.train)} examples: {total_steps} optimizer steps "
+        f"({steps_per_epoch} per epoch x {accelerator.num_processes} process(es), batch {tc.batch_size} x "
+        f"accumulation {tc.gradient_accumulation_steps}); techniques: {', '.join(techniques) or 'none (dense)'}"
+    )
+    started = time.monotonic()
+    step, epoch = state["step"], state["epoch"]
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (progress and accelerator.is_local_main_process))
+    model.train()
+    running_loss, running_terms, micro = 0.0, {}, 0
+    while step < total_steps:
+        skip = state["batches_in_epoch"]
+        batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        batches.set_epoch(epoch)  # accelerate's loaders pass their own epoch counter to the sampler on each pass
+        for batch in batches:
+            with accelerator.accumulate(model):
+                inputs = {k: v for k, v in batch.items() if k != "idx"}
+                if distiller is not None:
+                    outputs = model(**inputs, **distiller.student_forward_kwargs())
+                    loss, terms = distiller.loss(batch, outputs, inputs["labels"])
+                else:
+                    outputs = model(**inputs)
+                    loss, terms = outputs.loss, {}
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if pruner is not None:
+                        pruner.mask_gradients()  # pruned weights get no update (and no share of the clipped norm)
+                    if tc.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                    tc.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["batches_in_epoch"] += 1
+            running_loss += loss.item()
+            for k, v in terms.items():
+                running_terms[k] = running_terms.get(k, 0.0) + float(v)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            # one optimizer step done
+            step += 1
+            state["step"] = step
+            logs = pruner.step(step, optimizer) if pruner is not None else {}
+            bar.update(1)
+            if step % tc.log_every == 0 or step == total_steps:
+                logs.update({"train/loss": running_loss / micro, "train/lr": scheduler.get_last_lr()[0]})
+                logs.update({f"train/{k}": v / micro for k, v in running_terms.items()})
+                bar.set_postfix(loss=f"{running_loss / micro:.4f}")
+                running_loss, running_terms, micro = 0.0, {}, 0
+            if logs:
+                accelerator.log(logs, step=step)
+            if tc.eval_every is not None and step % tc.eval_every == 0 and step != total_steps:
+                metrics = run_eval(step)
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if tc.save_every is not None and step % tc.save_every == 0 and step != total_steps:
+                save_checkpoint(step)
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+            state["epoch"], state["batches_in_epoch"] = epoch, 0
+    bar.close()
+
+    # -- 5. the end: last evaluation, final checkpoint, final model, metrics. --
+    final = run_eval(step)
+    save_checkpoint(step)
+    for technique in techniques.values():
+        technique.finalize(plain_model)
+    chosen = final
+    if tc.select_best and state["best"] is not None and state["best"]["step"] != step:
+        chosen = state["best"]
+    elapsed = state["elapsed"] + time.monotonic() - started
+    if accelerator.is_main_process:
+        if chosen is final:
+            _save_model(accelerator, plain_model, tokenizer, run_dir / "model")
+        else:
+            if (run_dir / "model").exists():
+                shutil.rmtree(run_dir / "model")
+            shutil.copytree(run_dir / "best", run_dir / "model")
+        summary = {
+            "task": task,
+            "metrics": {k: v for k, v in chosen.items() if k != "step"},
+            "model_step": chosen.get("step", step),
+            "final_step_metrics": final,
+            "best": state["best"],
+            "optimizer_steps": step,
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "num_processes": accelerator.num_processes,
+            "wall_time_s": round(elapsed, 1),
+            "evals": state["evals"],
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    if pruner is not None and accelerator.is_main_process:
+        # measured from the zeros of the saved model, not remembered from the masks
+        from sparsify.sparsity import load_report_weights, sparsity_report
+
+        weights = load_report_weights(run_dir / "model")
+        report = sparsity_report({n: weights[n + ".weight"] for n in pruner.blocks}, pruner.blocks,
+                                 source=str(run_dir / "model"))
+        report["target"] = pruner.config.final_sparsity
+        (run_dir / "sparsity.json").write_text(json.dumps(report, indent=1))
+        summary_sparsity = report["total"]["sparsity"]
+        accelerator.print(f"sparsity of the pruned layers (measured): {summary_sparsity:.4f}, "
+                          f"block pattern {'kept' if report['total']['follows_block'] else 'BROKEN'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(f"done: {best_metric} {chosen.get(best_metric, float('nan')):.4f} in {elapsed:.0f} s -> {run_dir}")
+    return run_dir
+
+
+def _located(recipe, key, fn, *args, **kwargs):
+    """Call a loader; a user error is reported against the recipe key it came from."""
+    try:
+        return fn(*args, **kwargs)
+    except SparsifyError as e:
+        raise recipe_error(recipe, key, str(e)) from None
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "norm" in name.lower()
+
+
+def _save_model(accelerator, model, tokenizer, path: Path) -> None:
+    if accelerator.is_main_process:
+        if path.exists():
+            shutil.rmtree(path)
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+
+
+def _hparams(recipe: Recipe) -> dict:
+    """Flat scalar recipe values for TensorBoard's hparams view."""
+    flat = {}
+
+    def walk(obj, prefix):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(obj, (list, tuple)):
+            flat[prefix[:-1]] = json.dumps(obj)
+        elif isinstance(obj, (int, float, str, bool)):
+            flat[prefix[:-1]] = obj
+    data = recipe.model_dump(mode="json")
+    data["techniques"] = {t.kind: t.model_dump(mode="json") for t in recipe.techniques}
+    walk(data, "")
+    return flat

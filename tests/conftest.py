@@ -1,0 +1,108 @@
+"""Shared fixtures: a tiny BERT classifier with its own tokenizer, toy sentiment data and recipe files.
+
+Everything is built in code (no network, no Hub); tests that need the real cached model say so.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+POSITIVE = ["good", "great", "fine", "nice", "superb", "lovely", "fun", "bright"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "ugly", "sad", "weak"]
+NEUTRAL = ["the", "a", "movie", "film", "plot", "actor", "story", "was", "is", "very", "quite", "and", "scene", "music"]
+
+
+def toy_sentences(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(NEUTRAL, k=rng.randint(2, 6)) + rng.choices(POSITIVE if label else NEGATIVE, k=2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT sequence classifier and a word-level tokenizer, saved in HF format."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + NEUTRAL
+    backend = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> dict[str, Path]:
+    """Toy sentiment data as csv, tsv, jsonl and parquet (train and validation of each)."""
+    import pandas as pd
+
+    path = tmp_path_factory.mktemp("toy-data")
+    frames = {"train": pd.DataFrame(toy_sentences(192, 1), columns=["sentence", "label"]),
+              "validation": pd.DataFrame(toy_sentences(64, 2), columns=["sentence", "label"])}
+    out = {}
+    for split, df in frames.items():
+        df.to_csv(path / f"{split}.csv", index=False)
+        df.to_csv(path / f"{split}.tsv", index=False, sep="\t")
+        df.to_json(path / f"{split}.jsonl", orient="records", lines=True)
+        df.to_parquet(path / f"{split}.parquet")
+        out[split] = path / f"{split}.csv"
+    out["dir"] = path
+    return out
+
+
+def tiny_recipe(model_dir: Path, data_files: dict, output_dir: Path, **sections) -> dict:
+    """A recipe mapping for the tiny model on toy data; keyword sections are merged in."""
+    recipe = {
+        "output_dir": str(output_dir),
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train_file": str(data_files["train"]), "validation_file": str(data_files["validation"]),
+                 "max_length": 32},
+        "training": {"steps": 8, "batch_size": 16, "learning_rate": 3e-3, "log_every": 2, "seed": 7, "threads": 1},
+        "techniques": [],
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def make_recipe(tiny_model_dir, toy_data, tmp_path):
+    """Write a tiny recipe file and return its path: make_recipe(training={"steps": 4}, name="x")."""
+    counter = iter(range(1000))
+
+    def make(**sections) -> Path:
+        i = next(counter)
+        recipe = tiny_recipe(tiny_model_dir, toy_data, tmp_path / f"run{i}", **sections)
+        return write_recipe(tmp_path / f"recipe{i}.yaml", recipe)
+
+    return make

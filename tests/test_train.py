@@ -1,0 +1,221 @@
+"""The training spine end to end on a tiny model: run directory contents, resume equivalence, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sparsify.cli import main
+
+
+def run_cli(*args) -> int:
+    return main(list(map(str, args)) + ["--no-progress"] if args[0] == "train" else list(map(str, args)))
+
+
+def output_dir(recipe_path: Path) -> Path:
+    return Path(yaml.safe_load(recipe_path.read_text())["output_dir"])
+
+
+def test_end_to_end_run_directory(make_recipe):
+    recipe = make_recipe(training={"steps": 96, "eval_every": 32, "save_every": 32, "keep_checkpoints": 2,
+                                   "select_best": True})
+    assert run_cli("train", recipe) == 0
+    run = output_dir(recipe)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 96 and metrics["steps_per_epoch"] == 12  # 192 examples / 16
+    assert [e["step"] for e in metrics["evals"]] == [32, 64, 96]
+    assert metrics["metrics"]["accuracy"] > 0.8  # the toy task is learnable: far above chance
+    assert metrics["best"]["accuracy"] == max(e["accuracy"] for e in metrics["evals"])
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000064", "step-000096"]
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert resolved["training"]["batch_size"] == 16 and resolved["training"]["lr_schedule"] == "linear"
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "tokenizer.json").is_file()
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(run / "model")
+    assert model.config.num_labels == 2
+
+
+def test_epochs_are_converted_with_accumulation(make_recipe):
+    recipe = make_recipe(training={"steps": None, "epochs": 1.5, "gradient_accumulation_steps": 3, "batch_size": 16})
+    assert run_cli("train", recipe) == 0
+    metrics = json.loads((output_dir(recipe) / "metrics.json").read_text())
+    assert metrics["steps_per_epoch"] == 4  # 12 micro-batches / 3
+    assert metrics["optimizer_steps"] == 6
+
+
+class Killed(Exception):
+    pass
+
+
+PRUNE_AND_DISTILL = {
+    "teacher": None,  # filled in with the tiny model below
+    "techniques": [
+        {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 1, "end_step": 8, "update_every": 2},
+        {"kind": "distillation", "logits": {"weight": 1.0}, "hidden": {"weight": 1.0}, "minilm": {"weight": 1.0}},
+    ],
+}
+
+
+@pytest.mark.parametrize("kill_at", [4, 8])
+@pytest.mark.parametrize("techniques", [False, True], ids=["dense", "prune+distill"])
+def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, monkeypatch, kill_at, techniques):
+    # 12 micro-batches per epoch, accumulation 2 -> 6 steps per epoch; 10 steps cross an epoch boundary, and the
+    # kill points sit mid-epoch 0 and mid-epoch 1, so the data position, RNG (dropout), optimizer, schedule and
+    # technique state (masks) must all resume.
+    sections = {"training": {"steps": 10, "gradient_accumulation_steps": 2, "save_every": 4, "warmup_steps": 2}}
+    if techniques:
+        sections.update(PRUNE_AND_DISTILL, teacher={"name_or_path": str(tiny_model_dir)})
+    full = make_recipe(**sections)
+    assert run_cli("train", full) == 0
+    expected = load_file(output_dir(full) / "model" / "model.safetensors")
+
+    killed = make_recipe(**sections)
+    import sparsify.train as train_module
+
+    original = train_module.write_checkpoint
+
+    def write_then_die(run_dir, step, **kwargs):
+        out = original(run_dir, step, **kwargs)
+        if step == kill_at:
+            raise Killed
+        return out
+
+    monkeypatch.setattr(train_module, "write_checkpoint", write_then_die)
+    with pytest.raises(Killed):
+        run_cli("train", killed)
+    monkeypatch.setattr(train_module, "write_checkpoint", original)
+    assert not (output_dir(killed) / "model").exists()
+    assert run_cli("train", killed, "--resume") == 0
+    resumed = load_file(output_dir(killed) / "model" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+    if techniques:
+        report = json.loads((output_dir(killed) / "sparsity.json").read_text())
+        assert report["total"]["follows_block"] and abs(report["total"]["sparsity"] - 0.5) < 0.01
+
+
+def test_pruning_run_reports_measured_sparsity(make_recipe, tiny_model_dir):
+    recipe = make_recipe(training={"steps": 12, "eval_every": 4, "select_best": True},
+                         techniques=[{"kind": "pruning", "block": "4x1", "final_sparsity": 0.75, "end_step": 8,
+                                      "update_every": 2}])
+    assert run_cli("train", recipe) == 0
+    run = output_dir(recipe)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best"]["step"] >= 8  # a denser checkpoint from inside the pruning window never wins
+    report = json.loads((run / "sparsity.json").read_text())
+    assert report["block"] == "4x1" and report["total"]["follows_block"]
+    assert report["total"]["sparsity"] == pytest.approx(0.75, abs=0.005)
+    weights = load_file(run / "model" / "model.safetensors")
+    w = weights["bert.encoder.layer.0.intermediate.dense.weight"]
+    assert (w == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
+    assert (w.reshape(-1, 4, w.shape[1]).abs().sum(1) == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
+
+
+def test_technique_error_points_into_the_recipe(make_recipe, capsys):
+    recipe = make_recipe(techniques=[{"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "end_step": 4,
+                                      "include": ["no_such_layer"]}])
+    assert run_cli("train", recipe) == 2
+    err = capsys.readouterr().err
+    assert "techniques[0].include" in err and f"{recipe}:" in err
+
+
+def test_resume_refuses_a_changed_recipe(make_recipe, capsys):
+    recipe = make_recipe(training={"steps": 4, "save_every": 2})
+    assert run_cli("train", recipe) == 0
+    assert run_cli("train", recipe, "--resume", "--set", "training.learning_rate=0.5") == 2
+    assert "differs" in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume_or_overwrite(make_recipe, capsys):
+    recipe = make_recipe(training={"steps": 2})
+    assert run_cli("train", recipe) == 0
+    assert run_cli("train", recipe) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert run_cli("train", recipe, "--overwrite") == 0
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl", "parquet"])
+def test_local_file_formats(make_recipe, toy_data, fmt):
+    d = toy_data["dir"]
+    recipe = make_recipe(data={"train_file": str(d / f"train.{fmt}"), "validation_file": str(d / f"validation.{fmt}")},
+                         training={"steps": 2})
+    assert run_cli("train", recipe) == 0
+
+
+def _bad_label_file(tmp_path, toy_data):
+    import pandas as pd
+
+    df = pd.read_csv(toy_data["validation"])
+    df.loc[3, "label"] = 7
+    df.to_csv(tmp_path / "bad-labels.csv", index=False)
+    return str(tmp_path / "bad-labels.csv")
+
+
+BAD_INPUTS = {
+    "missing recipe": (lambda mk, tmp, data: tmp / "no-such-recipe.yaml", "not found"),
+    "malformed yaml": (lambda mk, tmp, data: _write(tmp / "m.yaml", "model: [unclosed\n"), "malformed YAML"),
+    "unknown technique": (lambda mk, tmp, data: mk(techniques=[{"kind": "sparsegpt"}]), "unknown technique 'sparsegpt'"),
+    "missing column": (lambda mk, tmp, data: mk(data={"text_columns": ["review"]}), "column 'review' not in the train data"),
+    "label outside set": (lambda mk, tmp, data: mk(data={"validation_file": _bad_label_file(tmp, data)}),
+                          "label 7 in the eval data is outside the label set"),
+    "model not found": (lambda mk, tmp, data: mk(model={"name_or_path": "no-such-org/no-such-model"}),
+                        "cannot load tokenizer 'no-such-org/no-such-model'"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_error_and_no_run_dir(case, make_recipe, toy_data, tmp_path, capsys):
+    make, expected = BAD_INPUTS[case]
+    recipe = make(make_recipe, tmp_path, toy_data)
+    runs_before = sorted(p.name for p in tmp_path.iterdir())
+    assert run_cli("train", recipe) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]) and expected in lines[0], err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == runs_before  # nothing half-written
+
+
+def test_eval_cli_on_a_run(make_recipe, capsys, toy_data):
+    recipe = make_recipe(training={"steps": 4})
+    assert run_cli("train", recipe) == 0
+    capsys.readouterr()
+    parquet = os.environ.get("SPARSIFY_GLUE_PARQUET")
+    if not parquet:
+        pytest.skip("SPARSIFY_GLUE_PARQUET not set (source ../shared/offline-env.sh)")
+    assert main(["eval", str(output_dir(recipe)), "--task", "sst2", "--dataset", parquet, "--max-samples", "40",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["examples"] == 40 and 0.0 <= out["accuracy"] <= 1.0
+
+
+def test_two_process_accelerate_launch(make_recipe):
+    recipe = make_recipe(training={"steps": 3, "eval_every": 2})
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    # --multi_gpu selects accelerate's distributed launcher; on a machine without GPUs it runs on CPU with gloo.
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "sparsify", "train", str(recipe), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((output_dir(recipe) / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert metrics["steps_per_epoch"] == 6  # 192 examples / (16 x 2 processes)
+    assert metrics["optimizer_steps"] == 3

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with every default filled in.")
     _add_recipe_args(c)
     c.add_argument("--quiet", action="store_true", help="print only errors")
+    rsub.add_parser("reference", help="print the reference of every recipe key (Markdown)",
+                    description="Print every recipe key with its type, default and meaning, from the configs.")
 
     p = sub.add_parser("report", help="sparsity report of a saved model",
                        description="Per-layer sparsity measured from the actual zeros of a saved model's weights, "
@@ -90,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if args.command == "recipe" and args.recipe_command == "reference":
+        from sparsify.recipe import recipe_reference
+
+        print(recipe_reference(), end="")
+        return 0
     if args.command == "recipe":
         from sparsify.recipe import load_recipe
 

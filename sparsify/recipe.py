@@ -28,7 +28,7 @@ class ModelConfig(Config):
     """The student: the model that is trained and compressed."""
 
     name_or_path: str = Field(min_length=1, description="Hub id, local directory or run directory.")
-    revision: str | None = None
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     num_labels: int | None = Field(None, ge=1, description="Default: taken from the data.")
     layers: tuple[int, ...] | None = Field(
         None, description="Keep only these encoder layers of name_or_path (a shallower student), e.g. [0, 2, 4]."
@@ -49,8 +49,8 @@ class TeacherConfig(Config):
     """A frozen teacher for distillation (used by the ``distillation`` technique)."""
 
     name_or_path: str = Field(min_length=1, description="Run directory, local directory or hub id.")
-    revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="The teacher's weights and compute.")
     device: str | None = Field(None, description="Default: the student's device.")
 
 
@@ -67,18 +67,18 @@ class DataConfig(Config):
     dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
     config: str | None = Field(None, description="Dataset configuration, e.g. sst2.")
     train_file: str | None = Field(None, description="Local csv/tsv/json/jsonl/parquet file.")
-    validation_file: str | None = None
-    train_split: str = "train"
-    eval_split: str = "validation"
+    validation_file: str | None = Field(None, description="Evaluation file, with train_file.")
+    train_split: str = Field("train", description="Split of 'dataset' to train on.")
+    eval_split: str = Field("validation", description="Split of 'dataset' to evaluate on.")
     text_columns: tuple[str, ...] = Field(
         ("sentence",), min_length=1, max_length=2, description="One column, or two for sentence pairs. Default: "
         "the GLUE task's columns (sst2: sentence; mrpc, rte: sentence1, sentence2; ...)."
     )
-    label_column: str = "label"
+    label_column: str = Field("label", description="Column holding the labels (class ids or names).")
     label_names: tuple[str, ...] | None = Field(None, description="Default: from the dataset's features or values.")
-    max_length: int = Field(128, ge=8, le=4096)
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per example (longer ones are truncated).")
+    max_train_samples: int | None = Field(None, ge=1, description="Train on the first N examples only.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Evaluate on the first N examples only.")
     task: str | None = Field(
         None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...). Default: config or sst2."
     )
@@ -111,21 +111,21 @@ class TrainingConfig(Config):
     epochs: float | None = Field(None, gt=0, description="Converted to optimizer steps from the data size.")
     steps: int | None = Field(None, ge=1, description="Optimizer steps; give epochs or steps.")
     batch_size: int = Field(32, ge=1, description="Examples per process per forward pass.")
-    eval_batch_size: int = Field(128, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(5e-5, gt=0, le=1.0)
-    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    eval_batch_size: int = Field(128, ge=1, description="Examples per process per evaluation batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, le=1.0, description="Peak AdamW learning rate.")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warmup as a fraction of the optimizer steps.")
     warmup_steps: int | None = Field(None, ge=0, description="Overrides warmup_ratio.")
-    weight_decay: float = Field(0.01, ge=0.0)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 42
-    mixed_precision: Literal["no", "bf16"] = "no"
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and norms).")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null: none.")
+    seed: int = Field(42, description="Seeds the head's init, dropout and the data order.")
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU or GPU).")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (and at the end).")
     save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints.")
-    log_every: int = Field(20, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(20, ge=1, description="Optimizer steps between TensorBoard scalars.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
     select_best: bool = Field(False, description="Final model = best evaluation, not the last step.")
     metric_for_best: str | None = Field(None, description="Default: the task's main metric.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
@@ -140,13 +140,15 @@ class TrainingConfig(Config):
 class Recipe(Config):
     """A whole recipe: what to train, on what, how, and with which compression techniques."""
 
-    name: str | None = None
-    output_dir: str = Field(min_length=1)
-    model: ModelConfig
-    teacher: TeacherConfig | None = None
-    data: DataConfig
-    training: TrainingConfig
-    techniques: tuple[Any, ...] = ()
+    name: str | None = Field(None, description="A label for the run.")
+    output_dir: str = Field(min_length=1, description="The run directory (recipe.yaml, metrics.json, checkpoints/, "
+                            "model/, tensorboard/).")
+    model: ModelConfig = Field(description="The student.")
+    teacher: TeacherConfig | None = Field(None, description="A frozen teacher, for distillation.")
+    data: DataConfig = Field(description="Training and evaluation data.")
+    training: TrainingConfig = Field(description="Optimization and bookkeeping.")
+    techniques: tuple[Any, ...] = Field((), description="Compression techniques, each a mapping with a 'kind' (see "
+                                        "below); empty for a dense run.")
 
     def technique(self, kind: str):
         """The config of the technique of this kind, or None."""
@@ -384,3 +386,54 @@ def recipe_error(recipe: Recipe, path: KeyPath, message: str) -> RecipeError:
     if source is None:
         return RecipeError(message, key=format_path(path))
     return source.error(path, message)
+
+
+# -- reference ----------------------------------------------------------------------------------------------
+
+
+def _type_name(annotation) -> str:
+    import re
+
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    text = text or str(annotation)
+    text = re.sub(r"\b(?:typing|sparsify(?:\.\w+)*)\.", "", text).replace("NoneType", "None")
+    return text.replace("tuple[Any, ...]", "list").replace(" | ", " or ").replace(", ...]", "]")
+
+
+def _section_table(cls, prefix: str, recurse: bool = True) -> list[str]:
+    rows = [f"| key | type | default | meaning |", "|---|---|---|---|"]
+    nested = []
+    for name, info in cls.model_fields.items():
+        default = "required" if info.is_required() else repr(info.default)
+        if isinstance(info.default, tuple) and not info.default:
+            default = "[]"
+        ann = info.annotation
+        sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, Config)), None)
+        if sub is None:
+            inner = [a for a in getattr(ann, "__args__", ()) if getattr(a, "__args__", None)]
+            sub = next((c for a in inner for c in a.__args__ if isinstance(c, type) and issubclass(c, Config)), None)
+        rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {(info.description or '').replace('|', '/')} |")
+        if sub is not None and recurse:
+            nested.append((f"{prefix}{name}", sub))
+    out = rows
+    for path, sub in nested:
+        out += ["", f"`{path}`: {' '.join((sub.__doc__ or '').split())}", ""] + _section_table(sub, f"{path}.")
+    return out
+
+
+def recipe_reference() -> str:
+    """Markdown reference of every recipe key, generated from the configs (docs/recipes.md holds a copy)."""
+    lines = ["# Recipe reference", "", "Generated by `sparsify recipe reference` from the configs themselves. "
+             "Block shapes are rows x cols of the weight as `nn.Linear` stores it, (out_features, in_features). "
+             "Schedules count optimizer steps.", ""]
+    sections = [(name, info) for name, info in Recipe.model_fields.items()]
+    lines += ["## Top level", ""] + _section_table(Recipe, "", recurse=False)
+    for name, info in sections:
+        ann = info.annotation
+        cls = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, Config)), None)
+        if cls is not None:
+            lines += ["", f"## `{name}`", "", " ".join((cls.__doc__ or "").split()), ""] + _section_table(cls, f"{name}.")
+    for kind, entry in TECHNIQUES.items():
+        lines += ["", f"## Technique `{kind}`", "", " ".join((entry.config.__doc__ or "").split()), "",
+                  f"An entry of `techniques:` with `kind: {kind}`.", ""] + _section_table(entry.config, "")
+    return "\n".join(lines) + "\n"

@@ -149,3 +149,10 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
     load_recipe(path)
+
+
+def test_docs_recipe_reference_is_current():
+    from sparsify.recipe import recipe_reference
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+    assert docs.read_text() == recipe_reference(), "regenerate: sparsify recipe reference > docs/recipes.md"

@@ -1,0 +1,310 @@
+"""Private jitted int8 x int8 -> int32 kernels (imported lazily by :mod:`sparsify.kernels.int8`).
+
+Activations are quantized per tensor to **u7** (``0..127``, with a zero point), weights are int8 per output
+channel. The AVX2 micro-kernel multiplies with ``vpmaddubsw`` (u8 x s8 -> pairs summed into saturating int16)
+and widens with ``vpmaddwd(., 1)`` (pairs of int16 summed into int32). With u7 activations a pair is at most
+``2 * 127 * 128 = 32512 <= 32767``: ``vpmaddubsw`` never saturates, for any int8 weight (-128 included).
+
+Layout (4x1-family blocks, ``rows % 4 == 0`` and ``cols == 1``): the non-zero blocks of each block row are taken
+four at a time (a *quad*, padded with zero weights); an int32 lane holds one token and the four bytes of the
+quad's four input channels. The packed X tile ``xt[k, :]`` holds 64 u8 tokens of input channel ``k``; inside
+each group of 32 tokens the middle two 8-byte quarters are swapped, so that ``vpunpcklbw``/``vpunpckhbw`` (which
+work per 128-bit lane) followed by ``vpunpcklwd``/``vpunpckhwd`` give tokens ``0-3|8-11`` and ``4-7|12-15`` of a
+16-token slab (``lo``) or of the next one (``hi``). The quad's weights for an output row are 4 contiguous bytes
+(one ``vpbroadcastd``). 4 rows x 16 tokens = 8 int32 ymm accumulators stay in registers for a whole block row.
+
+Nothing is compiled at import; everything is ``cache=True``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir as _ir
+from numba import config as _numba_config
+from numba import njit, prange
+from numba.core import cgutils as _cgutils
+from numba.core import types as _types
+from numba.extending import intrinsic as _intrinsic
+
+from ._jit import _OPTS, T, epilogue, tr8
+
+_I8 = _ir.IntType(8)
+_I16 = _ir.IntType(16)
+_I32 = _ir.IntType(32)
+_I64 = _ir.IntType(64)
+_V32B = _ir.VectorType(_I8, 32)
+_V16W = _ir.VectorType(_I16, 16)
+_V8D = _ir.VectorType(_I32, 8)
+_QPERM = (0, 2, 1, 3)  # 8-token quarter q of a 32-token group is stored at quarter _QPERM[q]
+
+
+def _mask(idx):
+    return _ir.Constant(_ir.VectorType(_I32, len(idx)), list(idx))
+
+
+def _unpack_masks(n_per_lane: int, lane_elems: int, high: bool):
+    """shufflevector mask of vpunpck{l,h}{bw,wd} on a 256-bit vector of ``2 * lane_elems`` elements."""
+    half = lane_elems // 2
+    m = []
+    for lane in range(2):
+        base = lane * lane_elems + (half if high else 0)
+        for i in range(half):
+            m += [base + i, 2 * lane_elems + base + i]
+    return m
+
+
+def _make_micro_i8(R: int, high: int):
+    """Intrinsic ``mk(xt, qidx, qw, q0, q1, acc, a_off, x_off, w_off, w_stride)``: for the quads [q0, q1) of one
+    block row, rows r < R, the 16 tokens of a slab (``high`` picks which half of the 32-token group at byte
+    ``x_off`` of each packed row): ``acc.flat[a_off + r*64 + t] += sum_j qw.flat[w_off + q*w_stride + 4r + j]
+    * xt[qidx[4q + j], token t]`` in int32."""
+
+    @_intrinsic
+    def mk(typingctx, xt, qidx, qw, q0, q1, acc, a_off, x_off, w_off, w_stride):
+        sig = _types.void(xt, qidx, qw, _types.int64, _types.int64, acc, _types.int64, _types.int64, _types.int64,
+                          _types.int64)
+
+        def codegen(context, builder, signature, args):
+            xt_p = context.make_array(signature.args[0])(context, builder, args[0]).data
+            idx_p = context.make_array(signature.args[1])(context, builder, args[1]).data
+            qw_p = context.make_array(signature.args[2])(context, builder, args[2]).data
+            acc_p = context.make_array(signature.args[5])(context, builder, args[5]).data
+            _, _, _, q0v, q1v, _, a_offv, x_offv, w_offv, w_strv = args
+            xt_b = builder.bitcast(xt_p, _I8.as_pointer())
+            qw_b = builder.bitcast(qw_p, _I8.as_pointer())
+            maddubs = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_V16W, [_V32B, _V32B]),
+                                                      "llvm.x86.avx2.pmadd.ub.sw")
+            maddwd = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_V8D, [_V16W, _V16W]),
+                                                     "llvm.x86.avx2.pmadd.wd")
+            ones = _ir.Constant(_V16W, [1] * 16)
+            fn = builder.function
+            entry = builder.block
+            head = fn.append_basic_block("mk8_head")
+            body = fn.append_basic_block("mk8_body")
+            done = fn.append_basic_block("mk8_done")
+            builder.branch(head)
+            builder.position_at_end(head)
+            q = builder.phi(_I64)
+            q.add_incoming(q0v, entry)
+            zero = _ir.Constant(_V8D, [0] * 8)
+            accs = []
+            for _ in range(2 * R):
+                ph = builder.phi(_V8D)
+                ph.add_incoming(zero, entry)
+                accs.append(ph)
+            builder.cbranch(builder.icmp_signed("<", q, q1v), body, done)
+            builder.position_at_end(body)
+            rows = []
+            q4 = builder.mul(q, _ir.Constant(_I64, 4))
+            for j in range(4):
+                col = builder.sext(builder.load(builder.gep(idx_p, [builder.add(q4, _ir.Constant(_I64, j))])), _I64)
+                off = builder.add(builder.mul(col, _ir.Constant(_I64, T)), x_offv)
+                rows.append(builder.load(builder.bitcast(builder.gep(xt_b, [off]), _V32B.as_pointer()), align=1))
+            mb = _mask(_unpack_masks(8, 16, bool(high)))
+            ab = builder.bitcast(builder.shuffle_vector(rows[0], rows[1], mb), _V16W)
+            cd = builder.bitcast(builder.shuffle_vector(rows[2], rows[3], mb), _V16W)
+            xs = [
+                builder.bitcast(builder.shuffle_vector(ab, cd, _mask(_unpack_masks(4, 8, False))), _V32B),
+                builder.bitcast(builder.shuffle_vector(ab, cd, _mask(_unpack_masks(4, 8, True))), _V32B),
+            ]
+            wbase = builder.add(w_offv, builder.mul(q, w_strv))
+            new = list(accs)
+            for r in range(R):
+                wp = builder.gep(qw_b, [builder.add(wbase, _ir.Constant(_I64, 4 * r))])
+                w32 = builder.load(builder.bitcast(wp, _I32.as_pointer()), align=1)
+                undef = _ir.Constant(_V8D, _ir.Undefined)
+                wv = builder.insert_element(undef, w32, _ir.Constant(_I32, 0))
+                wv = builder.bitcast(builder.shuffle_vector(wv, undef, _mask([0] * 8)), _V32B)
+                for v in range(2):
+                    p16 = builder.call(maddubs, [xs[v], wv])
+                    p32 = builder.call(maddwd, [p16, ones])
+                    new[2 * r + v] = builder.add(new[2 * r + v], p32)
+            q_next = builder.add(q, _ir.Constant(_I64, 1))
+            body_end = builder.block
+            builder.branch(head)
+            q.add_incoming(q_next, body_end)
+            for ph, nv in zip(accs, new):
+                ph.add_incoming(nv, body_end)
+            builder.position_at_end(done)
+            # accs[2r] = tokens 0-3 | 8-11, accs[2r+1] = 4-7 | 12-15: back to natural order, then add to acc.
+            for r in range(R):
+                a0, a1 = accs[2 * r], accs[2 * r + 1]
+                halves = (builder.shuffle_vector(a0, a1, _mask([0, 1, 2, 3, 8, 9, 10, 11])),
+                          builder.shuffle_vector(a0, a1, _mask([4, 5, 6, 7, 12, 13, 14, 15])))
+                for h in range(2):
+                    off = builder.add(a_offv, _ir.Constant(_I64, r * T + 8 * h))
+                    ptr = builder.bitcast(builder.gep(acc_p, [off]), _V8D.as_pointer())
+                    builder.store(builder.add(builder.load(ptr, align=4), halves[h]), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mk
+
+
+def _python_micro_i8(R: int, high: int):
+    """Pure-Python twin of ``_make_micro_i8`` (NUMBA_DISABLE_JIT=1)."""
+    pos = np.array([_QPERM[t // 8] * 8 + t % 8 for t in range(32)])
+
+    def mk(xt, qidx, qw, q0, q1, acc, a_off, x_off, w_off, w_stride):
+        xf, wf, af = xt.reshape(-1), qw.reshape(-1), acc.reshape(-1)
+        g0 = x_off  # first token of the 32-group, as bytes == tokens
+        tok = pos[16 * high:16 * high + 16] + g0
+        for q in range(q0, q1):
+            for r in range(R):
+                s = np.zeros(16, np.int64)
+                for j in range(4):
+                    s += int(wf[w_off + q * w_stride + 4 * r + j]) * xf[int(qidx[4 * q + j]) * T + tok].astype(np.int64)
+                af[a_off + r * T:a_off + r * T + 16] += s.astype(np.int32)
+
+    return mk
+
+
+if _numba_config.DISABLE_JIT:
+    _make_micro_i8 = _python_micro_i8  # noqa: F811
+
+mk8_lo = _make_micro_i8(4, 0)
+mk8_hi = _make_micro_i8(4, 1)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@njit(**_OPTS)
+def minmax(x):
+    """(min(x), max(x)) of a float32 array, one pass."""
+    f = x.reshape(-1)
+    lo = np.float32(np.inf)
+    hi = np.float32(-np.inf)
+    for i in range(f.shape[0]):
+        v = f[i]
+        lo = min(lo, v)
+        hi = max(hi, v)
+    return lo, hi
+
+
+@njit(inline="always", **_OPTS)
+def _q7(v, inv_s, zp):
+    q = np.floor(v * inv_s + np.float32(0.5)) + np.float32(zp)
+    return np.uint8(min(max(q, np.float32(0.0)), np.float32(127.0)))
+
+
+@njit(**_OPTS)
+def pack_tile_u8(x, t0, tn, inv_s, zp, xt, perm):
+    """xt[k, pos(t)] = u7(x[t0 + t, k]) for t < tn (pos swaps the middle quarters of each 32-token group when
+    ``perm``), zero-point for the padding tokens. x float32 (tokens, K), xt uint8 (>= K, 64)."""
+    K = x.shape[1]
+    tf = tn - tn % 8
+    kf = K - K % 8
+    tmp = np.empty((8, 8), dtype=np.float32)
+    zq = np.uint8(zp)
+    for tb in range(0, T, 8):
+        qd = (tb >> 3) & 3
+        base = (tb & ~31) + (((qd & 1) << 1) | (qd >> 1)) * 8 if perm else tb
+        if tb < tf:
+            for kb in range(0, kf, 8):
+                tr8(x, (t0 + tb) * K + kb, K, tmp, 0, 8)
+                for j in range(8):
+                    row = xt[kb + j]
+                    for i in range(8):
+                        row[base + i] = _q7(tmp[j, i], inv_s, zp)
+            for k in range(kf, K):
+                for i in range(8):
+                    xt[k, base + i] = _q7(x[t0 + tb + i, k], inv_s, zp)
+        else:
+            for k in range(K):
+                for i in range(8):
+                    t = tb + i
+                    xt[k, base + i] = _q7(x[t0 + t, k], inv_s, zp) if t < tn else zq
+
+
+@njit(**_OPTS)
+def dequant_rows(iacc, facc, nrows, r0, rowsum, wscales, s_x, zp):
+    """facc[i, t] = s_x * wscales[r0 + i] * (iacc[i, t] - zp * rowsum[r0 + i])."""
+    for i in range(nrows):
+        c = s_x * wscales[r0 + i]
+        off = np.int64(zp) * np.int64(rowsum[r0 + i])
+        ia = iacc[i]
+        fa = facc[i]
+        for t in range(T):
+            fa[t] = np.float32(np.int64(ia[t]) - off) * c
+
+
+@njit(**_OPTS)
+def task_range(task, M, nbr, chunk):
+    """(t0, tn, b0, b1): the token tile and block rows of a task."""
+    n_chunks = (nbr + chunk - 1) // chunk
+    tile = task // n_chunks
+    ch = task - tile * n_chunks
+    t0 = tile * T
+    b0 = ch * chunk
+    return t0, min(T, M - t0), b0, min(nbr, b0 + chunk)
+
+
+@njit(**_OPTS)
+def run_task_i8_avx2(task, x, inv_s, s_x, zp, qptr, qidx, qw, br, rowsum, wscales, bias, residual, out, flags,
+                     chunk, xt, iacc, facc):
+    """One (token tile, chunk of block rows) task: u7 pack, int32 quad micro-kernels, dequantize + epilogue."""
+    t0, tn, b0, b1 = task_range(task, x.shape[0], qptr.shape[0] - 1, chunk)
+    nrows = (b1 - b0) * br
+    iacc[:nrows, :] = 0
+    pack_tile_u8(x, t0, tn, inv_s, zp, xt, True)
+    for b in range(b0, b1):
+        q0 = qptr[b]
+        q1 = qptr[b + 1]
+        if q1 == q0:
+            continue
+        a_row = (b - b0) * br
+        for rs in range(0, br, 4):
+            for ts in range(0, tn, 16):  # slabs past the last token are skipped
+                if (ts >> 4) & 1 == 0:
+                    mk8_lo(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
+                else:
+                    mk8_hi(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
+    dequant_rows(iacc, facc, nrows, b0 * br, rowsum, wscales, s_x, zp)
+    epilogue(facc, nrows, b0 * br, t0, tn, wscales, bias, residual, out, flags)
+
+
+@njit(**_OPTS)
+def run_task_i8_portable(task, x, inv_s, s_x, zp, indptr, indices, data, rowsum, wscales, bias, residual, out,
+                         flags, chunk, xt, iacc, facc):
+    """The same task for any block shape with a plain int32 loop (no intrinsics)."""
+    br = data.shape[1]
+    bc = data.shape[2]
+    t0, tn, b0, b1 = task_range(task, x.shape[0], indptr.shape[0] - 1, chunk)
+    nrows = (b1 - b0) * br
+    iacc[:nrows, :] = 0
+    pack_tile_u8(x, t0, tn, inv_s, zp, xt, False)
+    for b in range(b0, b1):
+        a_row = (b - b0) * br
+        for p in range(indptr[b], indptr[b + 1]):
+            c0 = indices[p] * bc
+            for r in range(br):
+                a = iacc[a_row + r]
+                for j in range(bc):
+                    w = np.int32(data[p, r, j])
+                    xr = xt[c0 + j]
+                    for t in range(T):
+                        a[t] += w * np.int32(xr[t])
+    dequant_rows(iacc, facc, nrows, b0 * br, rowsum, wscales, s_x, zp)
+    epilogue(facc, nrows, b0 * br, t0, tn, wscales, bias, residual, out, flags)
+
+
+@njit(parallel=True, **_OPTS)
+def spmm_i8_portable(x, inv_s, s_x, zp, indptr, indices, data, rowsum, wscales, bias, residual, out, flags, chunk,
+                     n_tasks, xt_ws, iacc_ws, facc_ws):
+    """Portable int8 x int8 -> int32 (no AVX2 intrinsics), any block shape."""
+    n_workers = xt_ws.shape[0]
+    for w in prange(n_workers):
+        for task in range(w, n_tasks, n_workers):
+            run_task_i8_portable(task, x, inv_s, s_x, zp, indptr, indices, data, rowsum, wscales, bias, residual,
+                                 out, flags, chunk, xt_ws[w], iacc_ws[w], facc_ws[w])
+
+
+@njit(parallel=True, **_OPTS)
+def spmm_i8_avx2(x, inv_s, s_x, zp, qptr, qidx, qw, br, rowsum, wscales, bias, residual, out, flags, chunk,
+                 n_tasks, xt_ws, iacc_ws, facc_ws):
+    """AVX2 int8 x int8 -> int32 over the quad layout (4x1-family blocks)."""
+    n_workers = xt_ws.shape[0]
+    for w in prange(n_workers):
+        for task in range(w, n_tasks, n_workers):
+            run_task_i8_avx2(task, x, inv_s, s_x, zp, qptr, qidx, qw, br, rowsum, wscales, bias, residual, out,
+                             flags, chunk, xt_ws[w], iacc_ws[w], facc_ws[w])

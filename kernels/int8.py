@@ -1,0 +1,237 @@
+"""int8 x int8 -> int32 block-sparse products: ``Y = act(dequant(Xq @ Wq^T) + bias) + residual``.
+
+* **Weights**: int8, symmetric per output channel (``W[o, :] ~= w_scale[o] * Wq[o, :]``), as stored by an int8
+  :class:`~sparsify.kernels.format.BlockSparseMatrix`; a float32 matrix is quantized once and cached on it.
+* **Activations**: quantized per tensor to **u7**, ``Xq = clip(round(X / s_x) + zp, 0, 127)`` with a zero point
+  (asymmetric: GELU outputs are mostly positive). Dynamic (from the min / max of ``X``, 0 included) unless
+  ``x_scale`` and ``x_zero_point`` are given (static calibration, e.g. from QAT; values outside are clipped).
+  Why 7 bits: ``vpmaddubsw`` multiplies u8 x s8 and adds adjacent pairs into a *saturating* int16; with
+  ``Xq <= 127`` a pair is at most ``2 * 127 * 128 = 32512 <= 32767``, so it never saturates (with u8 it would:
+  ``2 * 255 * 127 = 64770``). int32 accumulation overflows only past ``K = 2**31 / (127 * 128) ~ 132k`` inputs.
+* **Accumulation**: int32; then ``Y = s_x * w_scale[o] * (acc - zp * sum_k Wq[o, k]) + bias`` in float32, with
+  the same fused GELU / residual epilogues as :func:`~sparsify.kernels.spmm.spmm`.
+* **Backends**: ``"avx2"`` (explicit ``vpmaddubsw`` / ``vpmaddwd`` LLVM intrinsics, blocks ``(4k)x1``, chosen
+  when the CPU and numba's target have AVX2) or ``"portable"`` (a plain numba int32 loop, any block shape).
+
+Error against float64 on the dequantized weight (stated in the tests): ``|y - ref| <= s_x / 2 * sum_k |W[o, k]|``
+(+ float32 rounding), times 1.13 (GELU's Lipschitz bound) with ``activation="gelu"``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .format import BlockSparseMatrix
+from .spmm import _ACT, TILE_TOKENS, _check_out, _check_x, _plan, gelu_reference
+
+__all__ = ["spmm_int8", "quantize_activations", "reference_spmm_int8", "has_avx2", "int8_backend", "QMAX"]
+
+QMAX = 127  # u7 activations
+
+
+def has_avx2() -> bool:
+    """True when this CPU has AVX2 and numba compiles for it (``NUMBA_CPU_NAME`` unset or ``host``)."""
+    from llvmlite import binding as llvm
+    from numba import config
+
+    name = getattr(config, "CPU_NAME", None)
+    if name not in (None, "", "host"):
+        return "+avx2" in str(getattr(config, "CPU_FEATURES", "") or "")
+    try:
+        return bool(llvm.get_host_cpu_features().get("avx2", False))
+    except RuntimeError:  # features unknown on this platform
+        return False
+
+
+def int8_backend(w: BlockSparseMatrix, backend: str = "auto") -> str:
+    """The backend :func:`spmm_int8` uses for ``w``: ``"avx2"`` or ``"portable"``."""
+    if backend not in ("auto", "avx2", "portable"):
+        raise ValueError(f"backend must be 'auto', 'avx2' or 'portable', got {backend!r}")
+    br, bc = w.block
+    fits = bc == 1 and br % 4 == 0
+    if backend == "avx2":
+        if not fits:
+            raise ValueError(f"the avx2 int8 kernel needs (4k)x1 blocks (out x in), got {br}x{bc}")
+        if not has_avx2():
+            raise ValueError("the avx2 int8 kernel needs a CPU with AVX2 (and numba targeting it)")
+        return "avx2"
+    if backend == "portable":
+        return "portable"
+    return "avx2" if fits and has_avx2() else "portable"
+
+
+def quantize_activations(
+    x: np.ndarray, scale: float | None = None, zero_point: int | None = None
+) -> tuple[np.ndarray, float, int]:
+    """u7 per-tensor quantization: ``(q uint8 in [0, 127], scale, zero_point)`` with ``x ~= scale * (q - zp)``.
+
+    Dynamic (``scale = (max(x, 0) - min(x, 0)) / 127``) unless both ``scale`` and ``zero_point`` are given."""
+    x = np.asarray(x, dtype=np.float32)
+    scale, zero_point = _act_params(x, scale, zero_point)
+    q = np.floor(x * np.float32(1.0 / scale) + np.float32(0.5)) + np.float32(zero_point)
+    return np.clip(q, 0, QMAX).astype(np.uint8), scale, zero_point
+
+
+def _act_params(x: np.ndarray, scale, zero_point) -> tuple[float, int]:
+    if (scale is None) != (zero_point is None):
+        raise ValueError("give both x_scale and x_zero_point, or neither (dynamic quantization)")
+    if scale is not None:
+        scale = float(scale)
+        if not np.isfinite(scale) or scale <= 0:
+            raise ValueError(f"x_scale must be a positive finite float, got {scale}")
+        if isinstance(zero_point, bool) or int(zero_point) != zero_point or not 0 <= int(zero_point) <= QMAX:
+            raise ValueError(f"x_zero_point must be an int in [0, {QMAX}], got {zero_point!r}")
+        return np.float32(scale).item(), int(zero_point)
+    if x.size == 0:
+        return 1.0, 0
+    if x.size >= 4096:
+        from . import _jit_int8
+
+        lo, hi = _jit_int8.minmax(x)
+    else:
+        lo, hi = x.min(), x.max()
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("x contains NaN or inf")
+    scale = (hi - lo) / QMAX if hi > lo else 1.0
+    scale = np.float32(scale).item()
+    zp = int(min(max(round(-lo / scale), 0), QMAX))
+    return scale, zp
+
+
+def _prepared(w: BlockSparseMatrix) -> dict:
+    """int8 weight + row sums (+ the quad layout of the avx2 kernel), cached on ``w``."""
+    cache = w._cache.get("int8x8")
+    if cache is not None:
+        return cache
+    q = w if w.dtype == np.int8 else w.quantize()
+    br, bc = q.block
+    nbr = q.out_features // br
+    counts = np.diff(q.indptr).astype(np.int64)
+    row_of = np.repeat(np.arange(nbr), counts)
+    # sum_k Wq[o, k] for the zero-point correction
+    rowsum = np.zeros(q.out_features, np.int64)
+    if q.nnz_blocks:
+        per = q.data.astype(np.int64).sum(axis=2)  # (nnzb, br)
+        np.add.at(rowsum.reshape(nbr, br), row_of, per)
+    cache = dict(q=q, rowsum=rowsum.astype(np.int32))
+    if bc == 1 and br % 4 == 0:
+        nq = (counts + 3) // 4
+        qptr = np.zeros(nbr + 1, np.int64)
+        np.cumsum(nq, out=qptr[1:])
+        n_quads = int(qptr[-1])
+        pos = np.arange(q.nnz_blocks) - q.indptr[:-1].astype(np.int64)[row_of]
+        slot = qptr[:-1][row_of] * 4 + pos  # quad * 4 + lane
+        qidx = np.zeros(n_quads * 4, np.int32)  # padding lanes: column 0, weight 0
+        qidx[slot] = q.indices
+        qw = np.zeros((n_quads * 4, br), np.int8)
+        qw[slot] = q.data[:, :, 0]
+        qw = np.ascontiguousarray(qw.reshape(n_quads, 4, br).transpose(0, 2, 1))  # (quad, row, lane)
+        cache.update(qptr=qptr.astype(np.int32), qidx=qidx, qw=qw)
+    w._cache["int8x8"] = cache
+    return cache
+
+
+_local = threading.local()
+
+
+def _workspace(n_workers: int, k: int, rows: int):
+    T = TILE_TOKENS
+    ws = getattr(_local, "ws", None)
+    if ws is None or ws[0].shape[0] < n_workers or ws[0].shape[1] < k or ws[1].shape[1] < rows:
+        n = max(n_workers, ws[0].shape[0] if ws else 0)
+        k = max(k, ws[0].shape[1] if ws else 0)
+        rows = max(rows, ws[1].shape[1] if ws else 0)
+        ws = (np.zeros((n, k, T), np.uint8), np.zeros((n, rows, T), np.int32), np.zeros((n, rows, T), np.float32))
+        _local.ws = ws
+    return ws
+
+
+def spmm_int8(
+    x: np.ndarray,
+    w: BlockSparseMatrix,
+    *,
+    activation: str | None = None,
+    residual: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    threads: int | None = None,
+    x_scale: float | None = None,
+    x_zero_point: int | None = None,
+    backend: str = "auto",
+) -> np.ndarray:
+    """int8 x int8 ``act(x @ W^T + bias) + residual`` for float32 ``x`` ``(tokens, in_features)``.
+
+    ``x`` is quantized per tensor to u7 inside the kernel's packing step (see the module docstring);
+    ``x_scale`` / ``x_zero_point`` fix the quantization (static), else it is computed from ``x``. ``w`` int8 (or
+    float32, quantized once and cached on it). Other arguments as :func:`~sparsify.kernels.spmm.spmm`.
+    """
+    if not isinstance(w, BlockSparseMatrix):
+        raise ValueError(f"w must be a BlockSparseMatrix, got {type(w).__name__}")
+    x = _check_x(x, w.in_features)
+    if activation not in _ACT:
+        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    kind = int8_backend(w, backend)
+    M = x.shape[0]
+    shape = (M, w.out_features)
+    if residual is not None:
+        _check_out(residual, shape, "residual")
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    else:
+        _check_out(out, shape, "out")
+        if np.shares_memory(out, x):
+            raise ValueError("out must not overlap x")
+        if residual is not None and out is not residual and np.shares_memory(out, residual):
+            raise ValueError("out may be residual itself but must not partially overlap it")
+    s_x, zp = _act_params(x, x_scale, x_zero_point)
+    if M == 0:
+        return out
+    prep = _prepared(w)
+    q = prep["q"]
+    from . import _jit_int8
+    from .threads import get_num_threads, num_threads
+
+    with num_threads(threads):
+        n_threads = get_num_threads()
+        chunk, _ = _plan(q, M, n_threads)
+        br = q.block[0]
+        n_tasks = -(-M // TILE_TOKENS) * -(-(q.out_features // br) // chunk)
+        n_workers = min(n_threads, n_tasks)
+        xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, chunk * br)
+        flags = np.array([0, w.bias is not None, _ACT[activation], residual is not None], dtype=np.int64)
+        bias = w.bias if w.bias is not None else np.zeros(1, np.float32)
+        res = residual if residual is not None else np.zeros((1, 1), np.float32)
+        common = (np.float32(1.0 / s_x), np.float32(s_x), zp)
+        tail = (prep["rowsum"], q.scales, bias, res, out, flags, chunk, n_tasks, xt_ws[:n_workers],
+                iacc_ws[:n_workers], facc_ws[:n_workers])
+        if kind == "avx2":
+            _jit_int8.spmm_i8_avx2(x, *common, prep["qptr"], prep["qidx"], prep["qw"], br, *tail)
+        else:
+            _jit_int8.spmm_i8_portable(x, *common, q.indptr, q.indices, q.data, *tail)
+    return out
+
+
+def reference_spmm_int8(
+    x: np.ndarray,
+    w: BlockSparseMatrix,
+    *,
+    activation: str | None = None,
+    residual: np.ndarray | None = None,
+    x_scale: float | None = None,
+    x_zero_point: int | None = None,
+) -> np.ndarray:
+    """Naive float64 reference of the quantized computation: the u7-dequantized ``x`` times the dequantized
+    int8 weight (the kernel differs from it by float32 rounding only)."""
+    q = _prepared(w)["q"]
+    xq, s, zp = quantize_activations(x, x_scale, x_zero_point)
+    xd = s * (xq.astype(np.float64) - zp)
+    y = xd @ q.to_dense().astype(np.float64).T
+    if q.bias is not None:
+        y += q.bias
+    if activation == "gelu":
+        y = gelu_reference(y)
+    if residual is not None:
+        y += residual
+    return y

@@ -1,0 +1,510 @@
+"""``SparseModel``: runs a sparsify artifact (see :mod:`sparsify.export`) on CPU with the block-sparse kernels.
+
+    model = SparseModel.from_pretrained("artifacts/minilm-4x1-90", threads=2)
+    logits = model(input_ids, attention_mask)               # numpy (batch, labels)
+    model.predict(["a gripping film", "dull"])              # [{"label": "positive", "score": 0.97}, ...]
+
+Loading reads JSON and safetensors only (no pickle), checks the format version and the sha256 of every file
+listed in the manifest, and raises :class:`ArtifactError` (a ``SparsifyError``) naming the file and the problem.
+
+The forward pass works on *packed* hidden states: the real tokens of all sequences one after another, no padding.
+Every Linear layer of the encoder goes through :func:`sparsify.kernels.spmm` (query/key/value fused into one
+call; GELU fused into the intermediate layer; the residual add fused into the output layers), attention, layer
+norms and embeddings through the numba ops of :mod:`sparsify.runtime.ops`. At the last layer only the [CLS]
+rows are needed after attention, so attention runs only for the [CLS] query and the feed-forward block only on
+the [CLS] rows (exact for classification).
+
+Length-adaptive inference (Length-Adaptive Transformer, Kim & Cho 2021): a length configuration gives, per
+layer, how many tokens each sequence keeps after that layer's attention; the kept tokens are those receiving
+the most attention (summed over heads and queries), [CLS] always kept, order preserved. Entries are token
+counts (ints: ``min(count, current length)``) or ratios of the sequence's input length (floats in (0, 1]:
+``ceil(ratio * input length)``); lengths never grow. It comes from the manifest (``length_config``) or per call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sparsify.errors import SparsifyError
+
+__all__ = ["SparseModel", "ArtifactError", "FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS",
+           "read_manifest", "parse_length_config", "load_tensors"]
+
+FORMAT = "sparsify-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "sparsify.json"
+WEIGHTS = "model.safetensors"
+
+
+class ArtifactError(SparsifyError):
+    """A missing, corrupted, tampered or unsupported artifact."""
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | Path, *, verify: bool = True) -> dict:
+    """The artifact's manifest, after checking its format, version and (``verify``) every file's checksum."""
+    root = Path(path)
+    if not root.exists():
+        raise ArtifactError(f"{root}: no such artifact directory")
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not a directory (an artifact is a directory written by 'sparsify export')")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        hint = " (this is a Hugging Face model directory: run 'sparsify export' on it first)" if (
+            root / "config.json").is_file() else ""
+        raise ArtifactError(f"{root}: no {MANIFEST} manifest, not a sparsify artifact{hint}")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{mpath}: corrupted manifest, not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: not a sparsify artifact manifest (format is not {FORMAT!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtifactError(f"{mpath}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: artifact format version {version} is newer than this sparsify supports "
+                            f"({FORMAT_VERSION}); upgrade sparsify or re-export with this version")
+    for key in ("architecture", "files", "layers", "weights"):
+        if key not in manifest:
+            raise ArtifactError(f"{mpath}: manifest lacks the required key {key!r}")
+    files = manifest["files"]
+    if not isinstance(files, dict) or manifest["weights"] not in files:
+        raise ArtifactError(f"{mpath}: manifest 'files' must list the weight file {manifest['weights']!r}")
+    for name, info in files.items():
+        f = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{mpath}: file name {name!r} points outside the artifact")
+        if not f.is_file():
+            raise ArtifactError(f"{f}: missing (listed in the manifest); the artifact is incomplete")
+        size = f.stat().st_size
+        if "bytes" in info and size != info["bytes"]:
+            raise ArtifactError(f"{f}: {size} bytes, the manifest says {info['bytes']}: truncated or modified")
+        if verify and sha256_file(f) != info.get("sha256"):
+            raise ArtifactError(f"{f}: sha256 checksum mismatch: the file was modified or corrupted")
+    return manifest
+
+
+def load_tensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file as numpy arrays (no torch, no pickle), with errors naming the file."""
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise ArtifactError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
+
+
+# ------------------------------------------------------------------------------------------------ lengths
+def parse_length_config(config: Any, n_layers: int) -> list | None:
+    """Normalize a length configuration to a per-layer list of ints (token counts) or floats (ratios).
+
+    Accepts ``None``, a list, or a dict with ``"length_config"`` / ``"lengths"`` (and optionally
+    ``"unit": "tokens" | "ratio"``).
+    """
+    if config is None:
+        return None
+    unit = None
+    if isinstance(config, dict):
+        unit = config.get("unit")
+        config = config.get("length_config", config.get("lengths"))
+        if config is None:
+            raise SparsifyError("length configuration: expected a 'length_config' (or 'lengths') list")
+    if not isinstance(config, (list, tuple)):
+        raise SparsifyError(f"length configuration must be a list of per-layer lengths, got {type(config).__name__}")
+    if len(config) != n_layers:
+        raise SparsifyError(f"length configuration has {len(config)} entries, the model has {n_layers} layers")
+    if unit not in (None, "tokens", "ratio"):
+        raise SparsifyError(f"length configuration unit must be 'tokens' or 'ratio', got {unit!r}")
+    out: list = []
+    for i, v in enumerate(config):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SparsifyError(f"length configuration entry {i} must be a number, got {v!r}")
+        if unit == "ratio" or (unit is None and isinstance(v, float)):
+            if not 0 < v <= 1:
+                raise SparsifyError(f"length configuration entry {i}: ratio {v} outside (0, 1]")
+            out.append(float(v))
+        else:
+            if int(v) != v or v < 1:
+                raise SparsifyError(f"length configuration entry {i}: token count {v} must be a positive integer")
+            out.append(int(v))
+    prev = None
+    for i, v in enumerate(out):
+        if prev is not None and type(v) is type(prev) and v > prev:
+            raise SparsifyError(f"length configuration entry {i} ({v}) grows from the previous layer ({prev})")
+        prev = v
+    return out
+
+
+def _set_threads(threads: int | None) -> int:
+    """Set numba's and (when imported) torch's thread counts explicitly, so the two pools do not oversubscribe."""
+    import numba
+
+    n = int(numba.config.NUMBA_NUM_THREADS) if threads is None else int(threads)
+    limit = int(numba.config.NUMBA_NUM_THREADS)
+    if not 1 <= n <= limit:
+        raise SparsifyError(f"threads must be in [1, {limit}] (NUMBA_NUM_THREADS), got {threads}")
+    numba.set_num_threads(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ model
+class _Layer:
+    __slots__ = ("qkv", "q", "k", "v", "attn_out", "inter", "out", "ln1", "ln2", "quant")
+
+
+class SparseModel:
+    """A BERT-style sequence classifier from a sparsify artifact, on CPU (numpy in, numpy out)."""
+
+    def __init__(self, path: Path, manifest: dict, tensors: dict[str, np.ndarray], threads: int | None,
+                 length_config: Any = "default"):
+        from sparsify.kernels.format import BlockSparseMatrix
+
+        self.path = Path(path)
+        self.manifest = manifest
+        arch = manifest["architecture"]
+        try:
+            if arch.get("model_type") not in ("bert",):
+                raise ArtifactError(f"{path}: model_type {arch.get('model_type')!r} is not supported by the runtime "
+                                    "(BERT-family encoders: BERT, MiniLM, ...)")
+            if arch.get("hidden_act", "gelu") != "gelu":
+                raise ArtifactError(f"{path}: hidden_act {arch['hidden_act']!r} not supported (gelu only)")
+            if arch.get("position_embedding_type", "absolute") != "absolute":
+                raise ArtifactError(f"{path}: only absolute position embeddings are supported")
+            self.hidden = int(arch["hidden_size"])
+            self.n_layers = int(arch["num_hidden_layers"])
+            self.n_heads = int(arch["num_attention_heads"])
+            self.eps = float(arch.get("layer_norm_eps", 1e-12))
+            self.max_positions = int(arch["max_position_embeddings"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: architecture in the manifest is incomplete ({e})") from None
+        self.labels = list(manifest.get("labels") or [])
+        self.problem_type = manifest.get("problem_type")
+        self.task = manifest.get("task")
+        self.max_length = int(manifest.get("max_length") or self.max_positions)
+        self.threads = _set_threads(threads)
+        self._tokenizer = None
+        prefix = manifest.get("prefix", "bert.")
+        layers_meta = manifest["layers"]
+
+        def t(name: str) -> np.ndarray:
+            try:
+                a = tensors[name]
+            except KeyError:
+                raise ArtifactError(f"{path / manifest['weights']}: tensor {name!r} missing") from None
+            return np.ascontiguousarray(a, dtype=np.float32) if a.dtype != np.float32 else a
+
+        def matrix(name: str) -> BlockSparseMatrix:
+            meta = layers_meta.get(name)
+            if meta is None:
+                raise ArtifactError(f"{path}: manifest has no entry for layer {name!r}")
+            try:
+                bias = t(f"{name}.bias")
+                if meta.get("block") is None:
+                    w = t(f"{name}.weight")
+                    blk = (4, 1) if w.shape[0] % 4 == 0 else (1, 1)
+                    full = np.ones((w.shape[0] // blk[0], w.shape[1] // blk[1]), bool)
+                    return BlockSparseMatrix.from_dense(w, blk, mask=full, bias=bias)
+                data = tensors[f"{name}.data"]
+                scales = tensors.get(f"{name}.scales")
+                return BlockSparseMatrix(tuple(meta["shape"]), tuple(meta["block_shape"]), tensors[f"{name}.indptr"],
+                                         tensors[f"{name}.indices"], data,
+                                         None if scales is None else np.ascontiguousarray(scales, np.float32), bias)
+            except KeyError as e:
+                raise ArtifactError(f"{path / manifest['weights']}: tensor {e} of layer {name!r} missing") from None
+            except ValueError as e:
+                raise ArtifactError(f"{path}: layer {name!r} is inconsistent: {e}") from None
+
+        def input_quant(name: str):
+            q = (layers_meta[name].get("quantization") or {}).get("input")
+            if not q:
+                return None
+            return (t(f"{name}.input_scale"), t(f"{name}.input_zero_point"), int(q.get("bits", 8)),
+                    bool(q.get("signed", False)))
+
+        p = prefix
+        self.word = t(f"{p}embeddings.word_embeddings.weight")
+        self.pos = t(f"{p}embeddings.position_embeddings.weight")
+        self.typ = t(f"{p}embeddings.token_type_embeddings.weight")
+        self.emb_ln = (t(f"{p}embeddings.LayerNorm.weight"), t(f"{p}embeddings.LayerNorm.bias"))
+        self.layers: list[_Layer] = []
+        for i in range(self.n_layers):
+            base = f"{p}encoder.layer.{i}."
+            L = _Layer()
+            L.q, L.k, L.v = (matrix(base + f"attention.self.{n}") for n in ("query", "key", "value"))
+            L.attn_out = matrix(base + "attention.output.dense")
+            L.inter = matrix(base + "intermediate.dense")
+            L.out = matrix(base + "output.dense")
+            L.ln1 = (t(base + "attention.output.LayerNorm.weight"), t(base + "attention.output.LayerNorm.bias"))
+            L.ln2 = (t(base + "output.LayerNorm.weight"), t(base + "output.LayerNorm.bias"))
+            qs = [input_quant(base + f"attention.self.{n}") for n in ("query", "key", "value")]
+            L.quant = {"qkv": qs, "attn_out": input_quant(base + "attention.output.dense"),
+                       "inter": input_quant(base + "intermediate.dense"), "out": input_quant(base + "output.dense")}
+            same_in = all(_same_quant(qs[0], x) for x in qs[1:])
+            L.qkv = _concat_rows([L.q, L.k, L.v]) if same_in else None
+            self.layers.append(L)
+        self.pooler = (t(f"{p}pooler.dense.weight"), t(f"{p}pooler.dense.bias")) if f"{p}pooler.dense.weight" in \
+            tensors else None
+        self.classifier = (t("classifier.weight"), t("classifier.bias"))
+        self.default_length_config = parse_length_config(manifest.get("length_config"), self.n_layers)
+        self.length_config = (self.default_length_config if length_config == "default"
+                              else parse_length_config(length_config, self.n_layers))
+
+    # -------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, threads: int | None = None, *, verify: bool = True,
+                        length_config: Any = "default") -> "SparseModel":
+        """Load an artifact directory. ``threads``: numba (and torch, if imported) threads; default all cores.
+        ``length_config``: ``"default"`` (the manifest's), ``None`` (full length) or a per-layer list."""
+        root = Path(path)
+        manifest = read_manifest(root, verify=verify)
+        tensors = load_tensors(root / manifest["weights"])
+        return cls(root, manifest, tensors, threads, length_config)
+
+    # -------------------------------------------------------------------------------------------- forward
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, length_config: Any = "default"):
+        """Logits (float32 numpy ``(batch, labels)``) for padded ``input_ids`` ``(batch, seq)`` (numpy or torch).
+
+        ``attention_mask`` marks real tokens (1) and padding (0), left or right; positions follow the padded
+        row as in transformers. ``length_config``: ``"default"`` (the model's), ``None`` (full length) or a list.
+        """
+        ids = _as_int64(input_ids, "input_ids")
+        if ids.ndim != 2:
+            raise SparsifyError(f"input_ids must be 2-D (batch, sequence), got shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask, "attention_mask")
+        types = np.zeros_like(ids) if token_type_ids is None else _as_int64(token_type_ids, "token_type_ids")
+        if mask.shape != ids.shape or types.shape != ids.shape:
+            raise SparsifyError(f"attention_mask / token_type_ids must have the shape of input_ids {ids.shape}")
+        if ids.shape[0] == 0:
+            return np.zeros((0, len(self.classifier[1])), np.float32)
+        if ids.shape[1] > self.max_positions:
+            raise SparsifyError(f"sequence length {ids.shape[1]} exceeds the model's {self.max_positions} positions")
+        real = mask.astype(bool)
+        lens = real.sum(axis=1).astype(np.int64)
+        if np.any(lens == 0):
+            raise SparsifyError("a sequence has no real tokens (attention_mask all zero)")
+        positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
+        return self._forward_packed(ids[real], positions[real], types[real], lens, length_config)
+
+    def _forward_packed(self, ids, positions, types, lens, length_config="default") -> np.ndarray:
+        from sparsify.kernels import spmm
+
+        from . import ops
+
+        if ids.size and (ids.min() < 0 or ids.max() >= self.word.shape[0]):
+            raise SparsifyError(f"input_ids out of the vocabulary range [0, {self.word.shape[0]})")
+        if types.size and (types.min() < 0 or types.max() >= self.typ.shape[0]):
+            raise SparsifyError(f"token_type_ids out of range [0, {self.typ.shape[0]})")
+        cfg = self.length_config if length_config == "default" else parse_length_config(length_config, self.n_layers)
+        lens = np.ascontiguousarray(lens, dtype=np.int64)
+        input_lens = lens.copy()
+        starts = np.zeros_like(lens)
+        np.cumsum(lens[:-1], out=starts[1:])
+        x = ops.embed_layernorm(np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(positions, np.int64),
+                                np.ascontiguousarray(types, np.int64), self.word, self.pos, self.typ,
+                                *self.emb_ln, self.eps)
+        th = self.threads
+        for i, L in enumerate(self.layers):
+            last = i == self.n_layers - 1
+            drop = cfg is not None and not last
+            qkv = self._qkv(L, x, th)
+            ctx, sig = ops.attention(qkv, starts, lens, self.n_heads, significance=drop, first_query_only=last)
+            if last:  # only the [CLS] rows matter from here on (exact for classification)
+                x = np.ascontiguousarray(x[starts])
+                starts = np.arange(len(lens), dtype=np.int64)
+                lens = np.ones_like(lens)
+            h = spmm(_fq(ctx, L.quant["attn_out"]), L.attn_out, residual=x, out=x, threads=th)
+            ops.layernorm_(h, *L.ln1, self.eps)
+            if drop:
+                h, starts, lens = _drop_tokens(h, sig, starts, lens, input_lens, cfg[i])
+            inter = spmm(_fq(h, L.quant["inter"]), L.inter, activation="gelu", threads=th)
+            h = spmm(_fq(inter, L.quant["out"]), L.out, residual=h, out=h, threads=th)
+            x = ops.layernorm_(h, *L.ln2, self.eps)
+        cls = x[starts].astype(np.float64)
+        if self.pooler is not None:
+            cls = np.tanh(cls @ self.pooler[0].T.astype(np.float64) + self.pooler[1])
+        logits = cls @ self.classifier[0].T.astype(np.float64) + self.classifier[1]
+        return logits.astype(np.float32)
+
+    def _qkv(self, L: _Layer, x: np.ndarray, th: int) -> np.ndarray:
+        from sparsify.kernels import spmm
+
+        if L.qkv is not None:
+            return spmm(_fq(x, L.quant["qkv"][0]), L.qkv, threads=th)
+        return np.hstack([spmm(_fq(x, qp), w, threads=th) for w, qp in zip((L.q, L.k, L.v), L.quant["qkv"])])
+
+    # -------------------------------------------------------------------------------------------- texts
+    @property
+    def tokenizer(self):
+        """The artifact's ``tokenizers.Tokenizer`` (no padding, no truncation: :meth:`encode` handles both)."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            f = self.path / "tokenizer.json"
+            if not f.is_file():
+                raise ArtifactError(f"{f}: missing; the artifact has no tokenizer (tokenize yourself and call the model)")
+            tok = Tokenizer.from_file(str(f))
+            tok.no_padding()
+            tok.no_truncation()
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def encode(self, texts: Sequence, max_length: int | None = None):
+        """Tokenize ``texts`` (strings, or (text, text_pair) pairs) -> packed (ids, positions, types, lens,
+        n_truncated). Texts longer than ``max_length`` (default: the artifact's) are truncated."""
+        max_length = min(int(max_length or self.max_length), self.max_positions)
+        tok = self.tokenizer
+        pairs = [tuple(t) if isinstance(t, (list, tuple)) else t for t in texts]
+        for t in pairs:
+            if not isinstance(t, (str, tuple)) or (isinstance(t, tuple) and (len(t) != 2 or not all(
+                    isinstance(s, str) for s in t))):
+                raise SparsifyError(f"texts must be strings or (text, text_pair) pairs, got {t!r:.80}")
+        tok.enable_truncation(max_length)
+        try:
+            encs = tok.encode_batch(pairs)
+        finally:
+            tok.no_truncation()
+        n_trunc = sum(1 for e in encs if e.overflowing)
+        lens = np.array([len(e.ids) for e in encs], dtype=np.int64)
+        ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(lens.sum()))
+        types = np.fromiter((i for e in encs for i in e.type_ids), dtype=np.int64, count=int(lens.sum()))
+        positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lens]) if len(lens) else lens
+        return ids, positions, types, lens, n_trunc
+
+    def logits(self, texts: Sequence, batch_size: int = 32, max_length: int | None = None,
+               length_config: Any = "default") -> np.ndarray:
+        """Logits for a list of texts, in batches of ``batch_size``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise SparsifyError("no texts to predict (empty input list)")
+        if batch_size < 1:
+            raise SparsifyError(f"batch_size must be positive, got {batch_size}")
+        out, truncated = [], 0
+        for b in range(0, len(texts), batch_size):
+            ids, pos, types, lens, n_trunc = self.encode(texts[b:b + batch_size], max_length)
+            truncated += n_trunc
+            out.append(self._forward_packed(ids, pos, types, lens, length_config))
+        if truncated:
+            warnings.warn(f"{truncated} of {len(texts)} texts were longer than {max_length or self.max_length} "
+                          "tokens and were truncated", stacklevel=2)
+        return np.concatenate(out)
+
+    def predict(self, texts: Sequence, batch_size: int = 32, *, max_length: int | None = None,
+                length_config: Any = "default", return_probabilities: bool = False) -> list[dict]:
+        """``[{"label": name, "score": probability}, ...]`` per text (``"probabilities"`` too when asked);
+        regression models give ``{"score": value}``. Long texts are truncated with a warning; an empty list is
+        an error."""
+        logits = self.logits(texts, batch_size, max_length, length_config)
+        if self.problem_type == "regression" or logits.shape[1] == 1:
+            return [{"score": float(v)} for v in logits[:, 0]]
+        z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(axis=1, keepdims=True)
+        names = self.labels or [f"LABEL_{i}" for i in range(logits.shape[1])]
+        out = []
+        for p in probs:
+            k = int(p.argmax())
+            r = {"label": names[k], "score": float(p[k])}
+            if return_probabilities:
+                r["probabilities"] = {names[j]: float(p[j]) for j in range(len(p))}
+            out.append(r)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"SparseModel({self.path}, layers={self.n_layers}, hidden={self.hidden}, threads={self.threads}, "
+                f"length_config={self.length_config})")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _as_int64(a, name: str) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor, without importing torch
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.dtype.kind not in "iub":
+        raise SparsifyError(f"{name} must be integers, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def _same_quant(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:] == b[2:])
+
+
+def _fq(x: np.ndarray, q) -> np.ndarray:
+    if q is None:
+        return x
+    from . import ops
+
+    return ops.fake_quant(x, q[0], q[1], q[2], q[3])
+
+
+def _concat_rows(ms):
+    """Stack block-sparse matrices vertically (one SpMM for query, key and value); None if they differ in
+    block shape or dtype."""
+    from sparsify.kernels.format import BlockSparseMatrix
+
+    if len({m.block for m in ms}) != 1 or len({m.dtype for m in ms}) != 1 or len({m.in_features for m in ms}) != 1:
+        return None
+    indptr = [ms[0].indptr]
+    off = ms[0].nnz_blocks
+    for m in ms[1:]:
+        indptr.append(m.indptr[1:] + off)
+        off += m.nnz_blocks
+    scales = None if ms[0].scales is None else np.concatenate([m.scales for m in ms])
+    bias = np.concatenate([m.bias if m.bias is not None else np.zeros(m.out_features, np.float32) for m in ms])
+    return BlockSparseMatrix((sum(m.out_features for m in ms), ms[0].in_features), ms[0].block,
+                             np.concatenate(indptr), np.concatenate([m.indices for m in ms]),
+                             np.ascontiguousarray(np.concatenate([m.data for m in ms])), scales,
+                             bias.astype(np.float32))
+
+
+def target_lengths(lens: np.ndarray, input_lens: np.ndarray, entry) -> np.ndarray:
+    """Tokens each sequence keeps for one length-configuration entry (never more than it has)."""
+    if isinstance(entry, float):
+        want = np.ceil(entry * input_lens - 1e-9).astype(np.int64)
+    else:
+        want = np.full_like(lens, int(entry))
+    return np.clip(want, 1, lens)
+
+
+def _drop_tokens(h, sig, starts, lens, input_lens, entry):
+    keep_n = target_lengths(lens, input_lens, entry)
+    if np.array_equal(keep_n, lens):
+        return h, starts, lens
+    rows = []
+    for st, n, k in zip(starts.tolist(), lens.tolist(), keep_n.tolist()):
+        if k >= n:
+            rows.append(np.arange(st, st + n))
+            continue
+        s = sig[st:st + n].copy()
+        s[0] = np.inf  # [CLS] always kept
+        idx = np.argpartition(-s, k - 1)[:k]
+        idx.sort()
+        rows.append(idx + st)
+    rows = np.concatenate(rows)
+    new_starts = np.zeros_like(keep_n)
+    np.cumsum(keep_n[:-1], out=new_starts[1:])
+    return np.ascontiguousarray(h[rows]), new_starts, keep_n

@@ -1,0 +1,225 @@
+"""Recipe configuration of 8-bit quantization (QAT, or PTQ calibration). Imports no torch.
+
+    - kind: quantization
+      mode: qat                  # or ptq: calibrate on calibration_batches training batches, no training
+      start_step: 1200           # or start_epoch; QAT switches on here (after pruning has ended)
+      observer: minmax           # or lsq (learnable scales after the warm-up)
+      observer_momentum: 0.9     # running = momentum * running + (1 - momentum) * batch
+      freeze_after_steps: 200    # observer warm-up, in optimizer steps from the start; then frozen
+      activations: {linear_inputs: true, residual_sums: false, layernorm_outputs: false}
+      peg: {groups: 6, permute: true}   # per-embedding-group ranges for the outlier-prone activations
+      keep_16bit: ['output\\.LayerNorm\\.input$']
+
+Number formats (what :meth:`Quantizer.convert` hands to the export):
+
+- weights: int8, symmetric, per output channel, codes in [-127, 127], ``w = code * scale[out]``; a pruned
+  (masked) weight is exactly code 0;
+- activations: 8 bits per tensor (or per group with PEG) as **uint8 codes in [0, 255]** with a zero point,
+  ``x = (code - zero_point) * scale``; ``activation_scheme: symmetric`` fixes the zero point at 128 (signed
+  int8 shifted into uint8), ``asymmetric`` (default) takes it from the observed range, which always includes 0.
+  uint8 activations x int8 weights is the operand convention of x86 ``vpmaddubsw`` / VNNI and onnxruntime.
+
+Activation points are named ``<module>.input`` (a Linear's or a LayerNorm's input) and ``<module>.output``
+(a LayerNorm's output); ``peg.targets`` and ``keep_16bit`` are regular expressions searched in those names.
+Residual sums are the inputs of the encoder's LayerNorms (BERT: ``attention.output.LayerNorm``,
+``output.LayerNorm``; DistilBERT: ``sa_layer_norm``, ``output_layer_norm``).
+
+QAT and pruning in one recipe: QAT must not start before the pruning window ends (masks still moving under
+frozen quantization ranges waste the warm-up): ``check_recipe`` refuses it with an error on ``start_step`` /
+``start_epoch``. Give both windows in the same unit (steps or epochs) so the order can be checked.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sparsify.config import Config, FieldError
+from sparsify.techniques.pruning.config import DEFAULT_INCLUDE
+
+# The activations where BERT-style encoders carry their structured outliers (Bondarenko et al. 2021): the
+# feed-forward input (the LayerNorm output after attention) and the residual sum after the feed-forward.
+DEFAULT_PEG_TARGETS: tuple[str, ...] = (
+    r"(?:intermediate\.dense|ffn\.lin1)\.input$",
+    r"(?:(?<!attention\.)output\.LayerNorm|output_layer_norm)\.input$",
+)
+
+DEFAULT_CALIBRATION_BATCHES = 32
+
+
+def _check_patterns(patterns: tuple[str, ...], field: str) -> None:
+    for i, p in enumerate(patterns):
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise FieldError((field, i), f"invalid regular expression {p!r}: {e}") from None
+
+
+def _listify(v):
+    return (v,) if isinstance(v, str) else v
+
+
+class ActivationsConfig(Config):
+    """Which activations are fake-quantized to 8 bits (per tensor, or per group with PEG)."""
+
+    linear_inputs: bool = Field(True, description="The input of every quantized Linear layer.")
+    residual_sums: bool = Field(False, description="The residual sums: inputs of the encoder's LayerNorms.")
+    layernorm_outputs: bool = Field(False, description="The outputs of the encoder's LayerNorms.")
+
+
+class PegConfig(Config):
+    """Per-embedding-group activation quantization (Bondarenko et al. 2021): the last (hidden) dimension is
+    split into ``groups`` groups, each with its own range; with ``permute`` the dimensions are first sorted by
+    their observed range so that the outlier dimensions share groups."""
+
+    groups: int = Field(description="Groups per activation; must divide the width of every targeted activation.")
+    permute: bool = Field(True, description="Sort dimensions by range before grouping (fixed when observers freeze).")
+    targets: tuple[str, ...] = Field(
+        DEFAULT_PEG_TARGETS, min_length=1,
+        description="Regexes searched in activation point names (<module>.input / <module>.output); default: the "
+        "feed-forward input and the residual sum after the feed-forward.",
+    )
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v):
+        if v < 1:
+            raise ValueError(f"groups must be at least 1, got {v}")
+        return v
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _list(cls, v):
+        return _listify(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_patterns(self.targets, "targets")
+        return self
+
+
+class QuantizationConfig(Config):
+    """8-bit quantization that keeps sparsity: fake-quantized int8 weights (symmetric, per output channel, pruning
+    masks inside) and uint8 activations (per tensor, or per embedding group), trained (QAT) or calibrated (PTQ)."""
+
+    kind: Literal["quantization"] = "quantization"
+    mode: Literal["qat", "ptq"] = Field(
+        "qat", description="qat: fake quantization during training from start_step; ptq: calibrate the observers on "
+        "calibration_batches training batches, no training."
+    )
+    bits: Literal[8] = Field(8, description="Bit width of weights (int8) and activations (uint8); only 8.")
+    start_step: int | None = Field(None, ge=0, description="QAT: optimizer step at which fake quantization switches on "
+                                   "(default 0); not before the end of a pruning window in the same recipe.")
+    start_epoch: float | None = Field(None, ge=0, description="Instead of start_step; converted to optimizer steps.")
+    observer: Literal["minmax", "lsq"] = Field(
+        "minmax", description="minmax: moving-average min/max, frozen after the warm-up; lsq: the same warm-up, then "
+        "the scales are learned (LSQ, Esser et al. 2020) with the model."
+    )
+    observer_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Weight of the history in the moving average: "
+                                     "running = momentum * running + (1 - momentum) * batch.")
+    freeze_after_steps: int = Field(100, ge=0, description="QAT: optimizer steps of observer warm-up from the start "
+                                    "step; the ranges (and PEG permutations) are frozen after them.")
+    calibration_batches: int | None = Field(None, ge=1, description="PTQ: training batches to calibrate on "
+                                            f"(default {DEFAULT_CALIBRATION_BATCHES}).")
+    activation_scheme: Literal["asymmetric", "symmetric"] = Field(
+        "asymmetric", description="uint8 activation codes; asymmetric: zero point from the range; symmetric: zero "
+        "point 128."
+    )
+    activations: ActivationsConfig = Field(ActivationsConfig(), description="Which activations are quantized.")
+    peg: PegConfig | None = Field(None, description="Per-embedding-group quantization of chosen activations; "
+                                  "null: per tensor everywhere.")
+    keep_16bit: tuple[str, ...] = Field((), description="Regexes of activation points kept in 16-bit floating point "
+                                        "(not quantized to 8 bits): mixed precision.")
+    include: tuple[str, ...] = Field(
+        DEFAULT_INCLUDE, min_length=1, description="Regexes searched in module names of Linear layers; default: the "
+        "encoder's Linear layers (as pruning)."
+    )
+    exclude: tuple[str, ...] = Field((), description="Regexes; a matching Linear layer is not quantized.")
+
+    @field_validator("include", "exclude", "keep_16bit", mode="before")
+    @classmethod
+    def _list(cls, v):
+        return _listify(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_patterns(self.include, "include")
+        _check_patterns(self.exclude, "exclude")
+        _check_patterns(self.keep_16bit, "keep_16bit")
+        if self.start_step is not None and self.start_epoch is not None:
+            raise FieldError("start_epoch", "give start_step or start_epoch, not both")
+        if self.mode == "ptq":
+            for name in ("start_step", "start_epoch"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, "applies to mode: qat only; mode: ptq calibrates without training")
+            if self.observer == "lsq":
+                raise FieldError("observer", "lsq learns its scales during training; mode: ptq only calibrates: use "
+                                             "observer: minmax")
+        else:
+            if self.calibration_batches is not None:
+                raise FieldError("calibration_batches", "applies to mode: ptq only; QAT calibrates during its "
+                                                        "warm-up (freeze_after_steps)")
+            if self.freeze_after_steps < 1:
+                raise FieldError("freeze_after_steps", "QAT needs at least 1 optimizer step of observer warm-up to "
+                                                       "set the activation ranges")
+        if not (self.activations.linear_inputs or self.activations.residual_sums or self.activations.layernorm_outputs):
+            if self.peg is not None:
+                raise FieldError("peg", "no activation is quantized (activations: all false): nothing for PEG to "
+                                        "group")
+        return self
+
+    # -- derived values ------------------------------------------------------------------------------------
+
+    @property
+    def uses_epochs(self) -> bool:
+        return self.start_epoch is not None
+
+    @property
+    def num_calibration_batches(self) -> int:
+        return self.calibration_batches or DEFAULT_CALIBRATION_BATCHES
+
+    def resolve_start(self, steps_per_epoch: int | None = None) -> int:
+        """The QAT start in optimizer steps; epochs need ``steps_per_epoch``."""
+        if not self.uses_epochs:
+            return self.start_step or 0
+        if not steps_per_epoch or steps_per_epoch < 1:
+            raise ValueError("steps_per_epoch (optimizer steps per epoch, >= 1) is needed to convert epochs to steps")
+        return int(round(self.start_epoch * steps_per_epoch))
+
+    def check_recipe(self, recipe) -> None:
+        """Against the rest of the recipe: PTQ trains nothing (no other technique), QAT starts within training and
+        not before the end of a pruning window."""
+        others = [t.kind for t in recipe.techniques if t.kind != self.kind]
+        if self.mode == "ptq":
+            if others:
+                raise FieldError("mode", f"mode: ptq calibrates a trained model without training, but the recipe also "
+                                         f"has {', '.join(others)}, which need training: run that recipe first, then "
+                                         f"ptq on its run directory (model.name_or_path), or use mode: qat")
+            return
+        training = recipe.training
+        if self.start_step is not None and training.steps is not None and self.start_step >= training.steps:
+            raise FieldError("start_step", f"start_step {self.start_step} is not before the last training step "
+                                           f"{training.steps} (training.steps): QAT would never run")
+        if self.start_epoch is not None and training.epochs is not None and self.start_epoch >= training.epochs:
+            raise FieldError("start_epoch", f"start_epoch {self.start_epoch:g} is not before the end of training "
+                                            f"({training.epochs:g} epochs, training.epochs): QAT would never run")
+        pruning = next((t for t in recipe.techniques if t.kind == "pruning"), None)
+        if pruning is None:
+            return
+        field = "start_epoch" if self.uses_epochs else "start_step"
+        if pruning.uses_epochs != self.uses_epochs:
+            unit = "epochs (end_epoch)" if pruning.uses_epochs else "steps (end_step)"
+            raise FieldError(field, f"the pruning window is given in {unit}: give the QAT start in the same unit "
+                                    f"({'start_epoch' if pruning.uses_epochs else 'start_step'}) so that its order "
+                                    f"against the pruning end can be checked")
+        if self.uses_epochs:
+            if self.start_epoch < pruning.end_epoch:
+                raise FieldError(field, f"QAT starts at epoch {self.start_epoch:g}, before pruning ends (end_epoch "
+                                        f"{pruning.end_epoch:g}): start quantization-aware training once the masks are "
+                                        f"final (start_epoch >= {pruning.end_epoch:g})")
+        elif (self.start_step or 0) < pruning.end_step:
+            raise FieldError(field, f"QAT starts at step {self.start_step or 0}, before pruning ends (end_step "
+                                    f"{pruning.end_step}): start quantization-aware training once the masks are final "
+                                    f"(start_step >= {pruning.end_step})")

@@ -185,6 +185,28 @@ def _shuf(builder, a, b, mask):
     return builder.shuffle_vector(a, b, _ir.Constant(_ir.VectorType(_ir.IntType(32), 8), mask))
 
 
+def _transpose8(builder, rows):
+    """8 x 8 float32 transpose of 8 <8 x float> values (unpack / shuffle / 128-bit permute, 24 shuffles)."""
+    lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    t = []
+    for i in range(0, 8, 2):
+        t += [_shuf(builder, rows[i], rows[i + 1], lo), _shuf(builder, rows[i], rows[i + 1], hi)]
+    # t = [t0, t1, t2, t3, t4, t5, t6, t7] = lo/hi of pairs (0,1), (2,3), (4,5), (6,7)
+    m_a, m_b = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    s = [
+        _shuf(builder, t[0], t[2], m_a), _shuf(builder, t[0], t[2], m_b),
+        _shuf(builder, t[1], t[3], m_a), _shuf(builder, t[1], t[3], m_b),
+        _shuf(builder, t[4], t[6], m_a), _shuf(builder, t[4], t[6], m_b),
+        _shuf(builder, t[5], t[7], m_a), _shuf(builder, t[5], t[7], m_b),
+    ]
+    low, high = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    cols = [None] * 8
+    for j in range(4):
+        cols[j] = _shuf(builder, s[j], s[j + 4], low)
+        cols[j + 4] = _shuf(builder, s[j], s[j + 4], high)
+    return cols
+
+
 @_intrinsic
 def tr8(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
     """8 x 8 float32 transpose: dst.flat[d_off + j*d_stride + i] = src.flat[s_off + i*s_stride + j]
@@ -199,23 +221,7 @@ def tr8(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
         for i in range(8):
             off = builder.add(so, builder.mul(ss, _ir.Constant(_I64, i)))
             rows.append(builder.load(builder.bitcast(builder.gep(sp, [off]), _V8F.as_pointer()), align=4))
-        lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
-        t = []
-        for i in range(0, 8, 2):
-            t += [_shuf(builder, rows[i], rows[i + 1], lo), _shuf(builder, rows[i], rows[i + 1], hi)]
-        # t = [t0, t1, t2, t3, t4, t5, t6, t7] = lo/hi of pairs (0,1), (2,3), (4,5), (6,7)
-        m_a, m_b = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-        s = [
-            _shuf(builder, t[0], t[2], m_a), _shuf(builder, t[0], t[2], m_b),
-            _shuf(builder, t[1], t[3], m_a), _shuf(builder, t[1], t[3], m_b),
-            _shuf(builder, t[4], t[6], m_a), _shuf(builder, t[4], t[6], m_b),
-            _shuf(builder, t[5], t[7], m_a), _shuf(builder, t[5], t[7], m_b),
-        ]
-        low, high = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-        cols = [None] * 8
-        for j in range(4):
-            cols[j] = _shuf(builder, s[j], s[j + 4], low)
-            cols[j + 4] = _shuf(builder, s[j], s[j + 4], high)
+        cols = _transpose8(builder, rows)
         for j in range(8):
             off = builder.add(do, builder.mul(ds, _ir.Constant(_I64, j)))
             builder.store(cols[j], builder.bitcast(builder.gep(dp, [off]), _V8F.as_pointer()), align=4)

@@ -256,35 +256,27 @@ def _apply_override(data: dict, path: KeyPath, value: Any) -> None:
             node = node[p]
 
 
-def _allowed_fields(model_cls) -> list[str]:
-    return list(model_cls.model_fields)
-
-
 def _suggest(name: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _model_at(path: KeyPath, root_cls, technique_classes: dict[int, type]):
-    """The config class that owns the mapping at ``path`` (for listing allowed keys)."""
-    cls = root_cls
-    for i, p in enumerate(path):
-        if cls is Recipe and p == "techniques" and i + 1 < len(path):
-            cls = technique_classes.get(path[i + 1])
-            if cls is None:
-                return None
-            return _model_at(path[i + 2 :], cls, {}) if len(path) > i + 2 else cls
+def _config_class(annotation):
+    """The Config subclass inside a field annotation (``X``, ``X | None``, ``tuple[X, ...]``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, Config):
+        return annotation
+    return next((c for a in getattr(annotation, "__args__", ()) if (c := _config_class(a)) is not None), None)
+
+
+def _model_at(path: KeyPath, cls):
+    """The config class that owns the mapping at ``path`` below ``cls`` (for listing allowed keys)."""
+    for p in path:
         if isinstance(p, int):
             continue
-        info = getattr(cls, "model_fields", {}).get(p)
-        if info is None:
+        info = cls.model_fields.get(p)
+        cls = _config_class(info.annotation) if info is not None else None
+        if cls is None:
             return None
-        ann = info.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, Config)), None)
-        if nxt is None:
-            return None
-        cls = nxt
     return cls
 
 
@@ -292,7 +284,7 @@ def _describe(err: dict, cls) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
         name = err["loc"][-1]
-        allowed = _allowed_fields(cls) if cls is not None else []
+        allowed = list(cls.model_fields) if cls is not None else []
         return f"unknown key.{_suggest(name, allowed)} Allowed: {', '.join(allowed)}"
     if kind == "missing":
         return "required key is missing"
@@ -334,7 +326,7 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
     raw_techniques = data.get("techniques") or []
     if not isinstance(raw_techniques, list):
         raise source.error(("techniques",), "must be a list of techniques, each a mapping with a 'kind'")
-    techniques, classes = [], {}
+    techniques = []
     for i, entry in enumerate(raw_techniques):
         where = ("techniques", i)
         if not isinstance(entry, dict) or "kind" not in entry:
@@ -344,18 +336,17 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
             raise source.error(where + ("kind",), f"unknown technique {kind!r}.{_suggest(kind, list(TECHNIQUES))}"
                                f" Allowed: {', '.join(TECHNIQUES)}")
         cls = TECHNIQUES[kind].config
-        classes[i] = cls
         try:
             techniques.append(cls.model_validate(entry))
         except ValidationError as e:
-            raise _to_recipe_error(e, source, where, cls, classes) from None
+            raise _to_recipe_error(e, source, where, cls) from None
     if len({t.kind for t in techniques}) != len(techniques):
         raise source.error(("techniques",), "each technique kind may appear only once")
     body = {k: v for k, v in data.items() if k != "techniques"}
     try:
         recipe = Recipe.model_validate(body)
     except ValidationError as e:
-        raise _to_recipe_error(e, source, (), Recipe, classes) from None
+        raise _to_recipe_error(e, source, (), Recipe) from None
     recipe = recipe.model_copy(update={"techniques": tuple(techniques)})
     for i, t in enumerate(techniques):
         check = getattr(t, "check_recipe", None)
@@ -368,14 +359,13 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
     return recipe
 
 
-def _to_recipe_error(e: ValidationError, source: RecipeSource, prefix: KeyPath, cls, classes) -> RecipeError:
-    err = e.errors()[0]
+def _to_recipe_error(e: ValidationError, source: RecipeSource, prefix: KeyPath, cls) -> RecipeError:
+    # an unknown key first: a misspelt key also shows up as the required key it was meant to be
+    err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = prefix + tuple(err["loc"])
     if err["type"] == "value_error" and isinstance(err["ctx"]["error"], FieldError):
         loc = loc + err["ctx"]["error"].field
-    owner = _model_at(loc[:-1], Recipe, classes) if err["type"] == "extra_forbidden" else None
-    if prefix and err["type"] == "extra_forbidden":
-        owner = _model_at(tuple(err["loc"][:-1]), cls, {})
+    owner = _model_at(tuple(err["loc"][:-1]), cls) if err["type"] == "extra_forbidden" else None
     more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
     return source.error(loc, _describe(err, owner) + more)
 
@@ -408,10 +398,7 @@ def _section_table(cls, prefix: str, recurse: bool = True) -> list[str]:
         if isinstance(info.default, tuple) and not info.default:
             default = "[]"
         ann = info.annotation
-        sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, Config)), None)
-        if sub is None:
-            inner = [a for a in getattr(ann, "__args__", ()) if getattr(a, "__args__", None)]
-            sub = next((c for a in inner for c in a.__args__ if isinstance(c, type) and issubclass(c, Config)), None)
+        sub = _config_class(ann)
         rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {(info.description or '').replace('|', '/')} |")
         if sub is not None and recurse:
             nested.append((f"{prefix}{name}", sub))
@@ -426,11 +413,9 @@ def recipe_reference() -> str:
     lines = ["# Recipe reference", "", "Generated by `sparsify recipe reference` from the configs themselves. "
              "Block shapes are rows x cols of the weight as `nn.Linear` stores it, (out_features, in_features). "
              "Schedules count optimizer steps.", ""]
-    sections = [(name, info) for name, info in Recipe.model_fields.items()]
     lines += ["## Top level", ""] + _section_table(Recipe, "", recurse=False)
-    for name, info in sections:
-        ann = info.annotation
-        cls = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, Config)), None)
+    for name, info in Recipe.model_fields.items():
+        cls = _config_class(info.annotation)
         if cls is not None:
             lines += ["", f"## `{name}`", "", " ".join((cls.__doc__ or "").split()), ""] + _section_table(cls, f"{name}.")
     for kind, entry in TECHNIQUES.items():

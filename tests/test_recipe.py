@@ -156,3 +156,16 @@ def test_docs_recipe_reference_is_current():
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
     assert docs.read_text() == recipe_reference(), "regenerate: sparsify recipe reference > docs/recipes.md"
+
+
+def test_unknown_key_inside_a_technique_suggests(tmp_path):
+    text = GOOD + "techniques:\n  - kind: pruning\n    block: 4x1\n    final_sparsty: 0.9\n    end_step: 10\n"
+    msg, err = error_of(write(tmp_path, text))
+    assert err.key == "techniques[0].final_sparsty" and err.line == 13
+    assert "Did you mean 'final_sparsity'?" in msg
+
+
+def test_technique_cross_field_error_has_line(tmp_path):
+    text = GOOD + "techniques:\n  - kind: pruning\n    final_sparsity: 0.9\n    start_step: 20\n    end_step: 10\n"
+    msg, err = error_of(write(tmp_path, text))
+    assert err.key == "techniques[0].start_step" and err.line == 13 and "after end_step" in msg

@@ -307,7 +307,7 @@ class SparseModel:
         return self._forward_packed(ids[real], positions[real], types[real], lens, length_config)
 
     def _forward_packed(self, ids, positions, types, lens, length_config="default") -> np.ndarray:
-        from sparsify.kernels import spmm
+        from sparsify.kernels.spmm import spmm
 
         from . import ops
 
@@ -347,7 +347,7 @@ class SparseModel:
         return logits.astype(np.float32)
 
     def _qkv(self, L: _Layer, x: np.ndarray, th: int) -> np.ndarray:
-        from sparsify.kernels import spmm
+        from sparsify.kernels.spmm import spmm
 
         if L.qkv is not None:
             return spmm(_fq(x, L.quant["qkv"][0]), L.qkv, threads=th)

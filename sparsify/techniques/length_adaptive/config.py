@@ -21,12 +21,15 @@ Checks that need the model (the number of layers) run in ``LengthDrop.prepare``.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from sparsify.config import Config, FieldError
+from sparsify.errors import SparsifyError
 
 LENGTH_CONFIG_HELP = (
     "a list with one kept length per encoder layer: absolute token counts (ints >= 1, e.g. [64, 48, 32]) or "
@@ -170,3 +173,55 @@ class LengthAdaptiveConfig(Config):
         layers = getattr(getattr(recipe, "model", None), "layers", None)
         if layers is not None and self.length_config is not None:
             check_length_config(self.length_config, len(layers))
+
+
+# -- stored with the model ----------------------------------------------------------------------------------
+
+LENGTH_CONFIG_FILE = "length_config.json"
+_FORMAT = "sparsify.length_config"
+
+
+def save_length_config(model_dir, length_config, **info) -> Path:
+    """Write ``model_dir/length_config.json``: the configuration, its kind (ratio or absolute), the number of
+    layers, the rule that turns it into kept tokens, and any extra JSON ``info`` (e.g. how it was chosen)."""
+    values = check_length_config(length_config)
+    path = Path(model_dir) / LENGTH_CONFIG_FILE
+    doc = {
+        "format": _FORMAT,
+        "version": 1,
+        "length_config": list(values),
+        "kind": "ratio" if is_ratio_config(values) else "absolute",
+        "num_layers": len(values),
+        "rule": "tokens leaving layer i = min(tokens entering, max(1, ceil(r_i * n))) for a ratio r_i of the n real "
+                "input tokens, min(tokens entering, l_i) for an absolute length l_i; [CLS] always kept; dropped "
+                "after self-attention, before the feed-forward block, by attention received",
+        **info,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def load_length_config(model_dir, num_layers: int | None = None, *, required: bool = False) -> tuple | None:
+    """The configuration stored in ``model_dir/length_config.json`` (``model_dir`` may also name the file);
+    None when there is none (unless ``required``). Raises :class:`SparsifyError` for a malformed file."""
+    path = Path(model_dir)
+    if path.is_dir():
+        path = path / LENGTH_CONFIG_FILE
+    if not path.is_file():
+        if required:
+            raise SparsifyError(f"{path}: no length configuration (run 'sparsify search RUN_DIR --budget ...')")
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SparsifyError(f"{path}: not a length configuration ({e})") from None
+    if not isinstance(doc, dict) or "length_config" not in doc:
+        raise SparsifyError(f"{path}: not a length configuration (no 'length_config' key)")
+    values = doc["length_config"]
+    if isinstance(values, list) and doc.get("kind") == "ratio":
+        values = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
+    try:
+        return check_length_config(values, num_layers)
+    except FieldError as e:
+        raise SparsifyError(f"{path}: length_config: {e}") from None

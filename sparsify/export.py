@@ -1,0 +1,473 @@
+"""``sparsify export RUN_OR_MODEL_DIR -o OUT [--format sparsify|hf|onnx]``: the trained model as an artifact.
+
+``sparsify`` (default) writes a self-describing directory that :class:`sparsify.runtime.SparseModel` runs:
+
+    model.safetensors   every encoder Linear packed block-sparse (``NAME.indptr / .indices / .data / .bias``,
+                        plus ``.scales`` for int8 and ``.input_scale / .input_zero_point`` for quantized
+                        inputs), or ``NAME.weight`` when the layer is not sparse; everything else float32
+    sparsify.json       the manifest: format and version, architecture, per-layer block shape (rows x cols,
+                        out x in) / sparsity / dtype / quantization parameters, length configuration, task and
+                        label names, size and sha256 of every file
+    tokenizer.json ...  the tokenizer files
+
+The block shape of each layer is inferred from its zeros (the model-wide shape when the layer follows it); a
+layer with under 5% of its blocks zero is stored dense. A quantized model is recognised by
+``quantization.json`` (+ ``quantization.safetensors``) in the model directory or given as ``quantized=`` (the
+QAT ``convert()`` dict): per module name ``weight_int8``, ``weight_scale`` (out,), ``bias``, ``input_scale``,
+``input_zero_point``, ``input_groups``, ``input_permutation``, ``bits``. Its weights are stored int8 with the
+per-channel scales; activation quantization is replayed by the runtime (quantize-dequantize of each Linear's
+input). A length configuration is read from ``length_config.json`` in the model directory.
+
+``hf`` writes a transformers checkpoint with the dense-equivalent weights (masks applied, int8 weights
+dequantized; activation quantization cannot be expressed there). ``onnx`` writes ``model.onnx`` of the same
+dense-equivalent network (inputs ``input_ids``, ``attention_mask``, ``token_type_ids``; output ``logits``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsify.errors import SparsifyError
+
+__all__ = ["export", "main", "FORMATS"]
+
+FORMATS = ("sparsify", "hf", "onnx")
+DENSE_BELOW = 0.05  # block sparsity under which a layer is stored dense
+_LINEAR = re.compile(r"^(.*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
+                     r"intermediate\.dense|output\.dense))\.weight$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+_FAST_BLOCKS = ((4, 1), (8, 1), (16, 1), (1, 1), (1, 4))
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def _resolve(path: str | Path) -> tuple[Path, Path | None]:
+    """(model directory, run directory or None)."""
+    p = Path(path)
+    if not p.exists():
+        raise SparsifyError(f"{p}: no such file or directory (give a run directory or a model directory)")
+    if (p / "recipe.yaml").is_file() and (p / "model").is_dir():
+        return p / "model", p
+    if (p / "config.json").is_file():
+        return p, None
+    raise SparsifyError(f"{p}: neither a model directory (config.json) nor a run directory (recipe.yaml + model/)")
+
+
+def _task_of(run_dir: Path | None) -> str | None:
+    if run_dir is None:
+        return None
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+        data = recipe.get("data") or {}
+        return data.get("task") or data.get("config")
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _load_quantization(model_dir: Path, quantized: dict | None) -> dict[str, dict] | None:
+    """The converted-model dict (module name -> fields), from the argument or from quantization.json /
+    quantization.safetensors in the model directory (array fields in the safetensors as ``MODULE.FIELD``)."""
+    if quantized is not None:
+        return {k: {f: _np(v) for f, v in d.items()} for k, d in quantized.items()}
+    jpath = model_dir / "quantization.json"
+    if not jpath.is_file():
+        return None
+    try:
+        meta = json.loads(jpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SparsifyError(f"{jpath}: not valid JSON ({e})") from None
+    modules = meta.get("modules", meta) if isinstance(meta, dict) else None
+    if not isinstance(modules, dict):
+        raise SparsifyError(f"{jpath}: expected an object of module name -> quantization parameters")
+    tensors: dict[str, np.ndarray] = {}
+    spath = model_dir / "quantization.safetensors"
+    if spath.is_file():
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(spath))
+    out: dict[str, dict] = {}
+    for name, fields in modules.items():
+        d = {f: _np(v) for f, v in (fields or {}).items()}
+        prefix = name + "."
+        for key, arr in tensors.items():
+            if key.startswith(prefix) and "." not in key[len(prefix):]:
+                d[key[len(prefix):]] = arr
+        out[name] = d
+    return out
+
+
+def _np(v: Any):
+    if hasattr(v, "detach"):
+        v = v.detach().cpu()
+        return v.float().numpy() if v.is_floating_point() else v.numpy()
+    if isinstance(v, (list, tuple)):
+        return np.asarray(v)
+    return v
+
+
+def _input_quant(q: dict, in_features: int, name: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """Per-feature activation scale / zero point (groups and permutation resolved) and the JSON description."""
+    if q.get("input_scale") is None:
+        return None
+    scale = np.atleast_1d(np.asarray(q["input_scale"], np.float32)).ravel()
+    zp = np.atleast_1d(np.asarray(q.get("input_zero_point", 0), np.float32)).ravel()
+    groups = int(q.get("input_groups") or scale.size)
+    if scale.size not in (1, groups) or in_features % groups:
+        raise SparsifyError(f"{name}: input_scale has {scale.size} values for {groups} groups of {in_features} features")
+    if zp.size == 1:
+        zp = np.repeat(zp, scale.size)
+    gs = in_features // groups
+    per_pos_s = np.repeat(np.broadcast_to(scale, (groups,)), gs)
+    per_pos_z = np.repeat(np.broadcast_to(zp, (groups,)), gs)
+    perm = q.get("input_permutation")
+    feat_s = np.empty(in_features, np.float32)
+    feat_z = np.empty(in_features, np.float32)
+    if perm is not None:
+        perm = np.asarray(perm, np.int64).ravel()
+        if perm.shape != (in_features,) or not np.array_equal(np.sort(perm), np.arange(in_features)):
+            raise SparsifyError(f"{name}: input_permutation is not a permutation of {in_features} features")
+        feat_s[perm] = per_pos_s  # permuted position p holds feature perm[p]
+        feat_z[perm] = per_pos_z
+    else:
+        feat_s[:], feat_z[:] = per_pos_s, per_pos_z
+    bits = int(q.get("input_bits", q.get("bits", 8)))
+    signed = bool(q.get("input_signed", False))
+    desc = {"bits": bits, "signed": signed, "groups": groups, "permuted": perm is not None,
+            "granularity": "per-tensor" if groups == 1 else "per-embedding-group"}
+    return feat_s, feat_z, desc
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def _infer_block(w: np.ndarray, preferred: tuple[int, int] | None) -> tuple[tuple[int, int] | None, float]:
+    """(block shape or None for dense, block sparsity)."""
+    import torch
+
+    from sparsify.sparsity import infer_block_candidates, follows_block
+
+    t = torch.from_numpy(w)
+    block = None
+    if preferred is not None and follows_block(t, preferred):
+        block = preferred
+    else:
+        block, tied = infer_block_candidates(t)
+        if block is None and tied:
+            block = next((b for b in _FAST_BLOCKS if b in tied), tied[0])
+    if block is None:
+        return None, 0.0
+    br, bc = block
+    zero = (w.reshape(w.shape[0] // br, br, w.shape[1] // bc, bc) == 0).all(axis=(1, 3))
+    sparsity = float(zero.mean())
+    return (block, sparsity) if sparsity >= DENSE_BELOW else (None, sparsity)
+
+
+def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict | None) -> dict:
+    import torch
+
+    from sparsify.kernels.format import BlockSparseMatrix, format_block
+    from sparsify.runtime.model import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, parse_length_config, sha256_file
+    from sparsify.sparsity import infer_block_shape, load_report_weights
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "bert":
+        raise SparsifyError(f"{model_dir}: model_type {config.get('model_type')!r}: the sparsify artifact supports "
+                            "BERT-family encoders (BERT, MiniLM); use --format hf or onnx for others")
+    state = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+             for k, v in load_report_weights(model_dir).items()}
+    dense_bytes = sum(int(np.prod(v.shape)) * 4 for k, v in state.items() if not k.endswith("position_ids"))
+    linears = {m.group(1): state[k] for k in state if (m := _LINEAR.match(k))}
+    if not linears:
+        raise SparsifyError(f"{model_dir}: no BERT encoder Linear weights found")
+    prefix = next(iter(linears)).split("encoder.layer.")[0]
+    preferred = infer_block_shape({k: torch.from_numpy(v) for k, v in linears.items()})
+    tensors: dict[str, np.ndarray] = {}
+    layers: dict[str, dict] = {}
+    quant = quant or {}
+    unknown = sorted(set(quant) - set(linears))
+    if unknown:
+        raise SparsifyError(f"quantization parameters for unknown modules: {', '.join(unknown[:5])}")
+    for name, w in linears.items():
+        bias = state.get(name + ".bias")
+        if bias is None:
+            bias = np.zeros(w.shape[0], np.float32)
+        q = quant.get(name)
+        if q is not None and q.get("weight_int8") is not None:
+            qw = np.asarray(q["weight_int8"]).astype(np.int8)
+            scale = np.asarray(q["weight_scale"], np.float32).ravel()
+            if qw.shape != w.shape or scale.shape != (w.shape[0],):
+                raise SparsifyError(f"{name}: weight_int8 {qw.shape} / weight_scale {scale.shape} do not match the "
+                                    f"weight {w.shape}")
+            if q.get("bias") is not None:
+                bias = np.asarray(q["bias"], np.float32)
+            w_eff = qw.astype(np.float32)  # zeros of the int8 weight are the pattern
+        else:
+            qw, scale, w_eff = None, None, w
+        block, sparsity = _infer_block(np.ascontiguousarray(w_eff), preferred)
+        meta: dict[str, Any] = {"shape": list(w.shape), "block": None if block is None else format_block(block),
+                                "block_shape": None if block is None else list(block),
+                                "block_orientation": "rows x cols (out x in)",
+                                "sparsity": round(float((w_eff == 0).mean()), 6),
+                                "block_sparsity": round(sparsity, 6), "dtype": "float32", "quantization": None}
+        if block is None:
+            if qw is not None:
+                w = qw.astype(np.float32) * scale[:, None]  # dense layer: dequantized fp32
+            tensors[name + ".weight"] = np.ascontiguousarray(w, np.float32)
+        else:
+            if qw is not None:
+                m = BlockSparseMatrix.from_dense(qw.astype(np.float32), block)
+                m = BlockSparseMatrix(m.shape, m.block, m.indptr, m.indices, m.data.astype(np.int8), scale, None)
+            else:
+                m = BlockSparseMatrix.from_dense(w, block)
+            tensors[name + ".indptr"], tensors[name + ".indices"], tensors[name + ".data"] = m.indptr, m.indices, m.data
+            if m.scales is not None:
+                tensors[name + ".scales"] = m.scales
+            meta.update(nnz_blocks=m.nnz_blocks, dtype=str(m.dtype))
+        tensors[name + ".bias"] = np.ascontiguousarray(bias, np.float32)
+        if q is not None:
+            qdesc: dict[str, Any] = {"bits": int(q.get("bits", 8))}
+            if qw is not None:
+                qdesc["weight"] = "int8, symmetric, per output channel" + ("" if block else " (stored dequantized)")
+            iq = _input_quant(q, w.shape[1], name)
+            if iq is not None:
+                tensors[name + ".input_scale"], tensors[name + ".input_zero_point"], qdesc["input"] = iq
+            meta["quantization"] = qdesc
+        layers[name] = meta
+    for k, v in state.items():
+        if k.endswith("position_ids") or _LINEAR.match(k) or (k.endswith(".bias") and k[:-5] in linears):
+            continue
+        tensors[k] = np.ascontiguousarray(v, np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
+    tok_files = _copy_tokenizer(model_dir, out)
+    length_config = None
+    lpath = model_dir / "length_config.json"
+    if lpath.is_file():
+        try:
+            raw = json.loads(lpath.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise SparsifyError(f"{lpath}: not valid JSON ({e})") from None
+        lengths = parse_length_config(raw, int(config["num_hidden_layers"]))
+        length_config = {"lengths": lengths, "unit": "ratio" if isinstance(lengths[0], float) else "tokens",
+                         "source": "length_config.json"}
+    id2label = config.get("id2label") or {}
+    labels = [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(len(id2label))]
+    arch_keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "hidden_act", "layer_norm_eps", "max_position_embeddings", "type_vocab_size",
+                 "vocab_size", "position_embedding_type", "pad_token_id")
+    tok_cfg = {}
+    if (out / "tokenizer_config.json").is_file():
+        tok_cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    mml = tok_cfg.get("model_max_length")
+    max_length = int(min(mml, config["max_position_embeddings"])) if isinstance(mml, (int, float)) and mml > 0 else \
+        int(config["max_position_embeddings"])
+    files = {}
+    for f in [WEIGHTS, *tok_files]:
+        files[f] = {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size}
+    weight_bytes = files[WEIGHTS]["bytes"]
+    total_sparse = [m for m in layers.values() if m["block"]]
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": _version(),
+        "source": str(run_dir or model_dir),
+        "architecture": {k: config[k] for k in arch_keys if k in config},
+        "prefix": prefix,
+        "task": _task_of(run_dir),
+        "labels": labels,
+        "problem_type": config.get("problem_type"),
+        "max_length": max_length,
+        "length_config": length_config,
+        "quantized": bool(quant),
+        "weights": WEIGHTS,
+        "layers": layers,
+        "files": files,
+        "size": {"weights_bytes": weight_bytes, "dense_fp32_bytes": dense_bytes,
+                 "ratio": round(weight_bytes / dense_bytes, 4)},
+        "summary": {"sparse_layers": len(total_sparse), "dense_layers": len(layers) - len(total_sparse),
+                    "blocks": sorted({m["block"] for m in total_sparse})},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return manifest
+
+
+def _copy_tokenizer(model_dir: Path, out: Path) -> list[str]:
+    if not (model_dir / "tokenizer.json").is_file():
+        from sparsify.modeling import load_tokenizer
+
+        tok = load_tokenizer(str(model_dir))
+        if not getattr(tok, "is_fast", False):
+            raise SparsifyError(f"{model_dir}: no fast tokenizer (tokenizer.json) could be built")
+        tok.save_pretrained(str(out))
+    else:
+        for f in _TOKENIZER_FILES:
+            if (model_dir / f).is_file():
+                shutil.copyfile(model_dir / f, out / f)
+    return [f for f in _TOKENIZER_FILES if (out / f).is_file()]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"sparsify-encoders {version('sparsify-encoders')}"
+    except Exception:
+        return "sparsify-encoders"
+
+
+# ------------------------------------------------------------------------------------------------ hf / onnx
+def dense_equivalent_model(model_dir: Path, quant: dict | None):
+    """The transformers model with masks applied (they are zeros already) and int8 weights dequantized."""
+    import torch
+
+    from sparsify.modeling import load_classifier
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    n = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
+    model = load_classifier(str(model_dir), num_labels=n)
+    model.eval()
+    if quant:
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, q in quant.items():
+                if q.get("weight_int8") is None:
+                    continue
+                if name not in modules:
+                    raise SparsifyError(f"quantization parameters for unknown module {name!r}")
+                w = torch.from_numpy(np.asarray(q["weight_int8"]).astype(np.float32)) * \
+                    torch.from_numpy(np.asarray(q["weight_scale"], np.float32).reshape(-1, 1))
+                modules[name].weight.copy_(w)
+                if q.get("bias") is not None:
+                    modules[name].bias.copy_(torch.from_numpy(np.asarray(q["bias"], np.float32)))
+    return model
+
+
+def export_onnx(model, path: Path, *, opset: int = 17, seq_len: int = 16) -> Path:
+    """``model.onnx`` with dynamic batch and sequence axes (IR version 8 so that older runtimes load it)."""
+    import torch
+
+    try:
+        import onnx
+    except ImportError:
+        raise SparsifyError("--format onnx needs the 'onnx' package (pip install 'sparsify-encoders[bench]')") from None
+    model.eval()
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    ids = torch.randint(5, min(100, model.config.vocab_size), (2, seq_len))
+    mask = torch.ones_like(ids)
+    types = torch.zeros_like(ids)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "token_type_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+
+    class _Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Wrap(model), (ids, mask, types), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],
+                          dynamic_axes=axes, do_constant_folding=True)
+    m = onnx.load(str(path))
+    m.ir_version = min(m.ir_version, 8)
+    onnx.save(m, str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ public
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "sparsify", *,
+           quantized: dict | None = None, overwrite: bool = False) -> dict:
+    """Export a run directory (its ``model/``) or a model directory; returns a summary dict (format, out,
+    artifact_bytes, dense_fp32_bytes, ratio, and for ``sparsify`` the manifest)."""
+    if format not in FORMATS:
+        raise SparsifyError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    model_dir, run_dir = _resolve(run_or_model_dir)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise SparsifyError(f"{out}: exists and is not empty (choose another -o or pass --overwrite)")
+        shutil.rmtree(out)
+    quant = _load_quantization(model_dir, quantized)
+    summary: dict[str, Any] = {"format": format, "out": str(out), "source": str(run_or_model_dir)}
+    from sparsify.sparsity import load_report_weights
+
+    dense_bytes = sum(v.numel() * 4 for k, v in load_report_weights(model_dir).items() if not k.endswith("position_ids"))
+    if format == "sparsify":
+        manifest = _pack_artifact(model_dir, run_dir, out, quant)
+        summary["manifest"] = manifest
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        model = dense_equivalent_model(model_dir, quant)
+        if format == "hf":
+            model.save_pretrained(str(out), safe_serialization=True)
+            from sparsify.modeling import load_tokenizer
+
+            load_tokenizer(str(model_dir)).save_pretrained(str(out))
+            if (model_dir / "length_config.json").is_file():
+                shutil.copyfile(model_dir / "length_config.json", out / "length_config.json")
+        else:
+            export_onnx(model, out / "model.onnx")
+            _copy_tokenizer(model_dir, out)
+    summary["artifact_bytes"] = _dir_bytes(out)
+    summary["dense_fp32_bytes"] = dense_bytes
+    summary["ratio"] = summary["artifact_bytes"] / dense_bytes
+    return summary
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``sparsify export RUN_OR_MODEL_DIR -o OUT [--format sparsify|hf|onnx] [--overwrite]``."""
+    parser = argparse.ArgumentParser(
+        prog="sparsify export",
+        description="Pack a trained model (run directory or model directory) into a compressed artifact for the CPU "
+                    "runtime (block-sparse, int8 where quantized, manifest with checksums), or write a dense-equivalent "
+                    "transformers checkpoint (--format hf) or ONNX model (--format onnx).")
+    parser.add_argument("path", help="run directory (uses RUN/model) or Hugging Face model directory")
+    parser.add_argument("-o", "--output", required=True, help="output directory")
+    parser.add_argument("--format", default="sparsify", choices=FORMATS, help="artifact format (default: sparsify)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    try:
+        s = export(args.path, args.output, args.format, overwrite=args.overwrite)
+    except SparsifyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: v for k, v in s.items() if k != "manifest"}, indent=1))
+        return 0
+    print(f"wrote {args.format} artifact to {s['out']}")
+    m = s.get("manifest")
+    if m:
+        blocks = ", ".join(f"{b} (out x in)" for b in m["summary"]["blocks"]) or "none"
+        print(f"  encoder Linear layers: {m['summary']['sparse_layers']} block-sparse [{blocks}], "
+              f"{m['summary']['dense_layers']} dense; quantized: {m['quantized']}; "
+              f"length config: {m['length_config']['lengths'] if m['length_config'] else 'none'}")
+    print(f"  size: {_mb(s['artifact_bytes'])} vs dense fp32 model {_mb(s['dense_fp32_bytes'])} "
+          f"({100 * s['ratio']:.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""Conversion of a fake-quantized model for export, the integer reference of a converted layer, and PTQ
+calibration.
+
+    quantizer = calibrate(model, batches, QuantizationConfig(mode="ptq", calibration_batches=32))   # PTQ
+    converted = quantizer.convert(model)          # after QAT: quantizer.finalize(model) first
+    entry = converted["bert.encoder.layer.0.attention.self.query"]
+
+Each entry (what the export consumes; one per quantized ``nn.Linear``, keyed by module name):
+
+    weight_int8         int8 (out, in), symmetric codes in [-127, 127]; pruned weights are exactly 0
+    weight_scale        float32 (out,): w = weight_int8 * weight_scale[:, None]
+    bias                float32 (out,) or None
+    input_scale         float32, scalar (per tensor) or (groups,) (PEG); None when the input is not 8-bit
+    input_zero_point    int32, same shape; uint8 codes: x = (code - zero_point) * scale, code in [0, 255]
+    input_groups        int: 1 per tensor; K with PEG
+    input_permutation   int64 (in,) or None: group g holds the input dimensions
+                        input_permutation[g * in/K : (g + 1) * in/K] (None: contiguous groups)
+    input_bits          8; 16 for an input kept in 16-bit floating point (keep_16bit); 32 for an input that is
+                        not quantized (activations.linear_inputs false, or never observed)
+    bits                8 (the weights)
+
+Residual sums and LayerNorm outputs are not Linear inputs: :func:`convert_activations` gives their parameters
+(same fields, prefixed ``scale``/``zero_point``/``groups``/``permutation``/``bits``), keyed by point name.
+
+:func:`int8_linear` is the integer reference of a converted layer (uint8 codes x int8 codes accumulated exactly,
+then scaled); :func:`load_converted` runs a model from a converted dict, so that the fake-quant model and the
+converted one can be compared.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.errors import SparsifyError
+from sparsify.sparsity import canonical_name
+from sparsify.techniques.quantization import peg as peg_ops
+from sparsify.techniques.quantization.config import QuantizationConfig
+from sparsify.techniques.quantization.fake_quant import ACT_QMAX, ACT_QMIN, quantize, quantize_weight
+
+log = logging.getLogger(__name__)
+
+_DROP = ("labels", "idx")
+
+
+def _point_params(quantizer, point) -> dict:
+    if point is None or not point.quantized:
+        bits = 16 if (point is not None and point.keep_16bit) else 32
+        return {"scale": None, "zero_point": None, "groups": 1, "permutation": None, "bits": bits}
+    if point.scale is None:
+        return {"scale": None, "zero_point": None, "groups": 1, "permutation": None, "bits": 32}
+    scale = torch.clamp(point.lsq.detach(), min=1e-8) if point.lsq is not None else point.scale
+    return {
+        "scale": scale.detach().float().cpu().clone(),
+        "zero_point": point.zero_point.detach().to(torch.int32).cpu().clone(),
+        "groups": int(point.groups),
+        "permutation": None if point.permutation is None else point.permutation.detach().long().cpu().clone(),
+        "bits": 8,
+    }
+
+
+def convert(quantizer, model: nn.Module | None = None) -> dict[str, dict]:
+    """Per quantized Linear layer: int8 weights (mask applied), per-channel scales, bias and the frozen input
+    quantization parameters (see the module docstring). The observers must be frozen (``finalize`` or
+    ``calibrate``). ``model``: take the weights from this model's modules of the same names (default: the
+    prepared model)."""
+    if not quantizer.frozen:
+        raise SparsifyError("quantization: convert() needs frozen observers: call finalize(model) after QAT, or "
+                            "calibrate(...) for PTQ")
+    quantizer._refresh_masks()
+    modules = None if model is None else {canonical_name(n): m for n, m in model.named_modules()}
+    out = {}
+    for name, layer in quantizer.layers.items():
+        module = layer.module if modules is None else modules.get(name)
+        if module is None:
+            raise SparsifyError(f"quantization: the model has no layer {name}")
+        codes, scale = quantize_weight(module.weight, layer.mask)
+        params = _point_params(quantizer, layer.point)
+        out[name] = {
+            "weight_int8": codes.cpu(),
+            "weight_scale": scale.cpu(),
+            "bias": None if module.bias is None else module.bias.detach().float().cpu().clone(),
+            "input_scale": params["scale"],
+            "input_zero_point": params["zero_point"],
+            "input_groups": params["groups"],
+            "input_permutation": params["permutation"],
+            "input_bits": params["bits"],
+            "bits": 8,
+        }
+    return out
+
+
+def convert_activations(quantizer) -> dict[str, dict]:
+    """Parameters of the quantized activations that are not Linear inputs (residual sums, LayerNorm outputs),
+    keyed by point name (``<module>.input`` / ``<module>.output``)."""
+    if not quantizer.frozen:
+        raise SparsifyError("quantization: convert_activations() needs frozen observers")
+    linear_inputs = {f"{n}.input" for n in quantizer.layers}
+    return {name: _point_params(quantizer, p) for name, p in quantizer.points.items() if name not in linear_inputs}
+
+
+# -- the integer reference --------------------------------------------------------------------------------
+
+
+def _expanded(values: torch.Tensor, groups: int, permutation: torch.Tensor | None, width: int) -> torch.Tensor:
+    if groups == 1:
+        return values.reshape(())
+    return peg_ops.expand(values, peg_ops.group_index(width, groups, permutation))
+
+
+def quantize_input(x: torch.Tensor, params: Mapping) -> torch.Tensor:
+    """uint8 codes of ``x`` (same shape, as float) with a converted entry's input parameters (``input_*`` keys,
+    or the unprefixed keys of :func:`convert_activations`)."""
+    scale, zp, groups, perm = _input_fields(params)
+    width = x.shape[-1]
+    s = _expanded(scale.to(x.device), groups, perm, width).to(x.dtype)
+    z = _expanded(zp.to(x.device), groups, perm, width).to(x.dtype)
+    return quantize(x, s, z, ACT_QMIN, ACT_QMAX)
+
+
+def dequantize_input(codes: torch.Tensor, params: Mapping) -> torch.Tensor:
+    scale, zp, groups, perm = _input_fields(params)
+    width = codes.shape[-1]
+    s = _expanded(scale.to(codes.device), groups, perm, width).to(torch.float32)
+    z = _expanded(zp.to(codes.device), groups, perm, width).to(torch.float32)
+    return (codes.float() - z) * s
+
+
+def _input_fields(params: Mapping):
+    prefix = "input_" if "input_scale" in params else ""
+    return (params[f"{prefix}scale"], params[f"{prefix}zero_point"], int(params[f"{prefix}groups"]),
+            params[f"{prefix}permutation"])
+
+
+def dequantize_weight(entry: Mapping) -> torch.Tensor:
+    """float32 ``(out, in)`` weight of a converted entry."""
+    return entry["weight_int8"].float() * entry["weight_scale"].float().unsqueeze(1)
+
+
+def int8_linear(x: torch.Tensor, entry: Mapping) -> torch.Tensor:
+    """The converted layer as integer arithmetic: uint8 input codes minus zero points, times int8 weight codes,
+    accumulated exactly (float64 holds every int32 sum here), then scaled per group and per output channel, plus
+    the bias. An input that is not 8-bit runs against the dequantized weight (16-bit: rounded to float16)."""
+    w = entry["weight_int8"].to(x.device)
+    w_scale = entry["weight_scale"].to(x.device, torch.float64)
+    bias = entry["bias"]
+    if entry["input_bits"] != 8:
+        if entry["input_bits"] == 16:
+            x = x.to(torch.float16).to(x.dtype)
+        y = F.linear(x.float(), dequantize_weight(entry).to(x.device))
+        return (y + (0 if bias is None else bias.to(x.device))).to(x.dtype)
+    codes = quantize_input(x, entry).to(torch.float64)
+    zp = _expanded(entry["input_zero_point"].to(x.device), entry["input_groups"], entry["input_permutation"],
+                   x.shape[-1]).to(torch.float64)
+    centered = codes - zp  # integers in [-255, 255]
+    groups = entry["input_groups"]
+    scale = entry["input_scale"].to(x.device, torch.float64)
+    width = x.shape[-1]
+    if groups == 1:
+        acc = F.linear(centered, w.to(torch.float64))  # exact integer sums
+        y = acc * (scale.reshape(()) * w_scale)
+    else:
+        perm = entry["input_permutation"]
+        perm = torch.arange(width) if perm is None else perm
+        perm = perm.to(x.device).long()
+        size = width // groups
+        y = 0
+        for g in range(groups):
+            dims = perm[g * size:(g + 1) * size]
+            acc = F.linear(centered[..., dims], w[:, dims].to(torch.float64))
+            y = y + acc * (scale[g] * w_scale)
+    if bias is not None:
+        y = y + bias.to(x.device, torch.float64)
+    return y.to(x.dtype)
+
+
+def load_converted(model: nn.Module, converted: Mapping[str, Mapping], activations: Mapping[str, Mapping] | None = None):
+    """Run ``model`` from a converted dict: each converted Linear computes :func:`int8_linear` (its own weights
+    are ignored), and the residual sums / LayerNorm outputs of ``activations`` (from :func:`convert_activations`)
+    are quantized and dequantized. The model must not be prepared by a Quantizer. Returns a function that
+    restores the model."""
+    modules = {canonical_name(n): m for n, m in model.named_modules()}
+    restore = []
+    for name, entry in converted.items():
+        module = modules.get(name)
+        if module is None:
+            raise SparsifyError(f"load_converted: the model has no layer {name}")
+        if "forward" in module.__dict__:
+            raise SparsifyError(f"load_converted: {name} already has an instance forward (a prepared Quantizer?)")
+        module.forward = (lambda e: (lambda x: int8_linear(x, e)))(entry)
+        restore.append(lambda m=module: m.__dict__.pop("forward", None))
+    for name, params in (activations or {}).items():
+        module_name, _, where = name.rpartition(".")
+        module = modules.get(module_name)
+        if module is None:
+            raise SparsifyError(f"load_converted: the model has no module {module_name}")
+
+        def qdq(x, p=params):
+            if p["bits"] == 16:
+                return x.to(torch.float16).to(x.dtype)
+            if p["bits"] != 8:
+                return x
+            return dequantize_input(quantize_input(x, p), p).to(x.dtype)
+
+        if where == "input":
+            handle = module.register_forward_pre_hook(lambda mod, args, f=qdq: (f(args[0]),) + tuple(args[1:]))
+        else:
+            handle = module.register_forward_hook(lambda mod, args, out, f=qdq: f(out))
+        restore.append(handle.remove)
+
+    def undo():
+        for fn in restore:
+            fn()
+
+    return undo
+
+
+# -- PTQ --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def run_calibration(quantizer, model: nn.Module, batches: Iterable, num_batches: int) -> int:
+    """Observe ``num_batches`` batches in eval mode without gradients, then freeze (see
+    :meth:`Quantizer.calibrate`)."""
+    if quantizer.frozen:
+        raise SparsifyError("quantization: the observers are already frozen; calibrate a fresh Quantizer")
+    quantizer._active = True
+    was_training = model.training
+    model.eval()
+    quantizer._calibrating = True
+    seen = 0
+    try:
+        for batch in itertools.islice(batches, num_batches):
+            if isinstance(batch, Mapping):
+                model(**{k: v for k, v in batch.items() if k not in _DROP})
+            else:
+                model(batch)
+            seen += 1
+    finally:
+        quantizer._calibrating = False
+        model.train(was_training)
+    if seen < num_batches:
+        log.warning("quantization: calibrated on %d batches, fewer than the %d asked for (the data ran out)",
+                    seen, num_batches)
+    quantizer.freeze()
+    return seen
+
+
+def calibrate(model: nn.Module, batches: Iterable, config: QuantizationConfig, *,
+              masks: Mapping[str, torch.Tensor] | None = None):
+    """Post-training quantization: prepare a :class:`Quantizer` on ``model`` (``config.mode`` should be
+    ``ptq``; a QAT config is calibrated the same way), run its observers over ``config.calibration_batches``
+    batches without training, freeze, and return it (the model is left in fake-quant eval state)."""
+    from sparsify.techniques.quantization.quantizer import Quantizer
+
+    quantizer = Quantizer(config)
+    quantizer.prepare(model, masks=masks)
+    quantizer.calibrate(model, batches, config.num_calibration_batches)
+    model.eval()
+    return quantizer

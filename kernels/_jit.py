@@ -230,6 +230,32 @@ def tr8(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
     return sig, codegen
 
 
+@_intrinsic
+def tr8_add(typingctx, src, s_off, s_stride, dst, d_off, d_stride, res):
+    """``dst.flat[d_off + j*d_stride + i] = src.flat[s_off + i*s_stride + j] + res.flat[d_off + j*d_stride + i]``
+    (res has dst's layout and may be dst itself: each vector is read before it is written)."""
+    sig = _types.void(src, _types.int64, _types.int64, dst, _types.int64, _types.int64, res)
+
+    def codegen(context, builder, signature, args):
+        sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dp = context.make_array(signature.args[3])(context, builder, args[3]).data
+        rp = context.make_array(signature.args[6])(context, builder, args[6]).data
+        _, so, ss, _, do, ds, _ = args
+        rows = []
+        for i in range(8):
+            off = builder.add(so, builder.mul(ss, _ir.Constant(_I64, i)))
+            rows.append(builder.load(builder.bitcast(builder.gep(sp, [off]), _V8F.as_pointer()), align=4))
+        cols = _transpose8(builder, rows)
+        for j in range(8):
+            off = builder.add(do, builder.mul(ds, _ir.Constant(_I64, j)))
+            r = builder.load(builder.bitcast(builder.gep(rp, [off]), _V8F.as_pointer()), align=4)
+            builder.store(builder.fadd(cols[j], r), builder.bitcast(builder.gep(dp, [off]), _V8F.as_pointer()),
+                          align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _python_micro(R: int, C: int, TT: int):
     """Pure-Python twin of ``_make_micro_f32`` (used with NUMBA_DISABLE_JIT=1, e.g. to measure coverage)."""
 
@@ -254,8 +280,17 @@ def _python_tr8(src, s_off, s_stride, dst, d_off, d_stride):
             df[d_off + j * d_stride + i] = sf[s_off + i * s_stride + j]
 
 
+def _python_tr8_add(src, s_off, s_stride, dst, d_off, d_stride, res):
+    sf, df, rf = src.reshape(-1), dst.reshape(-1), res.reshape(-1)
+    for i in range(8):
+        for j in range(8):
+            o = d_off + j * d_stride + i
+            df[o] = sf[s_off + i * s_stride + j] + rf[o]
+
+
 if _numba_config.DISABLE_JIT:
     tr8 = _python_tr8  # noqa: F811
+    tr8_add = _python_tr8_add  # noqa: F811
     _make_micro_f32 = _python_micro  # noqa: F811
 
 mk_4x1_16 = _make_micro_f32(4, 1, 16)  # 4 rows x 16 tokens: 8 ymm accumulators
@@ -301,24 +336,18 @@ def epilogue(acc, nrows, r0, t0, tn, scales, bias, residual, out, flags):
                 a[t] += bv
         if flags[2] == 1:
             gelu_vec(a)
-    # 8 x 8 transposes through a small buffer, then contiguous row writes; the residual of an element is read
-    # just before the element is written, so out may be the residual itself.
+    # 8 x 8 transposes stored straight into out's rows (with the residual read just before each vector is
+    # written, so out may be the residual itself); the ragged edges element by element.
     tf = tn - tn % 8
     nf = nrows - nrows % 8
     has_res = flags[3] != 0
-    tmp = np.empty((8, 8), dtype=np.float32)
+    N = out.shape[1]
     for ib in range(0, nf, 8):
         for tb in range(0, tf, 8):
-            tr8(acc, ib * T + tb, T, tmp, 0, 8)
-            for j in range(8):
-                orow = out[t0 + tb + j]
-                if has_res:
-                    rrow = residual[t0 + tb + j]
-                    for i in range(8):
-                        orow[r0 + ib + i] = tmp[j, i] + rrow[r0 + ib + i]
-                else:
-                    for i in range(8):
-                        orow[r0 + ib + i] = tmp[j, i]
+            if has_res:
+                tr8_add(acc, ib * T + tb, T, out, (t0 + tb) * N + r0 + ib, N, residual)
+            else:
+                tr8(acc, ib * T + tb, T, out, (t0 + tb) * N + r0 + ib, N)
     for t in range(tn):
         lo = nf if t < tf else 0
         orow = out[t0 + t]

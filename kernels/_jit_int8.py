@@ -26,7 +26,7 @@ from numba.core import cgutils as _cgutils
 from numba.core import types as _types
 from numba.extending import intrinsic as _intrinsic
 
-from ._jit import _OPTS, T, epilogue, tr8
+from ._jit import _OPTS, _V8F, T, _splat, _transpose8, epilogue
 
 _I8 = _ir.IntType(8)
 _I16 = _ir.IntType(16)
@@ -167,20 +167,57 @@ mk8_lo = _make_micro_i8(4, 0)
 mk8_hi = _make_micro_i8(4, 1)
 
 
+@_intrinsic
+def tr8q(typingctx, src, s_off, s_stride, dst, d_off, d_stride, inv_s, zp):
+    """8 x 8 transpose + u7 quantization: ``dst.flat[d_off + j*d_stride + i] = clip(floor(src.flat[s_off +
+    i*s_stride + j] * inv_s + 0.5) + zp, 0, 127)`` (src float32, dst uint8, 8-byte stores)."""
+    sig = _types.void(src, _types.int64, _types.int64, dst, _types.int64, _types.int64, _types.float32,
+                      _types.float32)
+
+    def codegen(context, builder, signature, args):
+        sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dp = builder.bitcast(context.make_array(signature.args[3])(context, builder, args[3]).data, _I8.as_pointer())
+        _, so, ss, _, do, ds, inv_sv, zpv = args
+        v1 = _ir.FunctionType(_V8F, [_V8F])
+        v2 = _ir.FunctionType(_V8F, [_V8F, _V8F])
+        floor = _cgutils.get_or_insert_function(builder.module, v1, "llvm.floor.v8f32")
+        vmax = _cgutils.get_or_insert_function(builder.module, v2, "llvm.maxnum.v8f32")
+        vmin = _cgutils.get_or_insert_function(builder.module, v2, "llvm.minnum.v8f32")
+        inv = _splat(builder, inv_sv, _V8F)
+        zpb = _splat(builder, zpv, _V8F)
+        half = _ir.Constant(_V8F, [0.5] * 8)
+        lo = _ir.Constant(_V8F, [0.0] * 8)
+        hi = _ir.Constant(_V8F, [float(127)] * 8)
+        rows = []
+        for i in range(8):
+            off = builder.add(so, builder.mul(ss, _ir.Constant(_I64, i)))
+            rows.append(builder.load(builder.bitcast(builder.gep(sp, [off]), _V8F.as_pointer()), align=4))
+        cols = _transpose8(builder, rows)
+        v8b = _ir.VectorType(_I8, 8)
+        for j in range(8):
+            v = builder.call(floor, [builder.fadd(builder.fmul(cols[j], inv), half)])
+            v = builder.call(vmin, [builder.call(vmax, [builder.fadd(v, zpb), lo]), hi])
+            b = builder.trunc(builder.fptosi(v, _V8D), v8b)
+            off = builder.add(do, builder.mul(ds, _ir.Constant(_I64, j)))
+            builder.store(b, builder.bitcast(builder.gep(dp, [off]), v8b.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _python_tr8q(src, s_off, s_stride, dst, d_off, d_stride, inv_s, zp):
+    sf, df = src.reshape(-1), dst.reshape(-1)
+    for i in range(8):
+        for j in range(8):
+            q = np.floor(sf[s_off + i * s_stride + j] * inv_s + np.float32(0.5)) + zp
+            df[d_off + j * d_stride + i] = np.uint8(min(max(q, 0.0), 127.0))
+
+
+if _numba_config.DISABLE_JIT:
+    tr8q = _python_tr8q  # noqa: F811
+
+
 # ------------------------------------------------------------------------------------------ helpers
-@njit(**_OPTS)
-def minmax(x):
-    """(min(x), max(x)) of a float32 array, one pass."""
-    f = x.reshape(-1)
-    lo = np.float32(np.inf)
-    hi = np.float32(-np.inf)
-    for i in range(f.shape[0]):
-        v = f[i]
-        lo = min(lo, v)
-        hi = max(hi, v)
-    return lo, hi
-
-
 @njit(inline="always", **_OPTS)
 def _q7(v, inv_s, zp):
     q = np.floor(v * inv_s + np.float32(0.5)) + np.float32(zp)
@@ -194,18 +231,14 @@ def pack_tile_u8(x, t0, tn, inv_s, zp, xt, perm):
     K = x.shape[1]
     tf = tn - tn % 8
     kf = K - K % 8
-    tmp = np.empty((8, 8), dtype=np.float32)
     zq = np.uint8(zp)
+    zf = np.float32(zp)
     for tb in range(0, T, 8):
         qd = (tb >> 3) & 3
         base = (tb & ~31) + (((qd & 1) << 1) | (qd >> 1)) * 8 if perm else tb
         if tb < tf:
             for kb in range(0, kf, 8):
-                tr8(x, (t0 + tb) * K + kb, K, tmp, 0, 8)
-                for j in range(8):
-                    row = xt[kb + j]
-                    for i in range(8):
-                        row[base + i] = _q7(tmp[j, i], inv_s, zp)
+                tr8q(x, (t0 + tb) * K + kb, K, xt, kb * T + base, T, inv_s, zf)
             for k in range(kf, K):
                 for i in range(8):
                     xt[k, base + i] = _q7(x[t0 + tb + i, k], inv_s, zp)
@@ -217,15 +250,24 @@ def pack_tile_u8(x, t0, tn, inv_s, zp, xt, perm):
 
 
 @njit(**_OPTS)
-def dequant_rows(iacc, facc, nrows, r0, rowsum, wscales, s_x, zp):
-    """facc[i, t] = s_x * wscales[r0 + i] * (iacc[i, t] - zp * rowsum[r0 + i])."""
+def init_rows(iacc, nrows, r0, rowsum, zp):
+    """iacc[i, :] = -zp * rowsum[r0 + i]: the zero-point correction, so that the int32 accumulator ends as
+    sum_k Wq[o, k] * (Xq[t, k] - zp). |zp * rowsum| < 2**31 for in_features < 2**31 / (2 * 127 * 128) = 66k."""
     for i in range(nrows):
-        c = s_x * wscales[r0 + i]
-        off = np.int64(zp) * np.int64(rowsum[r0 + i])
+        v = np.int32(-np.int64(zp) * np.int64(rowsum[r0 + i]))
+        ia = iacc[i]
+        for t in range(T):
+            ia[t] = v
+
+
+@njit(**_OPTS)
+def to_float(iacc, facc, nrows):
+    """facc = float32(iacc) (vectorized int32 -> float32 converts)."""
+    for i in range(nrows):
         ia = iacc[i]
         fa = facc[i]
         for t in range(T):
-            fa[t] = np.float32(np.int64(ia[t]) - off) * c
+            fa[t] = np.float32(ia[t])
 
 
 @njit(**_OPTS)
@@ -245,7 +287,7 @@ def run_task_i8_avx2(task, x, inv_s, s_x, zp, qptr, qidx, qw, br, rowsum, wscale
     """One (token tile, chunk of block rows) task: u7 pack, int32 quad micro-kernels, dequantize + epilogue."""
     t0, tn, b0, b1 = task_range(task, x.shape[0], qptr.shape[0] - 1, chunk)
     nrows = (b1 - b0) * br
-    iacc[:nrows, :] = 0
+    init_rows(iacc, nrows, b0 * br, rowsum, zp)
     pack_tile_u8(x, t0, tn, inv_s, zp, xt, True)
     for b in range(b0, b1):
         q0 = qptr[b]
@@ -259,7 +301,7 @@ def run_task_i8_avx2(task, x, inv_s, s_x, zp, qptr, qidx, qw, br, rowsum, wscale
                     mk8_lo(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
                 else:
                     mk8_hi(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
-    dequant_rows(iacc, facc, nrows, b0 * br, rowsum, wscales, s_x, zp)
+    to_float(iacc, facc, nrows)
     epilogue(facc, nrows, b0 * br, t0, tn, wscales, bias, residual, out, flags)
 
 
@@ -271,7 +313,7 @@ def run_task_i8_portable(task, x, inv_s, s_x, zp, indptr, indices, data, rowsum,
     bc = data.shape[2]
     t0, tn, b0, b1 = task_range(task, x.shape[0], indptr.shape[0] - 1, chunk)
     nrows = (b1 - b0) * br
-    iacc[:nrows, :] = 0
+    init_rows(iacc, nrows, b0 * br, rowsum, zp)
     pack_tile_u8(x, t0, tn, inv_s, zp, xt, False)
     for b in range(b0, b1):
         a_row = (b - b0) * br
@@ -284,7 +326,7 @@ def run_task_i8_portable(task, x, inv_s, s_x, zp, indptr, indices, data, rowsum,
                     xr = xt[c0 + j]
                     for t in range(T):
                         a[t] += w * np.int32(xr[t])
-    dequant_rows(iacc, facc, nrows, b0 * br, rowsum, wscales, s_x, zp)
+    to_float(iacc, facc, nrows)
     epilogue(facc, nrows, b0 * br, t0, tn, wscales, bias, residual, out, flags)
 
 

@@ -22,38 +22,48 @@ _OPTS = dict(cache=True, fastmath=True, nogil=True, boundscheck=False, error_mod
 
 # ----------------------------------------------------------------------------------------- jitted
 @njit(**_OPTS)
-def _ln_row(src, gamma, beta, eps, dst):
-    n = src.shape[0]
-    mean = np.float32(0.0)
-    for k in range(n):
-        mean += src[k]
-    mean /= n
-    var = np.float32(0.0)
-    for k in range(n):
-        d = src[k] - mean
-        var += d * d
-    inv = np.float32(1.0) / np.sqrt(var / n + eps)
-    for k in range(n):
-        dst[k] = (src[k] - mean) * inv * gamma[k] + beta[k]
+def _ln_rows(x, lo, hi, gamma, beta, eps, out):
+    """Layer norm of rows [lo, hi) of ``x`` into ``out`` (may be ``x``)."""
+    n = x.shape[1]
+    for t in range(lo, hi):
+        mean = np.float32(0.0)
+        for k in range(n):
+            mean += x[t, k]
+        mean /= n
+        var = np.float32(0.0)
+        for k in range(n):
+            d = x[t, k] - mean
+            var += d * d
+        inv = np.float32(1.0) / np.sqrt(var / n + eps)
+        for k in range(n):
+            out[t, k] = (x[t, k] - mean) * inv * gamma[k] + beta[k]
 
 
+# numba parfor bodies are not inlined or vectorized well: each parallel loop below runs over a few chunks and
+# calls a serial function that does the work.
 @njit(parallel=True, **_OPTS)
-def _layernorm_inplace(x, gamma, beta, eps):
-    for t in prange(x.shape[0]):
-        _ln_row(x[t], gamma, beta, eps, x[t])
+def _layernorm_inplace(x, gamma, beta, eps, n_chunks):
+    T = x.shape[0]
+    for c in prange(n_chunks):
+        _ln_rows(x, c * T // n_chunks, (c + 1) * T // n_chunks, gamma, beta, eps, x)
 
 
-@njit(parallel=True, **_OPTS)
-def _embed_ln(ids, pos, types, word, posemb, typeemb, gamma, beta, eps, out):
+@njit(**_OPTS)
+def _embed_rows(ids, pos, types, word, posemb, typeemb, gamma, beta, eps, out, lo, hi):
     H = out.shape[1]
-    for t in prange(ids.shape[0]):
-        row = out[t]
-        w = word[ids[t]]
-        p = posemb[pos[t]]
-        ty = typeemb[types[t]]
+    for t in range(lo, hi):
+        i, p, ty = ids[t], pos[t], types[t]
         for k in range(H):
-            row[k] = w[k] + ty[k] + p[k]
-        _ln_row(row, gamma, beta, eps, row)
+            out[t, k] = word[i, k] + typeemb[ty, k] + posemb[p, k]
+    _ln_rows(out, lo, hi, gamma, beta, eps, out)
+
+
+@njit(parallel=True, **_OPTS)
+def _embed_ln(ids, pos, types, word, posemb, typeemb, gamma, beta, eps, out, n_chunks):
+    T = out.shape[0]
+    for c in prange(n_chunks):
+        _embed_rows(ids, pos, types, word, posemb, typeemb, gamma, beta, eps, out, c * T // n_chunks,
+                    (c + 1) * T // n_chunks)
 
 
 @njit(**_OPTS)
@@ -85,67 +95,77 @@ def _softmax_row(row, n, ebits):
         row[j] *= inv
 
 
-@njit(parallel=True, **_OPTS)
-def _attention(qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_only):
+@njit(**_OPTS)
+def _attention_task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_only):
     H = n_heads * d
-    n_tasks = starts.shape[0] * n_heads
-    for task in prange(n_tasks):
-        s = task // n_heads
-        h = task - s * n_heads
-        st = starts[s]
-        L = lens[s]
-        if L == 0:
-            continue
-        kt = np.empty((d, L), np.float32)  # K^T: the score row is a contiguous loop over keys
-        v = np.empty((L, d), np.float32)
+    s = task // n_heads
+    h = task - s * n_heads
+    st = starts[s]
+    L = lens[s]
+    if L == 0:
+        return
+    kt = np.empty((d, L), np.float32)  # K^T: the score row is a contiguous loop over keys
+    v = np.empty((L, d), np.float32)
+    for j in range(L):
+        src = qkv[st + j]
+        for k in range(d):
+            kt[k, j] = src[H + h * d + k]
+            v[j, k] = src[2 * H + h * d + k]
+    row = np.empty(L, np.float32)
+    ebits = np.empty(L, np.int32)
+    acc = np.empty(d, np.float32)
+    received = np.zeros(L, np.float32)
+    n_q = 1 if first_only else L
+    for i in range(n_q):
+        q = qkv[st + i]
         for j in range(L):
-            src = qkv[st + j]
-            for k in range(d):
-                kt[k, j] = src[H + h * d + k]
-                v[j, k] = src[2 * H + h * d + k]
-        row = np.empty(L, np.float32)
-        ebits = np.empty(L, np.int32)
-        acc = np.empty(d, np.float32)
-        received = np.zeros(L, np.float32)
-        n_q = 1 if first_only else L
-        for i in range(n_q):
-            q = qkv[st + i]
+            row[j] = 0.0
+        for k in range(d):
+            qk = q[h * d + k] * scale
+            ktk = kt[k]
             for j in range(L):
-                row[j] = 0.0
-            for k in range(d):
-                qk = q[h * d + k] * scale
-                ktk = kt[k]
-                for j in range(L):
-                    row[j] += qk * ktk[j]
-            _softmax_row(row, L, ebits)
-            if want_sig:
-                for j in range(L):
-                    received[j] += row[j]
-            for k in range(d):
-                acc[k] = 0.0
-            for j in range(L):
-                p = row[j]
-                vj = v[j]
-                for k in range(d):
-                    acc[k] += p * vj[k]
-            out = ctx[s] if first_only else ctx[st + i]
-            for k in range(d):
-                out[h * d + k] = acc[k]
+                row[j] += qk * ktk[j]
+        _softmax_row(row, L, ebits)
         if want_sig:
             for j in range(L):
-                sig[h, st + j] = received[j]
+                received[j] += row[j]
+        for k in range(d):
+            acc[k] = 0.0
+        for j in range(L):
+            p = row[j]
+            vj = v[j]
+            for k in range(d):
+                acc[k] += p * vj[k]
+        out = ctx[s] if first_only else ctx[st + i]
+        for k in range(d):
+            out[h * d + k] = acc[k]
+    if want_sig:
+        for j in range(L):
+            sig[h, st + j] = received[j]
 
 
 @njit(parallel=True, **_OPTS)
-def _fake_quant(x, inv_scale, scale, zero_point, qmin, qmax, out):
+def _attention(qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_only):
+    n_tasks = starts.shape[0] * n_heads
+    for task in prange(n_tasks):
+        _attention_task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_only)
+
+
+@njit(**_OPTS)
+def _fake_quant_rows(x, inv_scale, scale, zero_point, qmin, qmax, out, lo, hi):
     n = x.shape[1]
-    for t in prange(x.shape[0]):
-        src = x[t]
-        dst = out[t]
+    for t in range(lo, hi):
         for k in range(n):
-            q = np.rint(src[k] * inv_scale[k]) + zero_point[k]
+            q = np.rint(x[t, k] * inv_scale[k]) + zero_point[k]
             q = min(max(q, qmin), qmax)
-            dst[k] = (q - zero_point[k]) * scale[k]
+            out[t, k] = (q - zero_point[k]) * scale[k]
+
+
+@njit(parallel=True, **_OPTS)
+def _fake_quant(x, inv_scale, scale, zero_point, qmin, qmax, out, n_chunks):
+    T = x.shape[0]
+    for c in prange(n_chunks):
+        _fake_quant_rows(x, inv_scale, scale, zero_point, qmin, qmax, out, c * T // n_chunks, (c + 1) * T // n_chunks)
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -178,13 +198,20 @@ def check_packed(starts: np.ndarray, lens: np.ndarray, tokens: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- public API
+def _chunks(rows: int) -> int:
+    """Row chunks for the parallel loops: one per thread, none smaller than 16 rows."""
+    import numba
+
+    return max(1, min(numba.get_num_threads(), rows // 16))
+
+
 def layernorm_(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
     """Layer norm over the last axis of a float32 ``(tokens, hidden)`` array, in place; returns ``x``."""
     x = _f32_2d("x", x)
     _f32_1d("gamma", gamma, x.shape[1])
     _f32_1d("beta", beta, x.shape[1])
     if x.shape[0]:
-        _layernorm_inplace(x, gamma, beta, np.float32(eps))
+        _layernorm_inplace(x, gamma, beta, np.float32(eps), _chunks(x.shape[0]))
     return x
 
 
@@ -204,7 +231,7 @@ def embed_layernorm(ids, positions, token_types, word, pos, typ, gamma, beta, ep
             raise ValueError(f"{name} out of range [0, {limit}): min {a.min()}, max {a.max()}")
     out = np.empty((n, H), np.float32)
     if n:
-        _embed_ln(ids, positions, token_types, word, pos, typ, gamma, beta, np.float32(eps), out)
+        _embed_ln(ids, positions, token_types, word, pos, typ, gamma, beta, np.float32(eps), out, _chunks(n))
     return out
 
 
@@ -249,5 +276,6 @@ def fake_quant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: i
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
     out = np.empty_like(x)
     if x.shape[0]:
-        _fake_quant(x, (1.0 / scale).astype(np.float32), scale, zero_point, np.float32(qmin), np.float32(qmax), out)
+        _fake_quant(x, (1.0 / scale).astype(np.float32), scale, zero_point, np.float32(qmin), np.float32(qmax), out,
+                    _chunks(x.shape[0]))
     return out

@@ -282,71 +282,78 @@ def task_range(task, M, nbr, chunk):
 
 
 @njit(**_OPTS)
-def run_task_i8_avx2(task, x, inv_s, s_x, zp, qptr, qidx, qw, br, rowsum, wscales, bias, residual, out, flags,
-                     chunk, xt, iacc, facc):
-    """One (token tile, chunk of block rows) task: u7 pack, int32 quad micro-kernels, dequantize + epilogue."""
+def run_task_i8_avx2(task, x, inv_s, zp, qptr, qidx, qw, br, rowsum, cscales, bias, residual, out, flags, chunk,
+                     xt, iacc, facc):
+    """One (token tile, chunk of block rows) task: the tile is packed (u7) once, then sub-chunks of rows that fit
+    the accumulator workspace run the int32 quad micro-kernels, convert, and go through the fp32 epilogue."""
     t0, tn, b0, b1 = task_range(task, x.shape[0], qptr.shape[0] - 1, chunk)
-    nrows = (b1 - b0) * br
-    init_rows(iacc, nrows, b0 * br, rowsum, zp)
     pack_tile_u8(x, t0, tn, inv_s, zp, xt, True)
-    for b in range(b0, b1):
-        q0 = qptr[b]
-        q1 = qptr[b + 1]
-        if q1 == q0:
-            continue
-        a_row = (b - b0) * br
-        for rs in range(0, br, 4):
-            for ts in range(0, tn, 16):  # slabs past the last token are skipped
-                if (ts >> 4) & 1 == 0:
-                    mk8_lo(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
-                else:
-                    mk8_hi(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
-    to_float(iacc, facc, nrows)
-    epilogue(facc, nrows, b0 * br, t0, tn, wscales, bias, residual, out, flags)
+    sub = iacc.shape[0] // br
+    for s0 in range(b0, b1, sub):
+        s1 = min(b1, s0 + sub)
+        nrows = (s1 - s0) * br
+        init_rows(iacc, nrows, s0 * br, rowsum, zp)
+        for b in range(s0, s1):
+            q0 = qptr[b]
+            q1 = qptr[b + 1]
+            if q1 == q0:
+                continue
+            a_row = (b - s0) * br
+            for rs in range(0, br, 4):
+                for ts in range(0, tn, 16):  # slabs past the last token are skipped
+                    if (ts >> 4) & 1 == 0:
+                        mk8_lo(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
+                    else:
+                        mk8_hi(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
+        to_float(iacc, facc, nrows)
+        epilogue(facc, nrows, s0 * br, t0, tn, cscales, bias, residual, out, flags)
 
 
 @njit(**_OPTS)
-def run_task_i8_portable(task, x, inv_s, s_x, zp, indptr, indices, data, rowsum, wscales, bias, residual, out,
-                         flags, chunk, xt, iacc, facc):
+def run_task_i8_portable(task, x, inv_s, zp, indptr, indices, data, rowsum, cscales, bias, residual, out, flags,
+                         chunk, xt, iacc, facc):
     """The same task for any block shape with a plain int32 loop (no intrinsics)."""
     br = data.shape[1]
     bc = data.shape[2]
     t0, tn, b0, b1 = task_range(task, x.shape[0], indptr.shape[0] - 1, chunk)
-    nrows = (b1 - b0) * br
-    init_rows(iacc, nrows, b0 * br, rowsum, zp)
     pack_tile_u8(x, t0, tn, inv_s, zp, xt, False)
-    for b in range(b0, b1):
-        a_row = (b - b0) * br
-        for p in range(indptr[b], indptr[b + 1]):
-            c0 = indices[p] * bc
-            for r in range(br):
-                a = iacc[a_row + r]
-                for j in range(bc):
-                    w = np.int32(data[p, r, j])
-                    xr = xt[c0 + j]
-                    for t in range(T):
-                        a[t] += w * np.int32(xr[t])
-    to_float(iacc, facc, nrows)
-    epilogue(facc, nrows, b0 * br, t0, tn, wscales, bias, residual, out, flags)
+    sub = iacc.shape[0] // br
+    for s0 in range(b0, b1, sub):
+        s1 = min(b1, s0 + sub)
+        nrows = (s1 - s0) * br
+        init_rows(iacc, nrows, s0 * br, rowsum, zp)
+        for b in range(s0, s1):
+            a_row = (b - s0) * br
+            for p in range(indptr[b], indptr[b + 1]):
+                c0 = indices[p] * bc
+                for r in range(br):
+                    a = iacc[a_row + r]
+                    for j in range(bc):
+                        w = np.int32(data[p, r, j])
+                        xr = xt[c0 + j]
+                        for t in range(T):
+                            a[t] += w * np.int32(xr[t])
+        to_float(iacc, facc, nrows)
+        epilogue(facc, nrows, s0 * br, t0, tn, cscales, bias, residual, out, flags)
 
 
 @njit(parallel=True, **_OPTS)
-def spmm_i8_portable(x, inv_s, s_x, zp, indptr, indices, data, rowsum, wscales, bias, residual, out, flags, chunk,
+def spmm_i8_portable(x, inv_s, zp, indptr, indices, data, rowsum, cscales, bias, residual, out, flags, chunk,
                      n_tasks, xt_ws, iacc_ws, facc_ws):
-    """Portable int8 x int8 -> int32 (no AVX2 intrinsics), any block shape."""
+    """Portable int8 x int8 -> int32 (no AVX2 intrinsics), any block shape. cscales = s_x * weight scales."""
     n_workers = xt_ws.shape[0]
     for w in prange(n_workers):
         for task in range(w, n_tasks, n_workers):
-            run_task_i8_portable(task, x, inv_s, s_x, zp, indptr, indices, data, rowsum, wscales, bias, residual,
+            run_task_i8_portable(task, x, inv_s, zp, indptr, indices, data, rowsum, cscales, bias, residual,
                                  out, flags, chunk, xt_ws[w], iacc_ws[w], facc_ws[w])
 
 
 @njit(parallel=True, **_OPTS)
-def spmm_i8_avx2(x, inv_s, s_x, zp, qptr, qidx, qw, br, rowsum, wscales, bias, residual, out, flags, chunk,
-                 n_tasks, xt_ws, iacc_ws, facc_ws):
-    """AVX2 int8 x int8 -> int32 over the quad layout (4x1-family blocks)."""
+def spmm_i8_avx2(x, inv_s, zp, qptr, qidx, qw, br, rowsum, cscales, bias, residual, out, flags, chunk, n_tasks,
+                 xt_ws, iacc_ws, facc_ws):
+    """AVX2 int8 x int8 -> int32 over the quad layout ((4k)x1 blocks). cscales = s_x * weight scales."""
     n_workers = xt_ws.shape[0]
     for w in prange(n_workers):
         for task in range(w, n_tasks, n_workers):
-            run_task_i8_avx2(task, x, inv_s, s_x, zp, qptr, qidx, qw, br, rowsum, wscales, bias, residual, out,
-                             flags, chunk, xt_ws[w], iacc_ws[w], facc_ws[w])
+            run_task_i8_avx2(task, x, inv_s, zp, qptr, qidx, qw, br, rowsum, cscales, bias, residual, out, flags,
+                             chunk, xt_ws[w], iacc_ws[w], facc_ws[w])

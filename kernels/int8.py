@@ -19,18 +19,20 @@ Error against float64 on the dequantized weight (stated in the tests): ``|y - re
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
 
 from .format import BlockSparseMatrix
-from .spmm import _ACT, TILE_TOKENS, _check_out, _check_x, _plan, gelu_reference
+from .spmm import _ACT, TILE_TOKENS, _check_out, _check_x, gelu_reference
 
 __all__ = ["spmm_int8", "quantize_activations", "reference_spmm_int8", "has_avx2", "int8_backend", "QMAX"]
 
 QMAX = 127  # u7 activations
 
 
+@functools.lru_cache(maxsize=None)
 def has_avx2() -> bool:
     """True when this CPU has AVX2 and numba compiles for it (``NUMBA_CPU_NAME`` unset or ``host``)."""
     from llvmlite import binding as llvm
@@ -130,17 +132,25 @@ def _prepared(w: BlockSparseMatrix) -> dict:
 
 
 _local = threading.local()
+_ACC_ROWS = 256  # rows of int32 + float32 accumulators per sub-chunk: 2 x 64 KB
+_EMPTY1 = np.zeros(1, np.float32)
+_EMPTY2 = np.zeros((1, 1), np.float32)
 
 
 def _workspace(n_workers: int, k: int, rows: int):
-    T = TILE_TOKENS
-    ws = getattr(_local, "ws", None)
-    if ws is None or ws[0].shape[0] < n_workers or ws[0].shape[1] < k or ws[1].shape[1] < rows:
-        n = max(n_workers, ws[0].shape[0] if ws else 0)
-        k = max(k, ws[0].shape[1] if ws else 0)
-        rows = max(rows, ws[1].shape[1] if ws else 0)
-        ws = (np.zeros((n, k, T), np.uint8), np.zeros((n, rows, T), np.int32), np.zeros((n, rows, T), np.float32))
-        _local.ws = ws
+    """Per-thread scratch of exactly these shapes (C-contiguous, so the jitted loops see contiguous rows),
+    reused across calls (fresh allocations would page-fault on every call)."""
+    cache = getattr(_local, "ws", None)
+    if cache is None:
+        cache = _local.ws = {}
+    key = (n_workers, k, rows)
+    ws = cache.get(key)
+    if ws is None:
+        if len(cache) > 16:
+            cache.clear()
+        T = TILE_TOKENS
+        ws = cache[key] = (np.zeros((n_workers, k, T), np.uint8), np.zeros((n_workers, rows, T), np.int32),
+                           np.zeros((n_workers, rows, T), np.float32))
     return ws
 
 
@@ -190,21 +200,27 @@ def spmm_int8(
 
     with num_threads(threads):
         n_threads = get_num_threads()
-        chunk, _ = _plan(q, M, n_threads)
         br = q.block[0]
-        n_tasks = -(-M // TILE_TOKENS) * -(-(q.out_features // br) // chunk)
+        nbr = q.out_features // br
+        n_tiles = -(-M // TILE_TOKENS)
+        # A task = (tile, chunk of block rows); rows are split only when there are fewer tiles than threads,
+        # so each tile is packed once per thread. Inside a task, sub-chunks of _ACC_ROWS rows keep the
+        # accumulators in L2.
+        chunk = -(-nbr // -(-n_threads // n_tiles)) if n_tiles < n_threads else nbr
+        n_tasks = n_tiles * -(-nbr // chunk)
         n_workers = min(n_threads, n_tasks)
-        xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, chunk * br)
+        sub_rows = max(br, min(chunk * br, _ACC_ROWS // br * br))
+        xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, sub_rows)
         flags = np.array([1, w.bias is not None, _ACT[activation], residual is not None], dtype=np.int64)
-        bias = w.bias if w.bias is not None else np.zeros(1, np.float32)
-        res = residual if residual is not None else np.zeros((1, 1), np.float32)
-        common = (np.float32(1.0 / s_x), np.float32(s_x), zp)
-        tail = (prep["rowsum"], q.scales * np.float32(s_x), bias, res, out, flags, chunk, n_tasks, xt_ws[:n_workers],
-                iacc_ws[:n_workers], facc_ws[:n_workers])
+        bias = w.bias if w.bias is not None else _EMPTY1
+        res = residual if residual is not None else _EMPTY2
+        cscales = q.scales * np.float32(s_x)
+        tail = (prep["rowsum"], cscales, bias, res, out, flags, chunk, n_tasks, xt_ws, iacc_ws, facc_ws)
+        inv_s = np.float32(1.0 / s_x)
         if kind == "avx2":
-            _jit_int8.spmm_i8_avx2(x, *common, prep["qptr"], prep["qidx"], prep["qw"], br, *tail)
+            _jit_int8.spmm_i8_avx2(x, inv_s, zp, prep["qptr"], prep["qidx"], prep["qw"], br, *tail)
         else:
-            _jit_int8.spmm_i8_portable(x, *common, q.indptr, q.indices, q.data, *tail)
+            _jit_int8.spmm_i8_portable(x, inv_s, zp, q.indptr, q.indices, q.data, *tail)
     return out
 
 

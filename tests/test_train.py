@@ -219,3 +219,12 @@ def test_two_process_accelerate_launch(make_recipe):
     assert metrics["num_processes"] == 2
     assert metrics["steps_per_epoch"] == 6  # 192 examples / (16 x 2 processes)
     assert metrics["optimizer_steps"] == 3
+
+
+def test_bf16_mixed_precision_run(make_recipe):
+    recipe = make_recipe(training={"steps": 3, "mixed_precision": "bf16"})
+    assert run_cli("train", recipe) == 0
+    metrics = json.loads((output_dir(recipe) / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 3 and metrics["metrics"]["loss"] == metrics["metrics"]["loss"]  # not NaN
+    weights = load_file(output_dir(recipe) / "model" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay fp32

@@ -199,10 +199,10 @@ def check_packed(starts: np.ndarray, lens: np.ndarray, tokens: int) -> None:
 
 # ----------------------------------------------------------------------------------------- public API
 def _chunks(rows: int) -> int:
-    """Row chunks for the parallel loops: one per thread, none smaller than 16 rows."""
+    """Row chunks for the parallel loops: a few per thread (measured faster than one), none under 16 rows."""
     import numba
 
-    return max(1, min(numba.get_num_threads(), rows // 16))
+    return max(1, min(4 * numba.get_num_threads(), rows // 16))
 
 
 def layernorm_(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:

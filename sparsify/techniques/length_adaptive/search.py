@@ -12,7 +12,7 @@ over the validation examples' real tokens; see ``flops.py``). The search (as in 
    FLOPs) plus the best configurations within the budget; ``population`` new children are made by mutation
    (each layer's ratio scaled by a factor in [0.75, 1.25] with probability ``mutation_prob``) or crossover
    (each layer from one of two parents), snapped to the grid and made non-increasing; configurations already
-   evaluated are not evaluated again;
+   evaluated are not evaluated again (when no new child can be made, new random samples take their place);
 3. the result: the frontier of every evaluated configuration, and the chosen one: the best metric within the
    budget (ties: fewer FLOPs).
 
@@ -151,8 +151,9 @@ def evolutionary_search(evaluate: Callable[[Ratios], float], cost: Callable[[Rat
                         key=lambda c: (-c.metric, c.flops_fraction, c.length_config))
         parents = [c.length_config for c in pareto_frontier(evaluated)]
         parents += [c.length_config for c in within[: max(2, population // 2)] if c.length_config not in parents]
-        fill(lambda: mutate(rng.choice(parents)) if rng.random() < 0.5 or len(parents) < 2
-             else crossover(*rng.sample(parents, 2)), population)
+        added = fill(lambda: mutate(rng.choice(parents)) if rng.random() < 0.5 or len(parents) < 2
+                     else crossover(*rng.sample(parents, 2)), population)
+        fill(sample_random, population - added)  # children all seen already: fresh random configurations instead
         report(generation)
 
     evaluated = sorted(seen.values(), key=lambda c: (c.flops_fraction, c.length_config))

@@ -1,0 +1,437 @@
+"""``sparsify bench model ARTIFACT [--json PATH] [--quick]``: the runtime against PyTorch and other engines.
+
+Scenarios (records' ``scenario``): ``latency_b1_s128`` (batch 1, 128 tokens), ``throughput_b32_s128`` (batch 32,
+128 tokens) and ``throughput_b32_sst2`` (batches of 32 SST-2 validation sentences at their real lengths: our
+runtime packs them without padding, PyTorch and onnxruntime pad each batch to its longest sentence, DeepSparse,
+compiled for one static shape, pads to the longest of all). Sequence lengths are capped at the model's positions.
+
+Methods: ``sparsify`` (this runtime, with the artifact's length configuration if it has one, else full length),
+``sparsify_full`` (full length; only when the artifact has a length configuration), ``torch_fp32`` (the
+dense-equivalent model in transformers), ``torch_int8_dynamic`` (``quantize_dynamic`` of its Linear layers),
+``onnxruntime`` (the ONNX export of that model) and ``deepsparse`` (DeepSparse 1.8 on the same ONNX, whose zeros
+it exploits; run in its own interpreter, ``--deepsparse-python`` / ``$SPARSIFY_DEEPSPARSE_PYTHON``, default
+``/work/ds-venv/bin/python`` when present). Unavailable methods are skipped with a note.
+
+All methods run in this process (DeepSparse in its worker, timed there), interleaved round-robin: per round each
+method gets a warm-up call and a timed call, so machine noise hits all alike. Reported: median ms per batch,
+its min-max, items/s, and the per-round speedup over torch_fp32 as median [IQR]. Cold start (a fresh process
+until its first prediction; numba's disk cache warm) and peak memory (max RSS) are measured in subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sparsify.errors import SparsifyError
+
+__all__ = ["main", "run_benchmark"]
+
+SCENARIOS = ("latency_b1_s128", "throughput_b32_sst2", "throughput_b32_s128")
+METHODS = ("sparsify", "sparsify_full", "torch_fp32", "torch_int8_dynamic", "onnxruntime", "deepsparse")
+BASELINE = "torch_fp32"
+
+_DS_WORKER = r'''
+import json, sys, time
+import numpy as np
+import deepsparse
+out = sys.stdout
+sys.stdout = sys.stderr
+out.write(json.dumps({"ok": True, "version": deepsparse.__version__}) + "\n"); out.flush()
+engines = {}
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        if req["cmd"] == "quit":
+            break
+        if req["cmd"] == "load":
+            inputs = [np.load(p) for p in req["inputs"]]
+            eng = deepsparse.Engine(req["onnx"], batch_size=inputs[0].shape[0], num_cores=int(req["threads"]),
+                                    input_shapes=[list(a.shape) for a in inputs])
+            y = eng.run(inputs)[0]
+            engines[req["key"]] = (eng, inputs)
+            rep = {"ok": True, "logits": np.asarray(y, np.float64).tolist()}
+        elif req["cmd"] == "time":
+            eng, inputs = engines[req["key"]]
+            t = time.perf_counter()
+            for _ in range(int(req["n"])):
+                eng.run(inputs)
+            rep = {"ok": True, "ms": (time.perf_counter() - t) / int(req["n"]) * 1e3}
+        else:
+            rep = {"ok": False, "error": "unknown command"}
+    except Exception as e:
+        rep = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    out.write(json.dumps(rep) + "\n"); out.flush()
+'''
+
+_COLD = r'''
+import json, resource, sys, time
+t0 = time.perf_counter()
+kind, path, threads, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+import numpy as np
+if kind == "sparsify":
+    from sparsify.runtime import SparseModel
+    t1 = time.perf_counter()
+    m = SparseModel.from_pretrained(path, threads=threads)
+    t2 = time.perf_counter()
+    m.predict(["a first prediction"])
+    t3 = time.perf_counter()
+    v = m.word.shape[0]
+    ids = np.random.default_rng(0).integers(1000 if v > 2000 else 5, min(20000, v), (32, seq))
+    m(ids, np.ones_like(ids))
+else:
+    import torch
+    torch.set_num_threads(threads)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    t1 = time.perf_counter()
+    m = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        m(**tok(["a first prediction"], return_tensors="pt"))
+    t3 = time.perf_counter()
+    v = m.config.vocab_size
+    ids = torch.randint(1000 if v > 2000 else 5, min(20000, v), (32, seq))
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=torch.ones_like(ids))
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_prediction_s": t3 - t2, "cold_start_s": t3 - t0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def dense_torch_model(sm):
+    """A transformers BertForSequenceClassification holding the artifact's dense-equivalent weights."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    arch = dict(sm.manifest["architecture"])
+    arch.pop("architectures", None)
+    n = int(sm.classifier[0].shape[0])
+    cfg = BertConfig(**{k: v for k, v in arch.items() if k != "model_type"}, num_labels=n)
+    model = BertForSequenceClassification(cfg).eval()
+    p = sm.manifest.get("prefix", "bert.")
+    sd = {f"{p}embeddings.word_embeddings.weight": sm.word, f"{p}embeddings.position_embeddings.weight": sm.pos,
+          f"{p}embeddings.token_type_embeddings.weight": sm.typ, f"{p}embeddings.LayerNorm.weight": sm.emb_ln[0],
+          f"{p}embeddings.LayerNorm.bias": sm.emb_ln[1], "classifier.weight": sm.classifier[0],
+          "classifier.bias": sm.classifier[1]}
+    if sm.pooler is not None:
+        sd[f"{p}pooler.dense.weight"], sd[f"{p}pooler.dense.bias"] = sm.pooler
+    for i, L in enumerate(sm.layers):
+        b = f"{p}encoder.layer.{i}."
+        for name, m in (("attention.self.query", L.q), ("attention.self.key", L.k), ("attention.self.value", L.v),
+                        ("attention.output.dense", L.attn_out), ("intermediate.dense", L.inter),
+                        ("output.dense", L.out)):
+            sd[b + name + ".weight"], sd[b + name + ".bias"] = m.to_dense(), m.bias
+        sd[b + "attention.output.LayerNorm.weight"], sd[b + "attention.output.LayerNorm.bias"] = L.ln1
+        sd[b + "output.LayerNorm.weight"], sd[b + "output.LayerNorm.bias"] = L.ln2
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+                                                strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise SparsifyError(f"cannot rebuild the dense model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def _sst2_sentences(n: int, quick: bool = False) -> tuple[list[str], str]:
+    try:
+        if quick and os.environ.get("HF_DATASETS_OFFLINE") != "1":
+            raise RuntimeError("--quick without a local dataset cache")
+        from datasets import load_dataset
+
+        parquet = os.environ.get("SPARSIFY_GLUE_PARQUET")
+        if parquet and list(Path(parquet, "sst2").glob("validation*.parquet")):
+            files = sorted(str(f) for f in Path(parquet, "sst2").glob("validation*.parquet"))
+            ds = load_dataset("parquet", data_files={"validation": files}, split="validation")
+        else:
+            ds = load_dataset("nyu-mll/glue", "sst2", split="validation")
+        return list(ds["sentence"][:n]), "sst2 validation"
+    except Exception as e:  # offline without the dataset: synthetic sentences of SST-2-like lengths
+        rng = np.random.default_rng(0)
+        words = "the a film movie plot was is very good bad story acting music scene not quite".split()
+        lens = np.clip(rng.gamma(4.0, 5.0, n).astype(int), 2, 60)
+        return [" ".join(rng.choice(words, k)) for k in lens], f"synthetic lengths (SST-2 unavailable: {type(e).__name__})"
+
+
+class _DeepSparse:
+    def __init__(self, python: str, threads: int):
+        self.proc = subprocess.Popen([python, "-c", _DS_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        hello = self._recv()
+        self.version, self.threads = hello["version"], threads
+
+    def _recv(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("deepsparse worker exited")
+        return json.loads(line)
+
+    def call(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        rep = self._recv()
+        if not rep.get("ok"):
+            raise RuntimeError(f"deepsparse: {rep.get('error')}")
+        return rep
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bool = False,
+                  methods: tuple[str, ...] = METHODS, deepsparse_python: str | None = None,
+                  sst2_batches: int = 8, cold_start: bool = True, log=print) -> dict:
+    import torch
+
+    from sparsify.export import export_onnx
+    from sparsify.runtime import SparseModel
+
+    torch.set_num_threads(threads)
+    sm = SparseModel.from_pretrained(artifact, threads=threads)
+    seq = min(128, sm.max_positions)
+    notes: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix="sparsify-bench-"))
+    model = dense_torch_model(sm)
+    runners: dict[str, dict] = {}  # method -> scenario -> callable() running one "call"
+    have = [m for m in methods if m in METHODS]
+    if sm.length_config is None and "sparsify_full" in have:
+        have.remove("sparsify_full")
+    onnx_path = None
+    if "onnxruntime" in have or "deepsparse" in have:
+        try:
+            onnx_path = export_onnx(model, tmp / "model.onnx")
+        except Exception as e:
+            notes.append(f"onnx export failed ({type(e).__name__}: {e}): onnxruntime and deepsparse skipped")
+            have = [m for m in have if m not in ("onnxruntime", "deepsparse")]
+    ort_sess = None
+    if "onnxruntime" in have:
+        try:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+            ort_sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+            notes.append(f"onnxruntime {ort.__version__}")
+        except ImportError:
+            notes.append("onnxruntime not installed: skipped (pip install 'sparsify-encoders[bench]')")
+            have.remove("onnxruntime")
+    ds = None
+    if "deepsparse" in have:
+        py = deepsparse_python or os.environ.get("SPARSIFY_DEEPSPARSE_PYTHON") or (
+            "/work/ds-venv/bin/python" if Path("/work/ds-venv/bin/python").is_file() else None)
+        try:
+            if py is None:
+                raise RuntimeError("no interpreter with deepsparse (--deepsparse-python)")
+            ds = _DeepSparse(py, threads)
+            notes.append(f"deepsparse {ds.version} via {py}")
+        except Exception as e:
+            notes.append(f"deepsparse skipped ({type(e).__name__}: {e})")
+            have.remove("deepsparse")
+    tq = None
+    if "torch_int8_dynamic" in have:
+        tq = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    rng = np.random.default_rng(0)
+    n_sst = (2 if quick else sst2_batches) * 32
+    sentences, source = _sst2_sentences(n_sst, quick)
+    notes.append(f"throughput_b32_sst2 texts: {source}")
+    enc = [sm.encode(sentences[i:i + 32], seq) for i in range(0, len(sentences), 32)]
+    sst_max = max(int(e[3].max()) for e in enc)
+
+    def padded(e, width):
+        ids, _, types, lens, _ = e
+        B = len(lens)
+        out_ids = np.zeros((B, width), np.int64)
+        mask = np.zeros((B, width), np.int64)
+        tt = np.zeros((B, width), np.int64)
+        o = 0
+        for b, n in enumerate(lens):
+            out_ids[b, :n], tt[b, :n], mask[b, :n] = ids[o:o + n], types[o:o + n], 1
+            o += n
+        return out_ids, mask, tt
+
+    scen_inputs = {}
+    vocab = sm.word.shape[0]
+    for name, B in (("latency_b1_s128", 1), ("throughput_b32_s128", 32)):
+        ids = rng.integers(1000 if vocab > 2000 else 5, min(20000, vocab), (B, seq)).astype(np.int64)
+        ids[:, 0], ids[:, -1] = 101 % sm.word.shape[0], 102 % sm.word.shape[0]
+        scen_inputs[name] = [(ids, np.ones_like(ids), np.zeros_like(ids))]
+    scen_inputs["throughput_b32_sst2"] = [padded(e, int(e[3].max())) for e in enc]
+    items = {s: sum(x[0].shape[0] for x in v) for s, v in scen_inputs.items()}
+    batches = {s: len(v) for s, v in scen_inputs.items()}
+
+    def torch_run(m, inputs):
+        def run():
+            with torch.no_grad():
+                for ids, mask, tt in inputs:
+                    m(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                      token_type_ids=torch.from_numpy(tt))
+        return run
+
+    for s, inputs in scen_inputs.items():
+        for meth in have:
+            if meth in ("sparsify", "sparsify_full"):
+                lc = "default" if meth == "sparsify" else None
+                if s == "throughput_b32_sst2":
+                    fn = (lambda lc=lc: [sm._forward_packed(e[0], e[1], e[2], e[3], lc) for e in enc])
+                else:
+                    fn = (lambda lc=lc, inputs=inputs: [sm(i, m_, t_, length_config=lc) for i, m_, t_ in inputs])
+            elif meth == "torch_fp32":
+                fn = torch_run(model, inputs)
+            elif meth == "torch_int8_dynamic":
+                fn = torch_run(tq, inputs)
+            elif meth == "onnxruntime":
+                fn = (lambda inputs=inputs: [ort_sess.run(["logits"], {"input_ids": i, "attention_mask": m_,
+                                                                       "token_type_ids": t_}) for i, m_, t_ in inputs])
+            elif meth == "deepsparse":
+                keys = []
+                try:
+                    for j, (i, m_, t_) in enumerate(inputs):
+                        width = sst_max if s == "throughput_b32_sst2" else i.shape[1]
+                        arrs = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in (i, m_, t_)]
+                        paths = []
+                        for nm, a in zip(("ids", "mask", "types"), arrs):
+                            paths.append(str(tmp / f"{s}-{j}-{nm}.npy"))
+                            np.save(paths[-1], a)
+                        key = f"{s}-{j}"
+                        ds.call(cmd="load", key=key, onnx=str(onnx_path), inputs=paths, threads=threads)
+                        keys.append(key)
+                except Exception as e:
+                    notes.append(f"deepsparse {s} skipped: {e}")
+                    continue
+                fn = (lambda keys=keys: sum(ds.call(cmd="time", key=k, n=1)["ms"] for k in keys) / 1e3)
+            runners.setdefault(s, {})[meth] = fn
+
+    # parity of the runtime with the dense torch model on the SST-2 batches (full length)
+    with torch.no_grad():
+        ref = np.concatenate([model(input_ids=torch.from_numpy(i), attention_mask=torch.from_numpy(m_),
+                                    token_type_ids=torch.from_numpy(t_)).logits.numpy()
+                              for i, m_, t_ in scen_inputs["throughput_b32_sst2"]])
+    got = np.concatenate([sm._forward_packed(e[0], e[1], e[2], e[3], None) for e in enc])
+    parity = {"max_abs_logit_diff": float(np.abs(ref - got).max()),
+              "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "texts": len(ref)}
+
+    rounds = 2 if quick else rounds
+    per: dict[tuple[str, str], list[float]] = {}
+    for s in SCENARIOS:
+        order = list(runners[s])
+        for r in range(rounds):
+            for meth in order[r % len(order):] + order[:r % len(order)]:
+                fn = runners[s][meth]
+                fn()  # warm-up
+                t = time.perf_counter()
+                inner = fn()
+                el = time.perf_counter() - t
+                if meth == "deepsparse":
+                    el = inner  # timed inside the worker
+                per.setdefault((s, meth), []).append(el * 1e3 / batches[s])
+            log(f"  {s} round {r + 1}/{rounds}: " + ", ".join(f"{m} {per[(s, m)][-1]:.1f} ms" for m in order))
+    records = []
+    for (s, meth), ms in per.items():
+        ms_a = np.array(ms)
+        base = per.get((s, BASELINE))
+        sp = np.array(base) / ms_a if base else None
+        B = items[s] / batches[s]
+        records.append({
+            "scenario": s, "method": meth, "median_ms": float(np.median(ms_a)), "min_ms": float(ms_a.min()),
+            "max_ms": float(ms_a.max()), "items_per_s": float(B * 1e3 / np.median(ms_a)),
+            "speedup_vs_torch_fp32": None if sp is None else float(np.median(sp)),
+            "speedup_q25": None if sp is None else float(np.quantile(sp, 0.25)),
+            "speedup_q75": None if sp is None else float(np.quantile(sp, 0.75)),
+            "rounds": len(ms), "batch": int(B), "seq_len": seq if s != "throughput_b32_sst2" else "real",
+            "threads": threads, "per_round_ms": [round(v, 3) for v in ms],
+        })
+    cold = {}
+    if cold_start:
+        hf_dir = tmp / "hf"
+        for kind in (("sparsify",) if quick else ("sparsify", "torch_fp32")):
+            path = artifact
+            if kind == "torch_fp32":
+                model.save_pretrained(str(hf_dir))
+                for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+                    if (Path(artifact) / f).is_file():
+                        (hf_dir / f).write_bytes((Path(artifact) / f).read_bytes())
+                path = str(hf_dir)
+            try:
+                res = subprocess.run([sys.executable, "-c", _COLD, kind, str(path), str(threads), str(seq)],
+                                     capture_output=True, text=True, timeout=600)
+                cold[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+            except Exception as e:
+                cold[kind] = {"error": f"{type(e).__name__}: {(getattr(e, 'stderr', '') or str(e))[-300:]}"}
+    if ds is not None:
+        ds.close()
+    return {"artifact": str(artifact), "threads": threads, "rounds": rounds, "records": records,
+            "cold_start": cold, "parity": parity, "notes": notes,
+            "length_config": sm.length_config, "cpu_count": os.cpu_count()}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'scenario':22s} {'method':20s} {'median ms':>10s} {'min-max':>17s} {'items/s':>9s}  speedup vs torch fp32 "
+             "median [IQR]"]
+    for r in result["records"]:
+        sp = "-" if r["speedup_vs_torch_fp32"] is None else \
+            f"{r['speedup_vs_torch_fp32']:.2f} [{r['speedup_q25']:.2f}-{r['speedup_q75']:.2f}]"
+        lines.append(f"{r['scenario']:22s} {r['method']:20s} {r['median_ms']:10.1f} "
+                     f"{r['min_ms']:8.1f}-{r['max_ms']:<8.1f} {r['items_per_s']:9.1f}  {sp}")
+    for kind, c in result["cold_start"].items():
+        if "error" in c:
+            lines.append(f"cold start {kind}: {c['error']}")
+        else:
+            lines.append(f"cold start {kind}: {c['cold_start_s']:.2f} s to first prediction (import {c['import_s']:.2f}, "
+                         f"load {c['load_s']:.2f}, first {c['first_prediction_s']:.2f}); peak RSS after a batch of 32: "
+                         f"{c['peak_rss_mb']:.0f} MB")
+    p = result["parity"]
+    lines.append(f"parity vs torch fp32 on {p['texts']} texts (full length): max |logit diff| "
+                 f"{p['max_abs_logit_diff']:.2e}, argmax agreement {100 * p['argmax_agreement']:.2f}%")
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparsify bench model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", help="artifact directory written by 'sparsify export'")
+    parser.add_argument("--json", dest="json_path", help="write the records (and cold start, notes) to this file")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, 2 SST-2 batches, no torch cold start (smoke)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sst2-batches", type=int, default=8)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--deepsparse-python", default=None, help="interpreter with deepsparse==1.8.0")
+    parser.add_argument("--no-cold-start", action="store_true")
+    args = parser.parse_args(argv)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS]
+    try:
+        if bad:
+            raise SparsifyError(f"--methods: unknown {', '.join(bad)} (choose from {', '.join(METHODS)})")
+        if BASELINE not in methods:
+            raise SparsifyError(f"--methods must include the baseline {BASELINE}")
+        result = run_benchmark(args.artifact, threads=args.threads, rounds=args.rounds, quick=args.quick,
+                               methods=methods, deepsparse_python=args.deepsparse_python,
+                               sst2_batches=args.sst2_batches, cold_start=not args.no_cold_start,
+                               log=lambda s: print(s, file=sys.stderr))
+    except SparsifyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

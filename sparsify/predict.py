@@ -1,0 +1,68 @@
+"""``sparsify predict ARTIFACT --text "..." [--text ...] | --file texts.txt [--json] [--threads N]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from sparsify.errors import SparsifyError
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sparsify predict",
+        description="Classify texts with an exported artifact on CPU (block-sparse runtime). One text per line in "
+                    "--file; a line with a TAB is a sentence pair. Texts over the maximum length are truncated (a "
+                    "warning says how many).")
+    parser.add_argument("artifact", help="artifact directory written by 'sparsify export'")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    src.add_argument("--file", help="a UTF-8 file with one text per line ('-' for stdin)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=None, help="truncate longer texts (default: the artifact's)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--full-length", action="store_true", help="ignore the artifact's length configuration")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per text")
+    args = parser.parse_args(argv)
+    try:
+        if args.text is not None:
+            texts = list(args.text)
+        else:
+            try:
+                raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise SparsifyError(f"--file {args.file}: cannot read ({e})") from None
+            texts = [tuple(line.split("\t", 1)) if "\t" in line else line for line in raw.splitlines() if line.strip()]
+        if not texts:
+            raise SparsifyError("no texts to classify (empty --file)")
+        from sparsify.runtime import SparseModel
+
+        model = SparseModel.from_pretrained(args.artifact, threads=args.threads,
+                                            length_config=None if args.full_length else "default")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            preds = model.predict(texts, batch_size=args.batch_size, max_length=args.max_length,
+                                  return_probabilities=args.json)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    except SparsifyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for text, p in zip(texts, preds):
+        shown = " | ".join(text) if isinstance(text, tuple) else text
+        if args.json:
+            print(json.dumps({"text": shown, **p}))
+        elif "label" in p:
+            print(f"{p['label']}\t{p['score']:.4f}\t{shown}")
+        else:
+            print(f"{p['score']:.4f}\t{shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

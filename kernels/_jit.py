@@ -361,8 +361,11 @@ def epilogue(acc, nrows, r0, t0, tn, scales, bias, residual, out, flags):
 
 
 @njit(**_OPTS)
-def run_task(task, x, indptr, indices, data, code, scales, bias, residual, out, flags, chunk, panel, xt, acc, cur):
-    """One (token tile, chunk of block rows) task, in the caller's workspace xt / acc / cur."""
+def run_task(task, x, indptr, indices, data, code, scales, bias, residual, out, flags, chunk, sub, panel, xt, acc,
+             cur):
+    """One (token tile, chunk of block rows) task, in the caller's workspace xt / acc / cur. The chunk is done in
+    sub-chunks of ``sub`` block rows (accumulators that stay in L2); with a single panel (K <= panel) the tile is
+    packed once for the whole chunk, else once per panel and sub-chunk."""
     M, K = x.shape
     br = data.shape[1]
     bc = data.shape[2]
@@ -374,48 +377,54 @@ def run_task(task, x, indptr, indices, data, code, scales, bias, residual, out, 
     tn = min(T, M - t0)
     b0 = ch * chunk
     b1 = min(nbr, b0 + chunk)
-    nrows = (b1 - b0) * br
-    acc[:nrows, :] = 0.0
-    for b in range(b0, b1):
-        cur[b - b0] = indptr[b]
-    k0 = 0
-    while k0 < K:
-        kn = min(panel, K - k0)
-        pack_tile(x, t0, tn, k0, kn, xt)
-        cend = (k0 + kn) // bc
-        for b in range(b0, b1):
-            i = b - b0
-            p = cur[i]
-            p1 = indptr[b + 1]
-            if code == 0:
-                cur[i] = rows_generic(xt, k0, indices, data, p, p1, cend, acc, i * br)
-                continue
-            pe = p
-            while pe < p1 and indices[pe] < cend:
-                pe += 1
-            if pe > p:
-                if code == 1:  # (4 k) x 1: slabs of 4 rows x 16 tokens in registers
-                    for rs in range(0, br, 4):
-                        for ts in range(0, T, 16):
-                            mk_4x1_16(xt, indices, data, p, pe, k0, acc, (i * br + rs) * T + ts, ts, rs, br)
-                elif code == 2:  # 1x1
-                    mk_1x1_64(xt, indices, data, p, pe, k0, acc, i * T, 0, 0, 1)
-                else:  # 1x4
-                    mk_1x4_64(xt, indices, data, p, pe, k0, acc, i * T, 0, 0, 4)
-            cur[i] = pe
-        k0 += kn
-    epilogue(acc, nrows, b0 * br, t0, tn, scales, bias, residual, out, flags)
+    single = panel >= K
+    if single:
+        pack_tile(x, t0, tn, 0, K, xt)
+    for s0 in range(b0, b1, sub):
+        s1 = min(b1, s0 + sub)
+        nrows = (s1 - s0) * br
+        acc[:nrows, :] = 0.0
+        for b in range(s0, s1):
+            cur[b - s0] = indptr[b]
+        k0 = 0
+        while k0 < K:
+            kn = min(panel, K - k0)
+            if not single:
+                pack_tile(x, t0, tn, k0, kn, xt)
+            cend = (k0 + kn) // bc
+            for b in range(s0, s1):
+                i = b - s0
+                p = cur[i]
+                p1 = indptr[b + 1]
+                if code == 0:
+                    cur[i] = rows_generic(xt, k0, indices, data, p, p1, cend, acc, i * br)
+                    continue
+                pe = p
+                while pe < p1 and indices[pe] < cend:
+                    pe += 1
+                if pe > p:
+                    if code == 1:  # (4 k) x 1: slabs of 4 rows x 16 tokens in registers
+                        for rs in range(0, br, 4):
+                            for ts in range(0, tn, 16):  # slabs past the last token are skipped
+                                mk_4x1_16(xt, indices, data, p, pe, k0, acc, (i * br + rs) * T + ts, ts, rs, br)
+                    elif code == 2:  # 1x1
+                        mk_1x1_64(xt, indices, data, p, pe, k0, acc, i * T, 0, 0, 1)
+                    else:  # 1x4
+                        mk_1x4_64(xt, indices, data, p, pe, k0, acc, i * T, 0, 0, 4)
+                cur[i] = pe
+            k0 += kn
+        epilogue(acc, nrows, s0 * br, t0, tn, scales, bias, residual, out, flags)
 
 
 @njit(parallel=True, **_OPTS)
-def spmm_f32act(x, indptr, indices, data, code, scales, bias, residual, out, flags, chunk, panel, n_tasks, xt_ws,
-                acc_ws, cur_ws):
+def spmm_f32act(x, indptr, indices, data, code, scales, bias, residual, out, flags, chunk, sub, panel, n_tasks,
+                xt_ws, acc_ws, cur_ws):
     """Y = act(X W^T * scales + bias) + residual for float32 or int8 block values and float32 X.
     Worker w (one per workspace slot) runs tasks w, w + n_workers, ..."""
     n_workers = xt_ws.shape[0]
     for w in prange(n_workers):
         for task in range(w, n_tasks, n_workers):
-            run_task(task, x, indptr, indices, data, code, scales, bias, residual, out, flags, chunk, panel,
+            run_task(task, x, indptr, indices, data, code, scales, bias, residual, out, flags, chunk, sub, panel,
                      xt_ws[w], acc_ws[w], cur_ws[w])
 
 

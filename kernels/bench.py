@@ -29,7 +29,7 @@ import numpy as np
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 768), (3072, 768), (768, 3072)]
 TOKENS = [128, 1024]
 SPARSITIES = [0.70, 0.80, 0.90, 0.95]
-ALL_METHODS = ["ours_fp32", "ours_int8w", "torch_dense", "torch_csr", "deepsparse"]
+ALL_METHODS = ["ours_fp32", "ours_int8w", "ours_int8", "torch_dense", "torch_csr", "deepsparse"]
 BASELINE = "torch_dense"
 
 
@@ -54,6 +54,11 @@ class Record:
     rounds: int
     per_round_ms: list = field(default_factory=list)
     note: str = ""
+    # per-round ratios (other ms / this ms), median [min, max]; None when that method was not measured
+    speedup_vs_ours_fp32: float | None = None
+    speedup_vs_ours_fp32_range: list | None = None
+    speedup_vs_deepsparse: float | None = None
+    speedup_vs_deepsparse_range: list | None = None
 
 
 def _parse_shape(s: str) -> tuple[int, int]:
@@ -211,6 +216,7 @@ def _timer(fn: Callable[[], object]) -> Callable[[int], float]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .format import BlockSparseMatrix, format_block, parse_block
+    from .int8 import int8_backend, spmm_int8
     from .spmm import spmm
     from .threads import set_num_threads, threading_layer
 
@@ -302,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
                             err = float(np.abs(out - ref).max())
                             runs[meth] = _timer(lambda q=q: spmm(x, q, out=out))
                             notes[meth] = f"int8 weights, fp32 activations; max_abs_err {err:.2e}"
+                        elif meth == "ours_int8":
+                            q8 = bsm.quantize()
+                            spmm_int8(x, q8, out=out)
+                            err = float(np.abs(out - ref).max())
+                            runs[meth] = _timer(lambda q8=q8: spmm_int8(x, q8, out=out))
+                            notes[meth] = (f"int8 x int8 -> int32 ({int8_backend(q8)}), u7 activations per tensor "
+                                           f"(dynamic), int8 weights per channel; max_abs_err {err:.2e}")
                         elif meth == "deepsparse":
                             key = f"{n_out}x{n_in}-{m}-{sp}"
                             try:
@@ -336,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                             gflops_nnz=2.0 * m * nnz / (med * 1e-3) / 1e9, rounds=rounds,
                             per_round_ms=[float(v) for v in ts], note=notes.get(meth, ""),
                         )
+                        for other, attr in (("ours_fp32", "speedup_vs_ours_fp32"), ("deepsparse", "speedup_vs_deepsparse")):
+                            if other in per_round and other != meth:
+                                rel = np.array(per_round[other]) / ts
+                                setattr(rec, attr, float(np.median(rel)))
+                                setattr(rec, attr + "_range", [float(rel.min()), float(rel.max())])
                         records.append(rec)
                         if meth == BASELINE:
                             line.append(f"{meth} {med:.3f} ms")
@@ -346,6 +364,14 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{rec.speedup_max:.2f}) {rec.gflops_nnz:.0f} GF/s"
                             )
                     print(" | ".join(line), flush=True)
+                    rel = [f"{r.method} vs ours_fp32 x{r.speedup_vs_ours_fp32:.2f} ({r.speedup_vs_ours_fp32_range[0]:.2f}-"
+                           f"{r.speedup_vs_ours_fp32_range[1]:.2f})" for r in records[-len(per_round):]
+                           if r.speedup_vs_ours_fp32 is not None and r.method.startswith("ours")]
+                    rel += [f"{r.method} vs deepsparse x{r.speedup_vs_deepsparse:.2f} ({r.speedup_vs_deepsparse_range[0]:.2f}-"
+                            f"{r.speedup_vs_deepsparse_range[1]:.2f})" for r in records[-len(per_round):]
+                            if r.speedup_vs_deepsparse is not None and r.method.startswith("ours")]
+                    if rel:
+                        print("    per-round speedups (other ms / ours ms): " + ", ".join(rel), flush=True)
                     if "deepsparse" in runs:
                         ds.drop(f"{n_out}x{n_in}-{m}-{sp}")
     finally:

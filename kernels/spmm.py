@@ -83,7 +83,7 @@ def _workspace(n_workers: int, panel: int, chunk_rows: int, chunk_brows: int):
             np.zeros((max(n_workers, old[2].shape[0]), max(chunk_brows, old[2].shape[1])), np.int64),
         )
         _local.ws = ws
-    return ws
+    return ws[0][:n_workers], ws[1][:n_workers], ws[2][:n_workers]
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -120,8 +120,12 @@ def _kernel_code(block: tuple[int, int]) -> int:
     return {(1, 1): 2, (1, 4): 3}.get(block, 0)
 
 
-def _plan(w: BlockSparseMatrix, tokens: int, threads: int) -> tuple[int, int]:
-    """(block rows per task chunk, input columns per panel)."""
+def _plan(w: BlockSparseMatrix, tokens: int, threads: int) -> tuple[int, int, int, int]:
+    """(block rows per task, block rows per accumulator sub-chunk, input columns per panel, tasks).
+
+    Rows are split across tasks only as far as needed to give every thread the same number of tasks
+    (``threads / gcd(tiles, threads)`` chunks per tile), so a tile is packed as few times as possible; inside a
+    task the rows run in sub-chunks whose accumulator (``_ACC_BYTES``) stays in L2."""
     T = TILE_TOKENS
     br, bc = w.block
     n_in = w.in_features
@@ -131,13 +135,25 @@ def _plan(w: BlockSparseMatrix, tokens: int, threads: int) -> tuple[int, int]:
         n_panels = -(-(n_in * T * 4) // _PANEL_BYTES)
         per = -(-n_in // n_panels)
         panel = -(-per // bc) * bc  # whole blocks per panel
-    chunk = max(1, _ACC_BYTES // (T * 4 * br))
     n_tiles = -(-tokens // T)
-    if n_tiles < threads:  # not enough token tiles: split the rows so every thread gets work
-        chunk = min(chunk, -(-nbr // -(-threads // n_tiles)))
+    n_chunks = min(nbr, threads // math.gcd(n_tiles, threads))
+    chunk = -(-nbr // n_chunks)
     n_chunks = -(-nbr // chunk)
-    chunk = -(-nbr // n_chunks)  # balance the chunks
-    return max(1, chunk), panel
+    sub = min(chunk, max(1, _ACC_BYTES // (T * 4 * br)))
+    return chunk, sub, panel, n_tiles * n_chunks
+
+
+_EMPTY1 = np.zeros(1, dtype=np.float32)
+_EMPTY2 = np.zeros((1, 1), dtype=np.float32)
+_FLAGS: dict = {}
+_jit = None
+
+
+def _flags(key: tuple) -> np.ndarray:
+    f = _FLAGS.get(key)
+    if f is None:
+        f = _FLAGS[key] = np.array(key, dtype=np.int64)
+    return f
 
 
 def spmm(
@@ -174,39 +190,55 @@ def spmm(
             raise ValueError("out may be residual itself but must not partially overlap it")
     if M == 0:
         return out
-    from .threads import get_num_threads, num_threads
+    if threads is not None:
+        from .threads import num_threads
 
-    with num_threads(threads):
-        n_threads = get_num_threads()
-        chunk, panel = _plan(w, M, n_threads)
-        from . import _jit
+        with num_threads(threads):
+            return _run(x, w, activation, residual, out)
+    return _run(x, w, activation, residual, out)
 
-        br, bc = w.block
-        n_tasks = -(-M // TILE_TOKENS) * -(-(w.out_features // br) // chunk)
-        n_workers = min(n_threads, n_tasks)
-        xt_ws, acc_ws, cur_ws = _workspace(n_workers, min(panel, w.in_features), chunk * br, chunk)
-        flags = np.array(
-            [w.scales is not None, w.bias is not None, _ACT[activation], residual is not None], dtype=np.int64
-        )
-        empty = np.zeros(1, dtype=np.float32)
-        _jit.spmm_f32act(
-            x,
-            w.indptr,
-            w.indices,
-            w.data,
-            _kernel_code(w.block),
-            w.scales if w.scales is not None else empty,
-            w.bias if w.bias is not None else empty,
-            residual if residual is not None else np.zeros((1, 1), dtype=np.float32),
-            out,
-            flags,
-            chunk,
-            panel,
-            n_tasks,
-            xt_ws[:n_workers],
-            acc_ws[:n_workers],
-            cur_ws[:n_workers],
-        )
+
+def _run(x, w, activation, residual, out):
+    """The jitted call, with the per-(matrix, tokens, threads) plan cached on the matrix."""
+    global _jit
+    if _jit is None:
+        from . import _jit as jit_module
+
+        _jit = jit_module
+    import numba
+
+    M = x.shape[0]
+    n_threads = numba.get_num_threads()
+    key = ("plan", M, n_threads)
+    plan = w._cache.get(key)
+    if plan is None:
+        if len(w._cache) > 64:
+            w._cache.clear()
+        chunk, sub, panel, n_tasks = _plan(w, M, n_threads)
+        plan = w._cache[key] = (chunk, sub, panel, n_tasks, min(n_threads, n_tasks), _kernel_code(w.block))
+    chunk, sub, panel, n_tasks, n_workers, code = plan
+    br = w.block[0]
+    xt_ws, acc_ws, cur_ws = _workspace(n_workers, min(panel, w.in_features), sub * br, sub)
+    flags = _flags((w.scales is not None, w.bias is not None, _ACT[activation], residual is not None))
+    _jit.spmm_f32act(
+        x,
+        w.indptr,
+        w.indices,
+        w.data,
+        code,
+        w.scales if w.scales is not None else _EMPTY1,
+        w.bias if w.bias is not None else _EMPTY1,
+        residual if residual is not None else _EMPTY2,
+        out,
+        flags,
+        chunk,
+        sub,
+        panel,
+        n_tasks,
+        xt_ws,
+        acc_ws,
+        cur_ws,
+    )
     return out
 
 

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with a check that the zeros follow the block pattern.")
     p.add_argument("args", nargs=argparse.REMAINDER, help="RUN_OR_MODEL_DIR [--json] [--block 4x1]")
 
+    p = sub.add_parser("search", help="search length configurations under a FLOPs budget",
+                       description="Evolutionary search over per-layer kept lengths of a length-adaptive run: "
+                                   "'sparsify search --help' shows the options.", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="RUN_DIR --budget FRACTION [...]")
+
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks: 'sparsify bench kernels --help'.")
     p.add_argument("what", choices=["kernels"], help="what to benchmark")
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
@@ -129,6 +134,10 @@ def _run(args) -> int:
         from sparsify.sparsity import main as report_main
 
         return report_main(args.args)
+    if args.command == "search":
+        from sparsify.techniques.length_adaptive.search import main as search_main
+
+        return search_main(args.args)
     if args.command == "bench":
         from sparsify.kernels.bench import main as bench_main
 

@@ -260,7 +260,8 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
         length_config = {"lengths": lengths, "unit": "ratio" if isinstance(lengths[0], float) else "tokens",
                          "source": "length_config.json"}
     id2label = config.get("id2label") or {}
-    labels = [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(len(id2label))]
+    n_labels = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else len(id2label)
+    labels = [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(n_labels)]
     arch_keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size", "hidden_act", "layer_norm_eps", "max_position_embeddings", "type_vocab_size",
                  "vocab_size", "position_embedding_type", "pad_token_id")
@@ -359,7 +360,9 @@ def export_onnx(model, path: Path, *, opset: int = 17, seq_len: int = 16) -> Pat
         import onnx
     except ImportError:
         raise SparsifyError("--format onnx needs the 'onnx' package (pip install 'sparsify-encoders[bench]')") from None
-    model.eval()
+    import copy
+
+    model = copy.deepcopy(model).eval()  # tracing changes the module's state (its outputs drift afterwards)
     seq_len = min(seq_len, model.config.max_position_embeddings)
     ids = torch.randint(5, min(100, model.config.vocab_size), (2, seq_len))
     mask = torch.ones_like(ids)

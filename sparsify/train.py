@@ -6,6 +6,7 @@ Everything a user's input can break (recipe, data, model, techniques vs the mode
 directory is created. Then the loop runs; each compression technique is called explicitly where it acts:
 
     loss = distiller.loss(...)          the loss terms (distillation)
+    loss = lengthdrop.loss(...)         + sub-models at sampled lengths, distilled from the full model
     pruner.mask_gradients()             after backward, before the optimizer step
     optimizer.step(); pruner.step()     masks applied right after every optimizer step
 
@@ -114,6 +115,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     task = recipe.data.metric_task
     techniques = build_techniques(recipe)
     pruner, distiller = techniques.get("pruning"), techniques.get("distillation")
+    lengthdrop = techniques.get("length_adaptive")
     model = _located(recipe, ("model", "name_or_path"), load_classifier, recipe.model.name_or_path,
                      num_labels=data.num_labels, label_names=data.label_names, revision=recipe.model.revision,
                      is_regression=data.is_regression, dropout=recipe.model.dropout)
@@ -158,6 +160,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             distiller.prepare(model, teacher, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
         except FieldError as e:
             raise _technique_error(recipe, "distillation", e) from None
+    if lengthdrop is not None:
+        try:
+            lengthdrop.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps, seed=tc.seed)
+        except FieldError as e:
+            raise _technique_error(recipe, "length_adaptive", e) from None
 
     run_dir, resume_from = _prepare_run_dir(recipe, resume, overwrite)
     accelerator.wait_for_everyone()  # every process has looked at the directory before the main one writes
@@ -195,6 +202,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(model, eval_dl, task, is_regression=data.is_regression, accelerator=accelerator)
+        if lengthdrop is not None and lengthdrop.eval_forward() is not None:  # also at the recipe's length_config
+            at_length = evaluate(model, eval_dl, task, is_regression=data.is_regression, accelerator=accelerator,
+                                 forward=lengthdrop.eval_forward())
+            metrics.update({f"length_config_{k}": v for k, v in at_length.items()})
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         state["evals"].append({"step": step, **metrics})
         eligible = pruner is None or pruner.finished(step)
@@ -237,6 +248,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                 else:
                     outputs = model(**inputs)
                     loss, terms = outputs.loss, {}
+                if lengthdrop is not None:  # + the smallest and random sub-models, distilled from these outputs
+                    loss, length_terms = lengthdrop.loss(model, inputs, outputs, loss, step=step)
+                    terms = {**terms, **length_terms}
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if pruner is not None:
@@ -296,6 +310,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             if (run_dir / "model").exists():
                 shutil.rmtree(run_dir / "model")
             shutil.copytree(run_dir / "best", run_dir / "model")
+        if lengthdrop is not None:
+            lengthdrop.save_length_config(run_dir / "model")  # the recipe's length_config, if any
         summary = {
             "task": task,
             "metrics": {k: v for k, v in chosen.items() if k != "step"},

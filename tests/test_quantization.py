@@ -562,3 +562,29 @@ def test_finalize_leaves_a_fake_quant_eval_model():
     assert quantizer.frozen and quantizer.active and not model.training
     converted = quantizer.convert(model)
     assert len(converted) == 12 and all(e["input_bits"] == 8 for e in converted.values())
+
+
+# -- through the recipe loader --------------------------------------------------------------------------------
+
+
+def test_recipe_errors_name_the_key_and_line(make_recipe, monkeypatch):
+    from sparsify.errors import RecipeError
+    from sparsify.recipe import load_recipe
+    from sparsify.techniques import TECHNIQUES, TechniqueEntry
+
+    # the registry line (idempotent if it is already there)
+    monkeypatch.setitem(TECHNIQUES, "quantization", TechniqueEntry(
+        QuantizationConfig, "sparsify.techniques.quantization.quantizer:Quantizer"))
+    pruning = {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "end_step": 6}
+    recipe = load_recipe(make_recipe(techniques=[pruning, {"kind": "quantization", "start_step": 6,
+                                                           "peg": {"groups": 4}}]))
+    assert recipe.technique("quantization").peg.groups == 4
+    assert TECHNIQUES["quantization"].load() is Quantizer
+    with pytest.raises(RecipeError, match=r"recipe\d+\.yaml:\d+: techniques\[1\]\.start_step: .*before pruning ends"):
+        load_recipe(make_recipe(techniques=[pruning, {"kind": "quantization", "start_step": 3}]))
+    with pytest.raises(RecipeError, match=r"techniques\[0\]\.bits"):
+        load_recipe(make_recipe(techniques=[{"kind": "quantization", "bits": 4}]))
+    with pytest.raises(RecipeError, match=r"techniques\[0\]\.peg\.groups"):
+        load_recipe(make_recipe(techniques=[{"kind": "quantization", "peg": {"groups": 0}}]))
+    with pytest.raises(RecipeError, match=r"techniques\[1\]\.mode"):
+        load_recipe(make_recipe(techniques=[pruning, {"kind": "quantization", "mode": "ptq"}]))

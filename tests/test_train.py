@@ -63,12 +63,14 @@ PRUNE_AND_DISTILL = {
     "techniques": [
         {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 1, "end_step": 8, "update_every": 2},
         {"kind": "distillation", "logits": {"weight": 1.0}, "hidden": {"weight": 1.0}, "minilm": {"weight": 1.0}},
+        {"kind": "length_adaptive", "length_drop_ratio_bound": 0.2, "num_sandwich": 1, "start_step": 2,
+         "length_config": [0.8, 0.6]},
     ],
 }
 
 
 @pytest.mark.parametrize("kill_at", [4, 8])
-@pytest.mark.parametrize("techniques", [False, True], ids=["dense", "prune+distill"])
+@pytest.mark.parametrize("techniques", [False, True], ids=["dense", "prune+distill+lengthdrop"])
 def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, monkeypatch, kill_at, techniques):
     # 12 micro-batches per epoch, accumulation 2 -> 6 steps per epoch; 10 steps cross an epoch boundary, and the
     # kill points sit mid-epoch 0 and mid-epoch 1, so the data position, RNG (dropout), optimizer, schedule and
@@ -104,6 +106,10 @@ def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, mon
     if techniques:
         report = json.loads((output_dir(killed) / "sparsity.json").read_text())
         assert report["total"]["follows_block"] and abs(report["total"]["sparsity"] - 0.5) < 0.01
+        length_config = json.loads((output_dir(killed) / "model" / "length_config.json").read_text())
+        assert length_config  # the recipe's length configuration travels with the model
+        metrics = json.loads((output_dir(killed) / "metrics.json").read_text())
+        assert "length_config_accuracy" in metrics["metrics"]
 
 
 def test_pruning_run_reports_measured_sparsity(make_recipe, tiny_model_dir):

@@ -10,6 +10,7 @@ import importlib
 from dataclasses import dataclass
 
 from sparsify.techniques.distillation.config import DistillationConfig
+from sparsify.techniques.length_adaptive.config import LengthAdaptiveConfig
 from sparsify.techniques.pruning.config import PruningConfig
 
 
@@ -26,4 +27,5 @@ class TechniqueEntry:
 TECHNIQUES: dict[str, TechniqueEntry] = {
     "pruning": TechniqueEntry(PruningConfig, "sparsify.techniques.pruning.pruner:BlockPruner"),
     "distillation": TechniqueEntry(DistillationConfig, "sparsify.techniques.distillation.distiller:Distiller"),
+    "length_adaptive": TechniqueEntry(LengthAdaptiveConfig, "sparsify.techniques.length_adaptive.lengthdrop:LengthDrop"),
 }

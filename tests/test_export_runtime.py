@@ -1,0 +1,381 @@
+"""Export (sparsify / hf / onnx) and the CPU runtime: round trip, corrupted artifacts, parity with PyTorch for
+several block shapes and int8, length configurations, predict CLI and a benchmark smoke run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sparsify.errors import SparsifyError  # noqa: E402
+from sparsify.export import export, main as export_main  # noqa: E402
+from sparsify.runtime import ArtifactError, SparseModel  # noqa: E402
+from sparsify.runtime.model import FORMAT_VERSION, MANIFEST, WEIGHTS, _drop_tokens  # noqa: E402
+
+TEXTS = ["the movie was good and fun", "a dull boring plot", "great", "the film is very bad and the music is sad",
+         "superb lovely story and a bright scene", "weak"]
+
+
+def _sparse_model_dir(src: Path, dst: Path, block, sparsity: float = 0.7, seed: int = 0) -> Path:
+    """The tiny fixture model with its encoder Linear weights pruned in ``block`` blocks and a sharper head."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(src).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.mul_(8.0 if name == "classifier" else 3.0)  # logits far from 0: a strict parity check
+                if "encoder" in name and block is not None:
+                    o, i = mod.weight.shape
+                    br, bc = block
+                    keep = torch.rand(o // br, i // bc) >= sparsity
+                    mod.weight.mul_(keep.repeat_interleave(br, 0).repeat_interleave(bc, 1))
+    model.save_pretrained(dst)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / f).is_file():
+            shutil.copyfile(src / f, dst / f)
+    return dst
+
+
+def _torch_logits(model_dir: Path, texts, max_length: int = 64):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = BertForSequenceClassification.from_pretrained(model_dir).eval()
+    batch = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits.numpy(), batch
+
+
+@pytest.fixture(scope="module")
+def sparse_4x1(tiny_model_dir, tmp_path_factory) -> Path:
+    return _sparse_model_dir(tiny_model_dir, tmp_path_factory.mktemp("m4x1"), (4, 1))
+
+
+@pytest.fixture(scope="module")
+def artifact(sparse_4x1, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "a"
+    export(sparse_4x1, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+def test_round_trip_manifest_and_predict(artifact, sparse_4x1):
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["architecture"]["num_hidden_layers"] == 2
+    assert manifest["labels"] == ["LABEL_0", "LABEL_1"]
+    assert set(manifest["files"]) >= {WEIGHTS, "tokenizer.json"}
+    layers = manifest["layers"]
+    assert len(layers) == 12 and all(m["block"] == "4x1" for m in layers.values())
+    assert all(0.5 < m["sparsity"] < 0.9 for m in layers.values())
+    assert manifest["size"]["weights_bytes"] < manifest["size"]["dense_fp32_bytes"]
+    model = SparseModel.from_pretrained(artifact, threads=1)
+    preds = model.predict(TEXTS, batch_size=4, return_probabilities=True)
+    assert len(preds) == len(TEXTS) and all(p["label"] in ("LABEL_0", "LABEL_1") for p in preds)
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-6 for p in preds)
+    ref, _ = _torch_logits(sparse_4x1, TEXTS)
+    assert [p["label"] for p in preds] == [f"LABEL_{i}" for i in ref.argmax(1)]
+
+
+@pytest.mark.parametrize("block", [(4, 1), (1, 4), (2, 2), (8, 1), (1, 1), None], ids=lambda b: "dense" if b is None
+                         else f"{b[0]}x{b[1]}")
+def test_parity_with_pytorch(tiny_model_dir, tmp_path, block):
+    src = _sparse_model_dir(tiny_model_dir, tmp_path / "m", block, sparsity=0.6)
+    export(src, tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    expect = None if block is None else f"{block[0]}x{block[1]}"
+    assert {m["block"] for m in manifest["layers"].values()} == {expect}
+    ref, batch = _torch_logits(src, TEXTS)
+    model = SparseModel.from_pretrained(tmp_path / "a", threads=2)
+    got = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    assert np.abs(ref).max() > 0.5  # a meaningful comparison
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(model.logits(TEXTS, batch_size=2), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_left_padding_and_torch_inputs(artifact, sparse_4x1):
+    ref, batch = _torch_logits(sparse_4x1, TEXTS[:3])
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    left_ids, left_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for b in range(len(ids)):  # move padding to the left; positions follow the padded row as in transformers
+        n = mask[b].sum()
+        left_ids[b, -n:], left_mask[b, -n:] = ids[b, :n], 1
+    from transformers import BertForSequenceClassification
+
+    with torch.no_grad():
+        left_ref = BertForSequenceClassification.from_pretrained(sparse_4x1).eval()(
+            input_ids=torch.from_numpy(left_ids), attention_mask=torch.from_numpy(left_mask)).logits.numpy()
+    model = SparseModel.from_pretrained(artifact, threads=1)
+    np.testing.assert_allclose(model(torch.from_numpy(left_ids), torch.from_numpy(left_mask)), left_ref, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _copy(artifact: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def _rewrite_manifest(path: Path, **changes) -> None:
+    m = json.loads((path / MANIFEST).read_text())
+    m.update(changes)
+    (path / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case", ["no_dir", "not_dir", "no_manifest", "manifest_not_json", "not_ours", "newer_version",
+                                  "missing_weights", "truncated_weights", "tampered_weights", "missing_tokenizer",
+                                  "manifest_missing_key", "path_escape"])
+def test_corrupted_artifact(artifact, tmp_path, case):
+    a = _copy(artifact, tmp_path)
+    expected = {
+        "no_dir": "no such artifact", "not_dir": "not a directory", "no_manifest": "not a sparsify artifact",
+        "manifest_not_json": "not valid JSON", "not_ours": "not a sparsify artifact manifest",
+        "newer_version": "newer than this sparsify supports", "missing_weights": "missing",
+        "truncated_weights": "truncated", "tampered_weights": "checksum mismatch",
+        "missing_tokenizer": "tokenizer.json: missing", "manifest_missing_key": "lacks the required key",
+        "path_escape": "outside the artifact",
+    }[case]
+    target = a
+    if case == "no_dir":
+        target = tmp_path / "nope"
+    elif case == "not_dir":
+        target = a / WEIGHTS
+    elif case == "no_manifest":
+        (a / MANIFEST).unlink()
+    elif case == "manifest_not_json":
+        (a / MANIFEST).write_text('{"format": "sparsify-artifact", ')
+    elif case == "not_ours":
+        _rewrite_manifest(a, format="something-else")
+    elif case == "newer_version":
+        _rewrite_manifest(a, format_version=FORMAT_VERSION + 1)
+    elif case == "missing_weights":
+        (a / WEIGHTS).unlink()
+    elif case == "truncated_weights":
+        data = (a / WEIGHTS).read_bytes()
+        (a / WEIGHTS).write_bytes(data[: len(data) // 2])
+    elif case == "tampered_weights":
+        data = bytearray((a / WEIGHTS).read_bytes())
+        data[-3] ^= 0xFF
+        (a / WEIGHTS).write_bytes(bytes(data))
+    elif case == "missing_tokenizer":
+        (a / "tokenizer.json").unlink()
+    elif case == "manifest_missing_key":
+        m = json.loads((a / MANIFEST).read_text())
+        del m["layers"]
+        (a / MANIFEST).write_text(json.dumps(m))
+    elif case == "path_escape":
+        m = json.loads((a / MANIFEST).read_text())
+        m["files"]["../evil"] = {"sha256": "0", "bytes": 1}
+        (a / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=expected):
+        SparseModel.from_pretrained(target)
+
+
+def test_corrupted_weights_without_verification_still_clear(artifact, tmp_path):
+    a = _copy(artifact, tmp_path)
+    (a / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    _rewrite_manifest(a, files={**json.loads((a / MANIFEST).read_text())["files"],
+                                WEIGHTS: {"sha256": "x", "bytes": (a / WEIGHTS).stat().st_size}})
+    with pytest.raises(ArtifactError, match="cannot read the weights"):
+        SparseModel.from_pretrained(a, verify=False)
+
+
+def test_bad_inputs(artifact):
+    model = SparseModel.from_pretrained(artifact, threads=1)
+    with pytest.raises(SparsifyError, match="empty"):
+        model.predict([])
+    with pytest.raises(SparsifyError, match="no real tokens"):
+        model(np.array([[2, 5, 3]]), np.array([[0, 0, 0]]))
+    with pytest.raises(SparsifyError, match="vocabulary"):
+        model(np.array([[2, 999, 3]]))
+    with pytest.raises(SparsifyError, match="exceeds"):
+        model(np.full((1, 65), 5))
+    assert model(np.zeros((0, 4), np.int64)).shape == (0, 2)
+    with pytest.warns(UserWarning, match="truncated"):
+        out = model.predict(["good " * 200, "bad"])
+    assert len(out) == 2
+
+
+# ------------------------------------------------------------------------------------------------ lengths
+def test_drop_tokens_keeps_cls_and_most_attended():
+    h = np.arange(10, dtype=np.float32)[:, None].repeat(3, 1).copy()
+    sig = np.array([0.0, 5, 1, 4, 2, 9, 0, 3, 1, 8], np.float32)  # seq A = rows 0-5, seq B = rows 6-9
+    starts, lens = np.array([0, 6], np.int64), np.array([6, 4], np.int64)
+    out, s2, l2 = _drop_tokens(h, sig, starts, lens, lens.copy(), 3)
+    assert l2.tolist() == [3, 3] and s2.tolist() == [0, 3]
+    assert out[:, 0].tolist() == [0, 1, 5, 6, 7, 9]  # [CLS] of each kept, then the most attended, in order
+    out, _, l3 = _drop_tokens(h, sig, starts, lens, lens.copy(), 0.5)  # ratio of the input length (ceil)
+    assert l3.tolist() == [3, 2]
+
+
+def test_length_config_honoured(sparse_4x1, tmp_path, monkeypatch):
+    import sparsify.runtime.model as rm
+
+    src = tmp_path / "m"
+    shutil.copytree(sparse_4x1, src)
+    (src / "length_config.json").write_text(json.dumps({"length_config": [4, 3]}))
+    export(src, tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    assert manifest["length_config"]["lengths"] == [4, 3]
+    seen = []
+    real = rm._drop_tokens
+
+    def spy(*args):
+        res = real(*args)
+        seen.append(res[2].tolist())
+        return res
+
+    monkeypatch.setattr(rm, "_drop_tokens", spy)
+    model = SparseModel.from_pretrained(tmp_path / "a", threads=1)
+    assert model.length_config == [4, 3]
+    texts = TEXTS[:4]
+    dropped = model.logits(texts)
+    assert seen == [[4, 4, 3, 4]]  # layer 0 keeps <= 4 tokens ("great" has 3); the last layer keeps only [CLS]
+    seen.clear()
+    full = model.logits(texts, length_config=None)
+    assert seen == []
+    ref, _ = _torch_logits(sparse_4x1, texts)
+    np.testing.assert_allclose(full, ref, atol=1e-4)
+    assert not np.allclose(dropped, ref, atol=1e-4)
+    # a configuration keeping every token reproduces the full-length model exactly
+    np.testing.assert_allclose(model.logits(texts, length_config=[64, 64]), full, atol=1e-6)
+    model.logits(texts, length_config=[0.5, 0.25])
+    assert seen[-1] == [4, 2, 2, 6]  # ceil(0.5 * input length): 8, 4, 3, 12 tokens -> 4, 2, 2, 6
+    with pytest.raises(SparsifyError, match="2 layers"):
+        model.logits(texts, length_config=[4])
+    with pytest.raises(SparsifyError, match="grows"):
+        model.logits(texts, length_config=[3, 4])
+
+
+# ------------------------------------------------------------------------------------------------ int8
+def _converted(model, calib_batch):
+    """A QAT-convert()-like dict: int8 per-channel weights + per-tensor asymmetric uint8 input parameters, and a
+    fake-quant torch reference with the same numbers."""
+    from sparsify.kernels.format import quantize_per_channel
+
+    ranges, hooks = {}, []
+    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n}
+    for n, m in lin.items():
+        hooks.append(m.register_forward_pre_hook(
+            lambda mod, args, n=n: ranges.__setitem__(n, (min(0.0, float(args[0].min())), float(args[0].max())))))
+    with torch.no_grad():
+        model(**calib_batch)
+    for h in hooks:
+        h.remove()
+    conv = {}
+    for n, m in lin.items():
+        q, s = quantize_per_channel(m.weight.detach().numpy())
+        lo, hi = ranges[n]
+        scale = (hi - lo) / 255.0
+        conv[n] = {"weight_int8": q, "weight_scale": s, "bias": m.bias.detach().numpy(), "input_scale": scale,
+                   "input_zero_point": float(np.rint(-lo / scale)), "input_groups": 1, "input_permutation": None,
+                   "bits": 8}
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+
+        def fq(mod, args, scale=scale, zp=conv[n]["input_zero_point"]):
+            x = args[0]
+            return ((torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale,)
+
+        m.register_forward_pre_hook(fq)
+    return conv
+
+
+def test_int8_parity_with_fake_quant(sparse_4x1, tmp_path):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(sparse_4x1)
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    model = BertForSequenceClassification.from_pretrained(sparse_4x1).eval()
+    conv = _converted(model, batch)
+    summary = export(sparse_4x1, tmp_path / "a", quantized=conv)
+    layers = summary["manifest"]["layers"]
+    assert all(m["dtype"] == "int8" and m["block"] == "4x1" and m["quantization"]["input"]["bits"] == 8
+               for m in layers.values())
+    with torch.no_grad():
+        ref = model(**batch).logits.numpy()
+    rt = SparseModel.from_pretrained(tmp_path / "a", threads=2)
+    got = rt(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
+    assert (got.argmax(1) == ref.argmax(1)).all()
+    # from disk: quantization.json + quantization.safetensors in the model directory
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "q"
+    shutil.copytree(sparse_4x1, src)
+    tensors = {f"{n}.{k}": np.asarray(v, np.float32 if k != "weight_int8" else np.int8)
+               for n, d in conv.items() for k, v in d.items() if k in ("weight_int8", "weight_scale", "bias")}
+    save_file(tensors, str(src / "quantization.safetensors"))
+    (src / "quantization.json").write_text(json.dumps({n: {k: v for k, v in d.items() if k not in (
+        "weight_int8", "weight_scale", "bias")} for n, d in conv.items()}))
+    export(src, tmp_path / "b")
+    np.testing.assert_allclose(SparseModel.from_pretrained(tmp_path / "b", threads=1)(
+        batch["input_ids"], batch["attention_mask"]), got, atol=1e-6)
+    # hf export: dense-equivalent dequantized weights load in plain transformers
+    export(src, tmp_path / "hf", format="hf")
+    hf = BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    w = hf.bert.encoder.layer[0].intermediate.dense.weight.detach().numpy()
+    c = conv["bert.encoder.layer.0.intermediate.dense"]
+    np.testing.assert_allclose(w, c["weight_int8"].astype(np.float32) * c["weight_scale"][:, None], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ hf / onnx / CLI
+def test_hf_export_loads_in_plain_transformers(sparse_4x1, tmp_path, capsys):
+    assert export_main([str(sparse_4x1), "-o", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert "dense fp32" in capsys.readouterr().out
+    ref, batch = _torch_logits(sparse_4x1, TEXTS)
+    got, _ = _torch_logits(tmp_path / "hf", TEXTS)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert export_main([str(sparse_4x1), "-o", str(tmp_path / "hf")]) == 2  # not empty, no --overwrite
+    assert "exists" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "missing"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_onnx_export_matches(sparse_4x1, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (bench extra)")
+    pytest.importorskip("onnx")
+    export(sparse_4x1, tmp_path / "o", format="onnx")
+    ref, batch = _torch_logits(sparse_4x1, TEXTS)
+    sess = ort.InferenceSession(str(tmp_path / "o" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {k: batch[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids")})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_predict_cli(artifact, tmp_path, capsys):
+    from sparsify.predict import main as predict_main
+
+    assert predict_main([str(artifact), "--text", "good fun", "--text", "bad", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("good fun")
+    f = tmp_path / "t.txt"
+    f.write_text("good\n\nbad\tdull\n")
+    assert predict_main([str(artifact), "--file", str(f), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["text"] for r in rows] == ["good", "bad | dull"]
+    f.write_text("\n")
+    assert predict_main([str(artifact), "--file", str(f)]) == 2
+    assert predict_main([str(tmp_path), "--text", "x"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_bench_quick_smoke(artifact, tmp_path, capsys):
+    from sparsify.bench_model import SCENARIOS, main as bench_main
+
+    out = tmp_path / "b.json"
+    assert bench_main([str(artifact), "--quick", "--json", str(out), "--methods", "sparsify,torch_fp32",
+                       "--threads", "1", "--no-cold-start"]) == 0
+    res = json.loads(out.read_text())
+    recs = res["records"]
+    assert {r["scenario"] for r in recs} == set(SCENARIOS)
+    assert {r["method"] for r in recs} == {"sparsify", "torch_fp32"}
+    for r in recs:
+        assert r["median_ms"] > 0 and r["items_per_s"] > 0 and r["speedup_vs_torch_fp32"] > 0
+    assert res["parity"]["argmax_agreement"] == 1.0
+    assert "speedup" in capsys.readouterr().out

@@ -20,12 +20,13 @@ Error against float64 on the dequantized weight (stated in the tests): ``|y - re
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
 import numpy as np
 
 from .format import BlockSparseMatrix
-from .spmm import _ACT, TILE_TOKENS, _check_out, _check_x, gelu_reference
+from .spmm import _ACT, TILE_TOKENS, _check_out, _check_x, _flags, gelu_reference
 
 __all__ = ["spmm_int8", "quantize_activations", "reference_spmm_int8", "has_avx2", "int8_backend", "QMAX"]
 
@@ -200,18 +201,23 @@ def spmm_int8(
 
     with num_threads(threads):
         n_threads = get_num_threads()
-        br = q.block[0]
-        nbr = q.out_features // br
-        n_tiles = -(-M // TILE_TOKENS)
-        # A task = (tile, chunk of block rows); rows are split only when there are fewer tiles than threads,
-        # so each tile is packed once per thread. Inside a task, sub-chunks of _ACC_ROWS rows keep the
-        # accumulators in L2.
-        chunk = -(-nbr // -(-n_threads // n_tiles)) if n_tiles < n_threads else nbr
-        n_tasks = n_tiles * -(-nbr // chunk)
-        n_workers = min(n_threads, n_tasks)
-        sub_rows = max(br, min(chunk * br, _ACC_ROWS // br * br))
+        key = ("int8plan", M, n_threads)
+        plan = w._cache.get(key)
+        if plan is None:
+            br = q.block[0]
+            nbr = q.out_features // br
+            n_tiles = -(-M // TILE_TOKENS)
+            # A task = (tile, chunk of block rows); rows are split only as far as needed to give every thread the
+            # same number of tasks, so a tile is packed as few times as possible. Inside a task, sub-chunks of
+            # _ACC_ROWS rows keep the accumulators in L2.
+            n_chunks = min(nbr, n_threads // math.gcd(n_tiles, n_threads))
+            chunk = -(-nbr // n_chunks)
+            n_tasks = n_tiles * -(-nbr // chunk)
+            sub_rows = max(br, min(chunk * br, _ACC_ROWS // br * br))
+            plan = w._cache[key] = (br, chunk, n_tasks, min(n_threads, n_tasks), sub_rows)
+        br, chunk, n_tasks, n_workers, sub_rows = plan
         xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, sub_rows)
-        flags = np.array([1, w.bias is not None, _ACT[activation], residual is not None], dtype=np.int64)
+        flags = _flags((1, w.bias is not None, _ACT[activation], residual is not None))
         bias = w.bias if w.bias is not None else _EMPTY1
         res = residual if residual is not None else _EMPTY2
         cscales = q.scales * np.float32(s_x)

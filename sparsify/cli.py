@@ -17,7 +17,15 @@ import sys
 
 from sparsify.errors import SparsifyError
 
-EPILOG = "Run 'sparsify COMMAND --help' for the options of a command. Docs: README.md and recipes/README.md."
+EPILOG = "Run 'sparsify COMMAND --help' for the options of a command. Docs: README.md and docs/recipes.md."
+
+
+# Commands whose options live with their implementation: 'sparsify NAME ARGS' calls MODULE.main(ARGS).
+DELEGATED = {
+    "report": ("sparsify.sparsity", "sparsity report of a saved model, measured from its zeros"),
+    "search": ("sparsify.techniques.length_adaptive.search", "search length configurations under a FLOPs budget"),
+    "bench": ("sparsify.bench", "benchmarks: 'sparsify bench kernels ...'"),
+}
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -68,26 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     rsub.add_parser("reference", help="print the reference of every recipe key (Markdown)",
                     description="Print every recipe key with its type, default and meaning, from the configs.")
 
-    p = sub.add_parser("report", help="sparsity report of a saved model",
-                       description="Per-layer sparsity measured from the actual zeros of a saved model's weights, "
-                                   "with a check that the zeros follow the block pattern.")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="RUN_OR_MODEL_DIR [--json] [--block 4x1]")
-
-    p = sub.add_parser("search", help="search length configurations under a FLOPs budget",
-                       description="Evolutionary search over per-layer kept lengths of a length-adaptive run: "
-                                   "'sparsify search --help' shows the options.", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="RUN_DIR --budget FRACTION [...]")
-
-    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks: 'sparsify bench kernels --help'.")
-    p.add_argument("what", choices=["kernels"], help="what to benchmark")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # options: 'sparsify NAME --help'
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return _run(args)
+        if argv and argv[0] in DELEGATED:
+            import importlib
+
+            return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+        return _run(build_parser().parse_args(argv))
     except SparsifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -130,18 +131,6 @@ def _run(args) -> int:
             for k, v in metrics.items():
                 print(f"{k:>22s}  {v:.4f}" if isinstance(v, float) else f"{k:>22s}  {v}")
         return 0
-    if args.command == "report":
-        from sparsify.sparsity import main as report_main
-
-        return report_main(args.args)
-    if args.command == "search":
-        from sparsify.techniques.length_adaptive.search import main as search_main
-
-        return search_main(args.args)
-    if args.command == "bench":
-        from sparsify.kernels.bench import main as bench_main
-
-        return bench_main(args.args)
     raise AssertionError(args.command)
 
 

@@ -47,3 +47,13 @@ def test_sparsify_kernels_maps_to_the_kernels_folder():
     import sparsify.kernels
 
     assert Path(sparsify.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
+
+
+def test_every_command_has_help():
+    from sparsify.cli import DELEGATED, main
+
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["recipe", "check", "--help"],
+                 ["recipe", "reference", "--help"], *[[name, "--help"] for name in DELEGATED], ["bench", "kernels", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "sparsify", *argv], capture_output=True, text=True)
+        assert out.returncode == 0, (argv, out.stderr)
+        assert "usage: sparsify" in out.stdout + out.stderr, argv

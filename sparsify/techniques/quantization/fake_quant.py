@@ -37,7 +37,7 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return grad, None, None, None, None
+        return grad * inside.to(grad.dtype), None, None, None, None
 
 
 def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:

@@ -375,7 +375,7 @@ class Quantizer:
             if not self._active and step >= self.start_step:
                 self._active = True
                 log.info("quantization: fake quantization on from optimizer step %d", step)
-            if self._active and not self.frozen and step >= self.freeze_step:
+            if self._active and not self.frozen and step > self.freeze_step:
                 self.freeze()
         self.last_step = step
         return self.scalars()

@@ -9,6 +9,10 @@ directory is created. Then the loop runs; each compression technique is called e
     loss = lengthdrop.loss(...)         + sub-models at sampled lengths, distilled from the full model
     pruner.mask_gradients()             after backward, before the optimizer step
     optimizer.step(); pruner.step()     masks applied right after every optimizer step
+    quantizer.step()                    fake quantization on from its start step, observers frozen after warm-up
+
+A quantization recipe with ``mode: ptq`` trains nothing: the observers are calibrated on training batches and
+the model is evaluated and saved (0 optimizer steps).
 
 Schedules count optimizer steps; ``training.epochs`` is converted with the data size, the gradient
 accumulation and the number of processes. The same recipe runs on one process or under ``accelerate launch``.
@@ -98,6 +102,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     tc = recipe.training
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
+    _reset_accelerate_state(tc.mixed_precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
         mixed_precision=tc.mixed_precision,
@@ -116,6 +121,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     techniques = build_techniques(recipe)
     pruner, distiller = techniques.get("pruning"), techniques.get("distillation")
     lengthdrop = techniques.get("length_adaptive")
+    quantizer = techniques.get("quantization")
+    ptq = quantizer is not None and quantizer.config.mode == "ptq"
     model = _located(recipe, ("model", "name_or_path"), load_classifier, recipe.model.name_or_path,
                      num_labels=data.num_labels, label_names=data.label_names, revision=recipe.model.revision,
                      is_regression=data.is_regression, dropout=recipe.model.dropout)
@@ -149,6 +156,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     train_dl, eval_dl = accelerator.prepare(train_dl, eval_dl)
     steps_per_epoch = math.ceil(len(train_dl) / tc.gradient_accumulation_steps)
     total_steps = tc.steps if tc.steps is not None else math.ceil(tc.epochs * steps_per_epoch)
+    if ptq:
+        total_steps = 0  # post-training quantization: calibration instead of training
 
     if pruner is not None:
         try:
@@ -165,6 +174,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             lengthdrop.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps, seed=tc.seed)
         except FieldError as e:
             raise _technique_error(recipe, "length_adaptive", e) from None
+    if quantizer is not None:  # last: fake quantization wraps the forward of the final modules, masks inside
+        try:
+            quantizer.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                              masks=(lambda: pruner.masks) if pruner is not None else None)
+        except FieldError as e:
+            raise _technique_error(recipe, "quantization", e) from None
 
     run_dir, resume_from = _prepare_run_dir(recipe, resume, overwrite)
     accelerator.wait_for_everyone()  # every process has looked at the directory before the main one writes
@@ -184,6 +199,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if distiller is not None and distiller.parameters():
         groups.append({"params": distiller.parameters(), "weight_decay": tc.weight_decay})
+    if quantizer is not None and quantizer.parameters():  # LSQ scales
+        groups.append({"params": quantizer.parameters(), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=tc.learning_rate, eps=tc.adam_epsilon)
     warmup = tc.warmup_steps if tc.warmup_steps is not None else round(tc.warmup_ratio * total_steps)
     scheduler = get_scheduler(tc.lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
@@ -197,6 +214,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         for kind, technique in techniques.items():
             technique.load_state_dict(technique_states[kind])
         accelerator.print(f"resuming from {resume_from} (optimizer step {state['step']} of {total_steps})")
+    if ptq and not quantizer.frozen:
+        accelerator.print(f"post-training quantization: calibrating on {quantizer.config.num_calibration_batches} "
+                          "training batches, no training")
+        quantizer.calibrate(model, train_dl)
 
     best_metric = tc.metric_for_best or main_metric(task)
 
@@ -208,11 +229,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             metrics.update({f"length_config_{k}": v for k, v in at_length.items()})
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         state["evals"].append({"step": step, **metrics})
-        eligible = pruner is None or pruner.finished(step)
+        eligible = (pruner is None or pruner.finished(step)) and (quantizer is None or quantizer.frozen)
         if tc.select_best and eligible and best_metric in metrics:
             if state["best"] is None or metrics[best_metric] > state["best"][best_metric]:
                 state["best"] = {"step": step, **metrics}
-                _save_model(accelerator, plain_model, tokenizer, run_dir / "best")
+                _save_model(accelerator, plain_model, tokenizer, run_dir / "best", quantizer)
         return metrics
 
     def save_checkpoint(step: int) -> None:
@@ -274,6 +295,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             step += 1
             state["step"] = step
             logs = pruner.step(step, optimizer) if pruner is not None else {}
+            if quantizer is not None:
+                logs.update(quantizer.step(step))  # after the masks: switches on / freezes when due
             bar.update(1)
             if step % tc.log_every == 0 or step == total_steps:
                 logs.update({"train/loss": running_loss / micro, "train/lr": scheduler.get_last_lr()[0]})
@@ -305,7 +328,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     elapsed = state["elapsed"] + time.monotonic() - started
     if accelerator.is_main_process:
         if chosen is final:
-            _save_model(accelerator, plain_model, tokenizer, run_dir / "model")
+            _save_model(accelerator, plain_model, tokenizer, run_dir / "model", quantizer)
         else:
             if (run_dir / "model").exists():
                 shutil.rmtree(run_dir / "model")
@@ -344,6 +367,15 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     return run_dir
 
 
+def _reset_accelerate_state(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state; a second run in the same process (a notebook, the tests) with
+    another mixed-precision setting must start from a clean one."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def _located(recipe, key, fn, *args, **kwargs):
     """Call a loader; a user error is reported against the recipe key it came from."""
     try:
@@ -356,12 +388,18 @@ def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "norm" in name.lower()
 
 
-def _save_model(accelerator, model, tokenizer, path: Path) -> None:
+def _save_model(accelerator, model, tokenizer, path: Path, quantizer=None) -> None:
     if accelerator.is_main_process:
         if path.exists():
             shutil.rmtree(path)
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
+        if quantizer is not None and quantizer.frozen:
+            # int8 weights + scales and the frozen activation parameters: quantization.{json,safetensors}, which
+            # the export reads from the model directory
+            from sparsify.techniques.quantization.convert import convert_activations, save_converted
+
+            save_converted(path, quantizer.convert(model), convert_activations(quantizer))
 
 
 def _hparams(recipe: Recipe) -> dict:

@@ -382,6 +382,27 @@ def test_fake_quant_and_converted_models_agree(extra):
         assert not torch.allclose(reference(input_ids=x).logits, real, atol=1e-7)  # the float model again
 
 
+def test_converted_files_round_trip_without_pickle(tmp_path):
+    from sparsify.techniques.quantization import read_converted, save_converted
+
+    model = tiny_bert()
+    quantizer = calibrate(model, [{"input_ids": batch()[0]}], QuantizationConfig(
+        mode="ptq", calibration_batches=1, peg={"groups": 4}, activations={"residual_sums": True}))
+    converted, activations = quantizer.convert(), convert_activations(quantizer)
+    save_converted(tmp_path, converted, activations)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quantization.json", "quantization.safetensors"]
+    loaded, loaded_activations = read_converted(tmp_path)
+    for original, back in ((converted, loaded), (activations, loaded_activations)):
+        assert set(original) == set(back)
+        for name, entry in original.items():
+            assert set(entry) == set(back[name]), name
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    assert value.dtype == back[name][key].dtype and torch.equal(value, back[name][key]), (name, key)
+                else:
+                    assert value == back[name][key], (name, key)
+
+
 def test_convert_needs_frozen_observers():
     from sparsify.errors import SparsifyError
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sparsify.techniques.distillation.config import DistillationConfig
 from sparsify.techniques.length_adaptive.config import LengthAdaptiveConfig
 from sparsify.techniques.pruning.config import PruningConfig
+from sparsify.techniques.quantization.config import QuantizationConfig
 
 
 @dataclass(frozen=True)
@@ -28,4 +29,5 @@ TECHNIQUES: dict[str, TechniqueEntry] = {
     "pruning": TechniqueEntry(PruningConfig, "sparsify.techniques.pruning.pruner:BlockPruner"),
     "distillation": TechniqueEntry(DistillationConfig, "sparsify.techniques.distillation.distiller:Distiller"),
     "length_adaptive": TechniqueEntry(LengthAdaptiveConfig, "sparsify.techniques.length_adaptive.lengthdrop:LengthDrop"),
+    "quantization": TechniqueEntry(QuantizationConfig, "sparsify.techniques.quantization.quantizer:Quantizer"),
 }

@@ -28,6 +28,8 @@ __all__ = [
     "int8_linear",
     "load_converted",
     "peg",
+    "read_converted",
+    "save_converted",
 ]
 
 _LAZY = {
@@ -36,6 +38,8 @@ _LAZY = {
     "convert_activations": ("sparsify.techniques.quantization.convert", "convert_activations"),
     "int8_linear": ("sparsify.techniques.quantization.convert", "int8_linear"),
     "load_converted": ("sparsify.techniques.quantization.convert", "load_converted"),
+    "read_converted": ("sparsify.techniques.quantization.convert", "read_converted"),
+    "save_converted": ("sparsify.techniques.quantization.convert", "save_converted"),
 }
 
 

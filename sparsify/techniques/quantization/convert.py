@@ -104,6 +104,75 @@ def convert_activations(quantizer) -> dict[str, dict]:
     return {name: _point_params(quantizer, p) for name, p in quantizer.points.items() if name not in linear_inputs}
 
 
+# -- files --------------------------------------------------------------------------------------------------
+
+CONVENTION = {
+    "weight": "int8 codes in [-127, 127], symmetric, per output channel: w = weight_int8 * weight_scale[:, None]",
+    "input": "uint8 codes in [0, 255]: x = (code - input_zero_point) * input_scale, per tensor or per group; group g "
+             "holds the input features input_permutation[g * in/K : (g + 1) * in/K] (contiguous when null)",
+    "rounding": "half to even",
+}
+
+
+def save_converted(directory, converted: Mapping[str, Mapping], activations: Mapping[str, Mapping] | None = None) -> None:
+    """Write ``quantization.json`` (non-tensor fields, per module) and ``quantization.safetensors`` (tensors as
+    ``MODULE.FIELD``) into ``directory``: the files :mod:`sparsify.export` reads from a model directory. No
+    pickle."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, modules = {}, {}
+    for name, entry in converted.items():
+        fields = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                fields[key] = value
+        modules[name] = fields
+    extra = {}
+    for name, params in (activations or {}).items():
+        fields = {}
+        for key, value in params.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"activation:{name}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                fields[key] = value
+        extra[name] = fields
+    save_file(tensors, str(directory / "quantization.safetensors"))
+    doc = {"format": "sparsify-quantization/1", "convention": CONVENTION, "modules": modules, "activations": extra}
+    (directory / "quantization.json").write_text(json.dumps(doc, indent=1))
+
+
+def read_converted(directory) -> tuple[dict[str, dict], dict[str, dict]]:
+    """``(converted, activations)`` as written by :func:`save_converted`, with torch tensors."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    doc = json.loads((directory / "quantization.json").read_text())
+    tensors = load_file(str(directory / "quantization.safetensors"))
+
+    def collect(section: dict, prefix: str) -> dict[str, dict]:
+        out = {}
+        for name, fields in section.items():
+            entry = dict(fields)
+            head = f"{prefix}{name}."
+            for key, value in tensors.items():
+                if key.startswith(head) and "." not in key[len(head):]:
+                    entry[key[len(head):]] = value
+            out[name] = entry
+        return out
+
+    return collect(doc["modules"], ""), collect(doc.get("activations", {}), "activation:")
+
+
 # -- the integer reference --------------------------------------------------------------------------------
 
 

@@ -318,18 +318,19 @@ class Quantizer:
         if not observer.initialized and point.scale is None:
             return x
         scale, zero_point, index = self._qparams(point, x.device)
+        xf = x.float()  # quantize in float32, also under bf16 autocast
         if point.lsq is not None and self.frozen:
             s = torch.clamp(point.lsq, min=_MIN_SCALE)
             if index is not None:
                 s, zero_point = peg_ops.expand(s, index), peg_ops.expand(zero_point, index)
-            y = lsq_fake_quantize(x, s.to(x.dtype), zero_point, ACT_QMIN, ACT_QMAX)
+            y = lsq_fake_quantize(xf, s.float(), zero_point, ACT_QMIN, ACT_QMAX)
         else:
             if index is not None:
                 scale, zero_point = peg_ops.expand(scale, index), peg_ops.expand(zero_point, index)
-            y = fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), ACT_QMIN, ACT_QMAX)
+            y = fake_quantize(xf, scale.float(), zero_point.float(), ACT_QMIN, ACT_QMAX)
         with torch.no_grad():
-            point.error = (y.detach() - x.detach()).float().pow(2).mean() / x.detach().float().pow(2).mean().clamp(min=1e-12)
-        return y
+            point.error = (y.detach() - xf.detach()).pow(2).mean() / xf.detach().pow(2).mean().clamp(min=1e-12)
+        return y.to(x.dtype)
 
     def _qparams(self, point: _Point, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(scale, zero_point, group index or None): the frozen ones, or those of the observer's current range."""
@@ -375,7 +376,7 @@ class Quantizer:
             if not self._active and step >= self.start_step:
                 self._active = True
                 log.info("quantization: fake quantization on from optimizer step %d", step)
-            if self._active and not self.frozen and step > self.freeze_step:
+            if self._active and not self.frozen and step >= self.freeze_step:
                 self.freeze()
         self.last_step = step
         return self.scalars()

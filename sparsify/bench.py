@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = {
     "kernels": ("sparsify.kernels.bench", "block-sparse SpMM against torch dense / CSR and DeepSparse"),
+    "model": ("sparsify.bench_model", "an exported artifact against PyTorch, onnxruntime and DeepSparse"),
 }
 
 

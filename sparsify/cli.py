@@ -4,7 +4,10 @@
     sparsify eval MODEL_DIR --task sst2 [--split validation] [--json]
     sparsify recipe check RECIPE [--set ...] [--print]
     sparsify report RUN_OR_MODEL_DIR [--json]
-    sparsify bench kernels [...]
+    sparsify search RUN_DIR --budget 0.5
+    sparsify export RUN_OR_MODEL_DIR -o OUT [--format sparsify|hf|onnx]
+    sparsify predict ARTIFACT --text "..." | --file texts.txt
+    sparsify bench kernels [...] | sparsify bench model ARTIFACT [...]
 
 A user mistake prints one line starting with ``error:`` and exits with status 2; no traceback.
 """
@@ -24,7 +27,9 @@ EPILOG = "Run 'sparsify COMMAND --help' for the options of a command. Docs: READ
 DELEGATED = {
     "report": ("sparsify.sparsity", "sparsity report of a saved model, measured from its zeros"),
     "search": ("sparsify.techniques.length_adaptive.search", "search length configurations under a FLOPs budget"),
-    "bench": ("sparsify.bench", "benchmarks: 'sparsify bench kernels ...'"),
+    "export": ("sparsify.export", "export a run or model as a compressed artifact (or --format hf / onnx)"),
+    "predict": ("sparsify.predict", "predict with an exported artifact on CPU"),
+    "bench": ("sparsify.bench", "benchmarks: 'sparsify bench kernels ...', 'sparsify bench model ARTIFACT ...'"),
 }
 
 

@@ -116,8 +116,8 @@ def _np(v: Any):
 
 def _input_quant(q: dict, in_features: int, name: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """Per-feature activation scale / zero point (groups and permutation resolved) and the JSON description."""
-    if q.get("input_scale") is None:
-        return None
+    if q.get("input_scale") is None or int(q.get("input_bits", q.get("bits", 8))) != 8:
+        return None  # not quantized, or kept 16-bit (fp16 rounding is not replayed by the runtime)
     scale = np.atleast_1d(np.asarray(q["input_scale"], np.float32)).ravel()
     zp = np.atleast_1d(np.asarray(q.get("input_zero_point", 0), np.float32)).ravel()
     groups = int(q.get("input_groups") or scale.size)
@@ -207,14 +207,15 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
                                     f"weight {w.shape}")
             if q.get("bias") is not None:
                 bias = np.asarray(q["bias"], np.float32)
-            w_eff = qw.astype(np.float32)  # zeros of the int8 weight are the pattern
+            # the pattern comes from the float weight (rounding to int8 adds stray zeros) and from the int8 one
+            w_eff = np.where((w != 0) | (qw != 0), np.float32(1), np.float32(0))
         else:
             qw, scale, w_eff = None, None, w
         block, sparsity = _infer_block(np.ascontiguousarray(w_eff), preferred)
         meta: dict[str, Any] = {"shape": list(w.shape), "block": None if block is None else format_block(block),
                                 "block_shape": None if block is None else list(block),
                                 "block_orientation": "rows x cols (out x in)",
-                                "sparsity": round(float((w_eff == 0).mean()), 6),
+                                "sparsity": round(float(((w if qw is None else qw) == 0).mean()), 6),
                                 "block_sparsity": round(sparsity, 6), "dtype": "float32", "quantization": None}
         if block is None:
             if qw is not None:
@@ -222,7 +223,9 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
             tensors[name + ".weight"] = np.ascontiguousarray(w, np.float32)
         else:
             if qw is not None:
-                m = BlockSparseMatrix.from_dense(qw.astype(np.float32), block)
+                br, bc = block
+                keep = (w_eff.reshape(w.shape[0] // br, br, w.shape[1] // bc, bc) != 0).any(axis=(1, 3))
+                m = BlockSparseMatrix.from_dense(qw.astype(np.float32), block, mask=keep)
                 m = BlockSparseMatrix(m.shape, m.block, m.indptr, m.indices, m.data.astype(np.int8), scale, None)
             else:
                 m = BlockSparseMatrix.from_dense(w, block)

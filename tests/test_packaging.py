@@ -53,7 +53,8 @@ def test_every_command_has_help():
     from sparsify.cli import DELEGATED, main
 
     for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["recipe", "check", "--help"],
-                 ["recipe", "reference", "--help"], *[[name, "--help"] for name in DELEGATED], ["bench", "kernels", "--help"]):
+                 ["recipe", "reference", "--help"], *[[name, "--help"] for name in DELEGATED], ["bench", "kernels", "--help"],
+                 ["bench", "model", "--help"]):
         out = subprocess.run([sys.executable, "-m", "sparsify", *argv], capture_output=True, text=True)
         assert out.returncode == 0, (argv, out.stderr)
         assert "usage: sparsify" in out.stdout + out.stderr, argv

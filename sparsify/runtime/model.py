@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -285,8 +283,9 @@ class SparseModel:
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, length_config: Any = "default"):
         """Logits (float32 numpy ``(batch, labels)``) for padded ``input_ids`` ``(batch, seq)`` (numpy or torch).
 
-        ``attention_mask`` marks real tokens (1) and padding (0), left or right; positions follow the padded
-        row as in transformers. ``length_config``: ``"default"`` (the model's), ``None`` (full length) or a list.
+        ``attention_mask`` marks real tokens (1) and padding (0), left or right: positions count the real tokens
+        (0, 1, ...) and the first real token is [CLS], so left- and right-padded batches give the same logits (as
+        transformers does for right padding). ``length_config``: ``"default"`` (the model's), ``None`` (full length) or a list.
         """
         ids = _as_int64(input_ids, "input_ids")
         if ids.ndim != 2:
@@ -303,8 +302,8 @@ class SparseModel:
         lens = real.sum(axis=1).astype(np.int64)
         if np.any(lens == 0):
             raise SparsifyError("a sequence has no real tokens (attention_mask all zero)")
-        positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
-        return self._forward_packed(ids[real], positions[real], types[real], lens, length_config)
+        positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
+        return self._forward_packed(ids[real], positions, types[real], lens, length_config)
 
     def _forward_packed(self, ids, positions, types, lens, length_config="default") -> np.ndarray:
         from sparsify.kernels.spmm import spmm

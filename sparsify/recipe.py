@@ -391,7 +391,7 @@ def _type_name(annotation) -> str:
 
 
 def _section_table(cls, prefix: str, recurse: bool = True) -> list[str]:
-    rows = [f"| key | type | default | meaning |", "|---|---|---|---|"]
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     nested = []
     for name, info in cls.model_fields.items():
         default = "required" if info.is_required() else repr(info.default)

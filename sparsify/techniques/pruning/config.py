@@ -22,17 +22,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sparsify.config import Config, FieldError
+from sparsify.layers import DEFAULT_INCLUDE, check_patterns
 
 ORIENTATION = "(out x in)"
 
-# The encoder's Linear layers, matched with re.search on module names (so "bert.", "roberta.", "module." or
-# any other prefix is fine): BERT / MiniLM / RoBERTa / ELECTRA / XLM-R / DeBERTa naming, then DistilBERT.
-# Not the embeddings, the pooler or the classifier head.
-DEFAULT_INCLUDE: tuple[str, ...] = (
-    r"(?:^|\.)encoder\.layer\.\d+\.(?:attention\.self\.(?:query|key|value)(?:_proj)?|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense)$",
-    r"(?:^|\.)transformer\.layer\.\d+\.(?:attention\.(?:q_lin|k_lin|v_lin|out_lin)|ffn\.lin[12])$",
-)
 
 _BLOCK_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
@@ -79,14 +72,6 @@ def _check_fraction(value: float | None, name: str, *, upper_inclusive: bool = F
         hint = f" (a fraction of the weights: {value / 100:g} for {value:g}%)" if 1.0 < value <= 100.0 else ""
         raise ValueError(f"{name} must be in {interval}, got {value:g}{hint}")
     return value
-
-
-def _check_patterns(patterns: tuple[str, ...], field: str) -> None:
-    for i, p in enumerate(patterns):
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise FieldError((field, i), f"invalid regular expression {p!r}: {e}") from None
 
 
 class PruningOverride(Config):
@@ -172,8 +157,8 @@ class PruningConfig(Config):
 
     @model_validator(mode="after")
     def _check(self):
-        _check_patterns(self.include, "include")
-        _check_patterns(self.exclude, "exclude")
+        check_patterns(self.include, "include")
+        check_patterns(self.exclude, "exclude")
         if self.initial_sparsity > self.final_sparsity:
             raise FieldError(
                 "initial_sparsity",

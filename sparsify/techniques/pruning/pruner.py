@@ -40,7 +40,8 @@ from sparsify.sparsity import (
     sparsity_report,
     zero_blocks,
 )
-from sparsify.techniques.pruning.config import DEFAULT_INCLUDE, ORIENTATION, PruningConfig, describe_block
+from sparsify.layers import select_layers
+from sparsify.techniques.pruning.config import ORIENTATION, PruningConfig, describe_block
 
 log = logging.getLogger(__name__)
 
@@ -158,29 +159,9 @@ class BlockPruner:
             self._update_masks(0, optimizer=None)
 
     def _select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        cfg = self.config
         linears = [(canonical_name(n), m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise FieldError("include", "the model has no torch.nn.Linear layer to prune")
-        examples = ", ".join(n for n, _ in linears[:3])
-        default = tuple(cfg.include) == DEFAULT_INCLUDE
-        if not default:
-            for i, p in enumerate(cfg.include):
-                if not any(re.search(p, n) for n, _ in linears):
-                    raise FieldError(("include", i), f"pattern {p!r} matches no Linear layer of the model (a regular "
-                                                     f"expression searched in module names such as {examples})")
-        included = [(n, m) for n, m in linears if any(re.search(p, n) for p in cfg.include)]
-        if default and not included:
-            raise FieldError("include", f"the default patterns (the encoder's Linear layers of BERT, MiniLM, RoBERTa "
-                                        f"or DistilBERT) match no layer of this model; give include patterns for "
-                                        f"module names such as {examples}")
-        for i, p in enumerate(cfg.exclude):
-            if not any(re.search(p, n) for n, _ in included):
-                raise FieldError(("exclude", i), f"pattern {p!r} matches none of the layers selected by include")
-        selected = [(n, m) for n, m in included if not any(re.search(p, n) for p in cfg.exclude)]
-        if not selected:
-            raise FieldError("exclude", "excludes every layer that include selects: nothing left to prune")
-        for i, ov in enumerate(cfg.overrides):
+        selected = select_layers(linears, self.config.include, self.config.exclude, action="prune")
+        for i, ov in enumerate(self.config.overrides):
             if not any(re.search(ov.pattern, n) for n, _ in selected):
                 raise FieldError(("overrides", i, "pattern"),
                                  f"pattern {ov.pattern!r} matches none of the pruned layers (such as "

@@ -31,13 +31,12 @@ frozen quantization ranges waste the warm-up): ``check_recipe`` refuses it with 
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from sparsify.config import Config, FieldError
-from sparsify.techniques.pruning.config import DEFAULT_INCLUDE
+from sparsify.layers import DEFAULT_INCLUDE, check_patterns
 
 # The activations where BERT-style encoders carry their structured outliers (Bondarenko et al. 2021): the
 # feed-forward input (the LayerNorm output after attention) and the residual sum after the feed-forward.
@@ -47,14 +46,6 @@ DEFAULT_PEG_TARGETS: tuple[str, ...] = (
 )
 
 DEFAULT_CALIBRATION_BATCHES = 32
-
-
-def _check_patterns(patterns: tuple[str, ...], field: str) -> None:
-    for i, p in enumerate(patterns):
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise FieldError((field, i), f"invalid regular expression {p!r}: {e}") from None
 
 
 def _listify(v):
@@ -96,7 +87,7 @@ class PegConfig(Config):
 
     @model_validator(mode="after")
     def _check(self):
-        _check_patterns(self.targets, "targets")
+        check_patterns(self.targets, "targets")
         return self
 
 
@@ -145,9 +136,9 @@ class QuantizationConfig(Config):
 
     @model_validator(mode="after")
     def _check(self):
-        _check_patterns(self.include, "include")
-        _check_patterns(self.exclude, "exclude")
-        _check_patterns(self.keep_16bit, "keep_16bit")
+        check_patterns(self.include, "include")
+        check_patterns(self.exclude, "exclude")
+        check_patterns(self.keep_16bit, "keep_16bit")
         if self.start_step is not None and self.start_epoch is not None:
             raise FieldError("start_epoch", "give start_step or start_epoch, not both")
         if self.mode == "ptq":

@@ -45,7 +45,7 @@ from torch import nn
 from sparsify.config import FieldError
 from sparsify.errors import SparsifyError
 from sparsify.sparsity import canonical_name
-from sparsify.techniques.pruning.config import DEFAULT_INCLUDE
+from sparsify.layers import select_layers
 from sparsify.techniques.quantization import peg as peg_ops
 from sparsify.techniques.quantization.config import DEFAULT_PEG_TARGETS, QuantizationConfig
 from sparsify.techniques.quantization.fake_quant import (
@@ -186,29 +186,8 @@ class Quantizer:
             self._active = True
 
     def _select(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
-        cfg = self.config
         linears = [(canonical_name(n), m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise FieldError("include", "the model has no torch.nn.Linear layer to quantize")
-        examples = ", ".join(n for n, _ in linears[:3])
-        default = tuple(cfg.include) == DEFAULT_INCLUDE
-        if not default:
-            for i, p in enumerate(cfg.include):
-                if not any(re.search(p, n) for n, _ in linears):
-                    raise FieldError(("include", i), f"pattern {p!r} matches no Linear layer of the model (a regular "
-                                                     f"expression searched in module names such as {examples})")
-        included = [(n, m) for n, m in linears if any(re.search(p, n) for p in cfg.include)]
-        if default and not included:
-            raise FieldError("include", f"the default patterns (the encoder's Linear layers of BERT, MiniLM, RoBERTa "
-                                        f"or DistilBERT) match no layer of this model; give include patterns for "
-                                        f"module names such as {examples}")
-        for i, p in enumerate(cfg.exclude):
-            if not any(re.search(p, n) for n, _ in included):
-                raise FieldError(("exclude", i), f"pattern {p!r} matches none of the layers selected by include")
-        selected = [(n, m) for n, m in included if not any(re.search(p, n) for p in cfg.exclude)]
-        if not selected:
-            raise FieldError("exclude", "excludes every layer that include selects: nothing left to quantize")
-        return selected
+        return select_layers(linears, self.config.include, self.config.exclude, action="quantize")
 
     def _check_patterns(self, widths: dict[str, int]) -> None:
         cfg = self.config

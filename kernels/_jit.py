@@ -342,8 +342,10 @@ def epilogue(acc, nrows, r0, t0, tn, scales, bias, residual, out, flags):
     nf = nrows - nrows % 8
     has_res = flags[3] != 0
     N = out.shape[1]
-    for ib in range(0, nf, 8):
-        for tb in range(0, tf, 8):
+    # tokens outer, rows inner: the 8 output rows of a token block are finished left to right (out's rows are
+    # 1.5-12 KB apart, so rows-outer touched 64 pages per pass: measured 1.2-1.9x slower)
+    for tb in range(0, tf, 8):
+        for ib in range(0, nf, 8):
             if has_res:
                 tr8_add(acc, ib * T + tb, T, out, (t0 + tb) * N + r0 + ib, N, residual)
             else:

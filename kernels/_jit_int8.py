@@ -54,22 +54,26 @@ def _unpack_masks(n_per_lane: int, lane_elems: int, high: bool):
 
 
 def _make_micro_i8(R: int, high: int):
-    """Intrinsic ``mk(xt, qidx, qw, q0, q1, acc, a_off, x_off, w_off, w_stride)``: for the quads [q0, q1) of one
-    block row, rows r < R, the 16 tokens of a slab (``high`` picks which half of the 32-token group at byte
-    ``x_off`` of each packed row): ``acc.flat[a_off + r*64 + t] += sum_j qw.flat[w_off + q*w_stride + 4r + j]
-    * xt[qidx[4q + j], token t]`` in int32."""
+    """Intrinsic ``mk(xt, qidx, qw, q0, q1, out, a_off, x_off, w_off, w_stride, init, cs, bias, row0)``: for the
+    quads [q0, q1) of one block row, rows r < R, the 16 tokens of a slab (``high`` picks which half of the
+    32-token group at byte ``x_off`` of each packed row), in int32: ``acc[r, t] = init[row0 + r] + sum_q sum_j
+    qw.flat[w_off + q*w_stride + 4r + j] * xt[qidx[4q + j], token t]``, then dequantized straight into the float32
+    ``out.flat[a_off + r*64 + t] = float(acc[r, t]) * cs[row0 + r] + bias[row0 + r]``."""
 
     @_intrinsic
-    def mk(typingctx, xt, qidx, qw, q0, q1, acc, a_off, x_off, w_off, w_stride):
+    def mk(typingctx, xt, qidx, qw, q0, q1, acc, a_off, x_off, w_off, w_stride, init, cs, bias, row0):
         sig = _types.void(xt, qidx, qw, _types.int64, _types.int64, acc, _types.int64, _types.int64, _types.int64,
-                          _types.int64)
+                          _types.int64, init, cs, bias, _types.int64)
 
         def codegen(context, builder, signature, args):
             xt_p = context.make_array(signature.args[0])(context, builder, args[0]).data
             idx_p = context.make_array(signature.args[1])(context, builder, args[1]).data
             qw_p = context.make_array(signature.args[2])(context, builder, args[2]).data
             acc_p = context.make_array(signature.args[5])(context, builder, args[5]).data
-            _, _, _, q0v, q1v, _, a_offv, x_offv, w_offv, w_strv = args
+            _, _, _, q0v, q1v, _, a_offv, x_offv, w_offv, w_strv, _, _, _, row0v = args
+            init_p = context.make_array(signature.args[10])(context, builder, args[10]).data
+            cs_p = context.make_array(signature.args[11])(context, builder, args[11]).data
+            bias_p = context.make_array(signature.args[12])(context, builder, args[12]).data
             xt_b = builder.bitcast(xt_p, _I8.as_pointer())
             qw_b = builder.bitcast(qw_p, _I8.as_pointer())
             maddubs = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_V16W, [_V32B, _V32B]),
@@ -126,15 +130,21 @@ def _make_micro_i8(R: int, high: int):
             for ph, nv in zip(accs, new):
                 ph.add_incoming(nv, body_end)
             builder.position_at_end(done)
-            # accs[2r] = tokens 0-3 | 8-11, accs[2r+1] = 4-7 | 12-15: back to natural order, then add to acc.
+            # accs[2r] = tokens 0-3 | 8-11, accs[2r+1] = 4-7 | 12-15: back to natural order, + init (the zero-point
+            # correction, exact in int32), then float32 scale and bias.
             for r in range(R):
+                row = builder.add(row0v, _ir.Constant(_I64, r))
+                iv = _splat(builder, builder.load(builder.gep(init_p, [row])), _V8D)
+                cv = _splat(builder, builder.load(builder.gep(cs_p, [row])), _V8F)
+                bv = _splat(builder, builder.load(builder.gep(bias_p, [row])), _V8F)
                 a0, a1 = accs[2 * r], accs[2 * r + 1]
                 halves = (builder.shuffle_vector(a0, a1, _mask([0, 1, 2, 3, 8, 9, 10, 11])),
                           builder.shuffle_vector(a0, a1, _mask([4, 5, 6, 7, 12, 13, 14, 15])))
                 for h in range(2):
+                    f = builder.sitofp(builder.add(halves[h], iv), _V8F)
+                    f = builder.fadd(builder.fmul(f, cv), bv)
                     off = builder.add(a_offv, _ir.Constant(_I64, r * T + 8 * h))
-                    ptr = builder.bitcast(builder.gep(acc_p, [off]), _V8D.as_pointer())
-                    builder.store(builder.add(builder.load(ptr, align=4), halves[h]), ptr, align=4)
+                    builder.store(f, builder.bitcast(builder.gep(acc_p, [off]), _V8F.as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -146,16 +156,15 @@ def _python_micro_i8(R: int, high: int):
     """Pure-Python twin of ``_make_micro_i8`` (NUMBA_DISABLE_JIT=1)."""
     pos = np.array([_QPERM[t // 8] * 8 + t % 8 for t in range(32)])
 
-    def mk(xt, qidx, qw, q0, q1, acc, a_off, x_off, w_off, w_stride):
+    def mk(xt, qidx, qw, q0, q1, acc, a_off, x_off, w_off, w_stride, init, cs, bias, row0):
         xf, wf, af = xt.reshape(-1), qw.reshape(-1), acc.reshape(-1)
-        g0 = x_off  # first token of the 32-group, as bytes == tokens
-        tok = pos[16 * high:16 * high + 16] + g0
-        for q in range(q0, q1):
-            for r in range(R):
-                s = np.zeros(16, np.int64)
+        tok = pos[16 * high:16 * high + 16] + x_off
+        for r in range(R):
+            s = np.zeros(16, np.int64) + int(init[row0 + r])
+            for q in range(q0, q1):
                 for j in range(4):
                     s += int(wf[w_off + q * w_stride + 4 * r + j]) * xf[int(qidx[4 * q + j]) * T + tok].astype(np.int64)
-                af[a_off + r * T:a_off + r * T + 16] += s.astype(np.int32)
+            af[a_off + r * T:a_off + r * T + 16] = s.astype(np.int32).astype(np.float32) * cs[row0 + r] + bias[row0 + r]
 
     return mk
 
@@ -215,6 +224,110 @@ def _python_tr8q(src, s_off, s_stride, dst, d_off, d_stride, inv_s, zp):
 
 if _numba_config.DISABLE_JIT:
     tr8q = _python_tr8q  # noqa: F811
+
+
+@_intrinsic
+def vminmax8(typingctx, src, n_vec, res):
+    """res[0:8] = lane-wise min, res[8:16] = lane-wise max over the first ``n_vec`` 8-float vectors of src
+    (float32, n_vec >= 1): vminps / vmaxps, which a numba loop does not emit (it keeps NaN-aware branches);
+    res[16] = 1.0 if an element is NaN or inf (an integer test of the exponent bits: numba's IR builder puts
+    fast-math flags on float ops, under which a float test could be folded away), else 0."""
+    sig = _types.void(src, _types.int64, res)
+
+    def codegen(context, builder, signature, args):
+        sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        rp = context.make_array(signature.args[2])(context, builder, args[2]).data
+        nv = args[1]
+        v2 = _ir.FunctionType(_V8F, [_V8F, _V8F])
+        vmin = _cgutils.get_or_insert_function(builder.module, v2, "llvm.minnum.v8f32")
+        vmax = _cgutils.get_or_insert_function(builder.module, v2, "llvm.maxnum.v8f32")
+        first = builder.load(builder.bitcast(sp, _V8F.as_pointer()), align=4)
+        expo = _ir.Constant(_V8D, [0x7F800000] * 8)
+
+        def nonfinite(v):
+            bits = builder.and_(builder.bitcast(v, _V8D), expo)
+            return builder.zext(builder.icmp_unsigned("==", bits, expo), _V8D)
+
+        z0 = nonfinite(first)
+        fn = builder.function
+        entry = builder.block
+        head = fn.append_basic_block("mm_head")
+        body = fn.append_basic_block("mm_body")
+        done = fn.append_basic_block("mm_done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        i = builder.phi(_I64)
+        i.add_incoming(_ir.Constant(_I64, 1), entry)
+        lo = builder.phi(_V8F)
+        lo.add_incoming(first, entry)
+        hi = builder.phi(_V8F)
+        hi.add_incoming(first, entry)
+        z = builder.phi(_V8D)
+        z.add_incoming(z0, entry)
+        builder.cbranch(builder.icmp_signed("<", i, nv), body, done)
+        builder.position_at_end(body)
+        ptr = builder.gep(sp, [builder.mul(i, _ir.Constant(_I64, 8))])
+        v = builder.load(builder.bitcast(ptr, _V8F.as_pointer()), align=4)
+        lo2 = builder.call(vmin, [lo, v])
+        hi2 = builder.call(vmax, [hi, v])
+        z2 = builder.or_(z, nonfinite(v))
+        i2 = builder.add(i, _ir.Constant(_I64, 1))
+        end = builder.block
+        builder.branch(head)
+        i.add_incoming(i2, end)
+        lo.add_incoming(lo2, end)
+        hi.add_incoming(hi2, end)
+        z.add_incoming(z2, end)
+        builder.position_at_end(done)
+        zs = builder.extract_element(z, _ir.Constant(_I32, 0))
+        for j in range(1, 8):
+            zs = builder.or_(zs, builder.extract_element(z, _ir.Constant(_I32, j)))
+        builder.store(builder.uitofp(zs, _ir.FloatType()), builder.gep(rp, [_ir.Constant(_I64, 16)]))
+        builder.store(lo, builder.bitcast(rp, _V8F.as_pointer()), align=4)
+        builder.store(hi, builder.bitcast(builder.gep(rp, [_ir.Constant(_I64, 8)]), _V8F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _python_vminmax8(src, n_vec, res):
+    v = src.reshape(-1)[:8 * n_vec].reshape(n_vec, 8)
+    res[:8] = v.min(axis=0)
+    res[8:16] = v.max(axis=0)
+    res[16] = float(not np.isfinite(v).all())
+
+
+if _numba_config.DISABLE_JIT:
+    vminmax8 = _python_vminmax8  # noqa: F811
+
+
+@njit(**_OPTS)
+def qparams(x, wscales, rowsum, qmax, cscales, init, res):
+    """Dynamic u7 parameters of x, (scale, zero point), from min(x, 0) / max(x, 0) over its whole 8-float
+    vectors (the caller checks the tail and ``res[16] == 0``: no NaN / inf), and in place ``cscales = scale *
+    wscales``, ``init = -zp * rowsum`` (the per-call vectors of the avx2 kernel)."""
+    f = x.reshape(-1)
+    n = f.shape[0]
+    lo = np.float32(0.0)
+    hi = np.float32(0.0)
+    n8 = n // 8
+    res[16] = 0.0
+    if n8 > 0:
+        vminmax8(f, n8, res)
+        for j in range(8):
+            lo = min(lo, res[j])
+            hi = max(hi, res[8 + j])
+    for i in range(8 * n8, n):
+        lo = min(lo, f[i])
+        hi = max(hi, f[i])
+    lo64 = np.float64(lo)
+    hi64 = np.float64(hi)
+    scale = np.float64(np.float32((hi64 - lo64) / qmax)) if hi64 > lo64 else 1.0
+    zp = int(min(max(np.round(-lo64 / scale), 0.0), float(qmax)))
+    for o in range(wscales.shape[0]):
+        cscales[o] = np.float32(scale) * wscales[o]
+        init[o] = np.int32(-zp * rowsum[o])
+    return scale, zp
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -282,30 +395,36 @@ def task_range(task, M, nbr, chunk):
 
 
 @njit(**_OPTS)
-def run_task_i8_avx2(task, x, inv_s, zp, qptr, qidx, qw, br, rowsum, cscales, bias, residual, out, flags, chunk,
-                     xt, iacc, facc):
+def run_task_i8_avx2(task, x, inv_s, zp, qptr, qidx, qw, br, init, cscales, bias, residual, out, flags, chunk, xt,
+                     facc):
     """One (token tile, chunk of block rows) task: the tile is packed (u7) once, then sub-chunks of rows that fit
-    the accumulator workspace run the int32 quad micro-kernels, convert, and go through the fp32 epilogue."""
+    the accumulator workspace run the quad micro-kernels, which write dequantized float32 rows (scale, bias and
+    zero point applied); the epilogue does GELU / residual / the transposed write."""
     t0, tn, b0, b1 = task_range(task, x.shape[0], qptr.shape[0] - 1, chunk)
     pack_tile_u8(x, t0, tn, inv_s, zp, xt, True)
-    sub = iacc.shape[0] // br
+    sub = facc.shape[0] // br
     for s0 in range(b0, b1, sub):
         s1 = min(b1, s0 + sub)
         nrows = (s1 - s0) * br
-        init_rows(iacc, nrows, s0 * br, rowsum, zp)
         for b in range(s0, s1):
             q0 = qptr[b]
             q1 = qptr[b + 1]
-            if q1 == q0:
-                continue
             a_row = (b - s0) * br
+            if q1 == q0:  # empty block row: the bias
+                for r in range(br):
+                    bv = bias[b * br + r]
+                    fr = facc[a_row + r]
+                    for t in range(T):
+                        fr[t] = bv
+                continue
             for rs in range(0, br, 4):
                 for ts in range(0, tn, 16):  # slabs past the last token are skipped
                     if (ts >> 4) & 1 == 0:
-                        mk8_lo(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
+                        mk8_lo(xt, qidx, qw, q0, q1, facc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4, init,
+                               cscales, bias, b * br + rs)
                     else:
-                        mk8_hi(xt, qidx, qw, q0, q1, iacc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4)
-        to_float(iacc, facc, nrows)
+                        mk8_hi(xt, qidx, qw, q0, q1, facc, (a_row + rs) * T + ts, ts & ~31, rs * 4, br * 4, init,
+                               cscales, bias, b * br + rs)
         epilogue(facc, nrows, s0 * br, t0, tn, cscales, bias, residual, out, flags)
 
 
@@ -349,11 +468,13 @@ def spmm_i8_portable(x, inv_s, zp, indptr, indices, data, rowsum, cscales, bias,
 
 
 @njit(parallel=True, **_OPTS)
-def spmm_i8_avx2(x, inv_s, zp, qptr, qidx, qw, br, rowsum, cscales, bias, residual, out, flags, chunk, n_tasks,
-                 xt_ws, iacc_ws, facc_ws):
-    """AVX2 int8 x int8 -> int32 over the quad layout ((4k)x1 blocks). cscales = s_x * weight scales."""
+def spmm_i8_avx2(x, inv_s, zp, qptr, qidx, qw, br, init, cscales, bias, residual, out, flags, chunk, n_tasks, xt_ws,
+                 facc_ws):
+    """AVX2 int8 x int8 -> int32 over the quad layout ((4k)x1 blocks). init = -zp * row sums of Wq (int32),
+    cscales = s_x * weight scales, bias float32 (out_features,) (zeros if none); flags as the fp32 epilogue (no
+    scale / bias: the micro-kernel applies them)."""
     n_workers = xt_ws.shape[0]
     for w in prange(n_workers):
         for task in range(w, n_tasks, n_workers):
-            run_task_i8_avx2(task, x, inv_s, zp, qptr, qidx, qw, br, rowsum, cscales, bias, residual, out, flags,
-                             chunk, xt_ws[w], iacc_ws[w], facc_ws[w])
+            run_task_i8_avx2(task, x, inv_s, zp, qptr, qidx, qw, br, init, cscales, bias, residual, out, flags,
+                             chunk, xt_ws[w], facc_ws[w])

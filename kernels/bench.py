@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
           f"methods {','.join(methods)}")
     if ds_note:
         print(f"# {ds_note}")
+    if hasattr(os, "getloadavg"):  # the machine may be shared: say how loaded it was
+        print("# load average at start (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print("# speedup = torch dense ms / method ms per round: median [IQR] (min-max); GFLOP/s = 2*M*nnz / median")
     try:
         for n_out, n_in in shapes:
@@ -377,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ds is not None:
             ds.close()
+    if hasattr(os, "getloadavg"):
+        print("# load average at end (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in records], f, indent=1)

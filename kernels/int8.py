@@ -114,7 +114,8 @@ def _prepared(w: BlockSparseMatrix) -> dict:
     if q.nnz_blocks:
         per = q.data.astype(np.int64).sum(axis=2)  # (nnzb, br)
         np.add.at(rowsum.reshape(nbr, br), row_of, per)
-    cache = dict(q=q, rowsum=rowsum.astype(np.int32))
+    bias = w.bias if w.bias is not None else np.zeros(w.out_features, np.float32)
+    cache = dict(q=q, rowsum=rowsum.astype(np.int32), bias=bias)
     if bc == 1 and br % 4 == 0:
         nq = (counts + 3) // 4
         qptr = np.zeros(nbr + 1, np.int64)
@@ -134,7 +135,7 @@ def _prepared(w: BlockSparseMatrix) -> dict:
 
 _local = threading.local()
 _ACC_ROWS = 256  # rows of int32 + float32 accumulators per sub-chunk: 2 x 64 KB
-_EMPTY1 = np.zeros(1, np.float32)
+_J = None  # the jitted module, imported on first call
 _EMPTY2 = np.zeros((1, 1), np.float32)
 
 
@@ -153,6 +154,20 @@ def _workspace(n_workers: int, k: int, rows: int):
         ws = cache[key] = (np.zeros((n_workers, k, T), np.uint8), np.zeros((n_workers, rows, T), np.int32),
                            np.zeros((n_workers, rows, T), np.float32))
     return ws
+
+
+def _vectors(n_out: int):
+    """Per-thread per-call vectors (s_x * weight scales, -zp * row sums, min / max scratch): calls from several
+    Python threads never share them."""
+    cache = getattr(_local, "vec", None)
+    if cache is None:
+        cache = _local.vec = {}
+    v = cache.get(n_out)
+    if v is None:
+        if len(cache) > 16:
+            cache.clear()
+        v = cache[n_out] = (np.empty(n_out, np.float32), np.empty(n_out, np.int32), np.zeros(24, np.float32))
+    return v
 
 
 def spmm_int8(
@@ -191,42 +206,66 @@ def spmm_int8(
             raise ValueError("out must not overlap x")
         if residual is not None and out is not residual and np.shares_memory(out, residual):
             raise ValueError("out may be residual itself but must not partially overlap it")
-    s_x, zp = _act_params(x, x_scale, x_zero_point)
+    static = x_scale is not None or x_zero_point is not None
+    if static:
+        s_x, zp = _act_params(x, x_scale, x_zero_point)
     if M == 0:
         return out
+    if threads is not None:
+        from .threads import num_threads
+
+        with num_threads(threads):
+            return _run(x, w, kind, activation, residual, out, s_x if static else None, zp if static else None)
+    return _run(x, w, kind, activation, residual, out, s_x if static else None, zp if static else None)
+
+
+def _run(x, w, kind, activation, residual, out, s_x, zp):
+    global _J
+    if _J is None:
+        from . import _jit_int8
+
+        _J = _jit_int8
+    import numba
+
     prep = _prepared(w)
     q = prep["q"]
-    from . import _jit_int8
-    from .threads import get_num_threads, num_threads
-
-    with num_threads(threads):
-        n_threads = get_num_threads()
-        key = ("int8plan", M, n_threads)
-        plan = w._cache.get(key)
-        if plan is None:
-            br = q.block[0]
-            nbr = q.out_features // br
-            n_tiles = -(-M // TILE_TOKENS)
-            # A task = (tile, chunk of block rows); rows are split only as far as needed to give every thread the
-            # same number of tasks, so a tile is packed as few times as possible. Inside a task, sub-chunks of
-            # _ACC_ROWS rows keep the accumulators in L2.
-            n_chunks = min(nbr, n_threads // math.gcd(n_tiles, n_threads))
-            chunk = -(-nbr // n_chunks)
-            n_tasks = n_tiles * -(-nbr // chunk)
-            sub_rows = max(br, min(chunk * br, _ACC_ROWS // br * br))
-            plan = w._cache[key] = (br, chunk, n_tasks, min(n_threads, n_tasks), sub_rows)
-        br, chunk, n_tasks, n_workers, sub_rows = plan
-        xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, sub_rows)
+    M = x.shape[0]
+    n_threads = numba.get_num_threads()
+    key = ("int8plan", M, n_threads)
+    plan = w._cache.get(key)
+    if plan is None:
+        br = q.block[0]
+        nbr = q.out_features // br
+        n_tiles = -(-M // TILE_TOKENS)
+        # A task = (tile, chunk of block rows); rows are split only as far as needed to give every thread the same
+        # number of tasks, so a tile is packed as few times as possible. Inside a task, sub-chunks of _ACC_ROWS
+        # rows keep the accumulators in L2.
+        n_chunks = min(nbr, n_threads // math.gcd(n_tiles, n_threads))
+        chunk = -(-nbr // n_chunks)
+        n_tasks = n_tiles * -(-nbr // chunk)
+        sub_rows = max(br, min(chunk * br, _ACC_ROWS // br * br))
+        plan = w._cache[key] = (br, chunk, n_tasks, min(n_threads, n_tasks), sub_rows)
+    br, chunk, n_tasks, n_workers, sub_rows = plan
+    xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, sub_rows)
+    cscales, init, res16 = _vectors(q.out_features)
+    if s_x is None:  # dynamic: min / max, scale, zero point and the per-channel vectors in one jitted call
+        s_x, zp = _J.qparams(x, q.scales, prep["rowsum"], QMAX, cscales, init, res16)
+        tail = x.reshape(-1)[x.size - x.size % 8:]
+        if res16[16] != 0.0 or (tail.size and not np.isfinite(tail).all()):
+            raise ValueError("x contains NaN or inf")
+    else:
+        np.multiply(q.scales, np.float32(s_x), out=cscales)
+        np.multiply(prep["rowsum"], np.int32(-zp), out=init)
+    resid = residual if residual is not None else _EMPTY2
+    inv_s = np.float32(1.0 / s_x)
+    if kind == "avx2":
+        flags = _flags((0, 0, _ACT[activation], residual is not None))
+        _J.spmm_i8_avx2(x, inv_s, zp, prep["qptr"], prep["qidx"], prep["qw"], br, init, cscales, prep["bias"],
+                        resid, out, flags, chunk, n_tasks, xt_ws, facc_ws)
+    else:
         flags = _flags((1, w.bias is not None, _ACT[activation], residual is not None))
-        bias = w.bias if w.bias is not None else _EMPTY1
-        res = residual if residual is not None else _EMPTY2
-        cscales = q.scales * np.float32(s_x)
-        tail = (prep["rowsum"], cscales, bias, res, out, flags, chunk, n_tasks, xt_ws, iacc_ws, facc_ws)
-        inv_s = np.float32(1.0 / s_x)
-        if kind == "avx2":
-            _jit_int8.spmm_i8_avx2(x, inv_s, zp, prep["qptr"], prep["qidx"], prep["qw"], br, *tail)
-        else:
-            _jit_int8.spmm_i8_portable(x, inv_s, zp, q.indptr, q.indices, q.data, *tail)
+        _J.spmm_i8_portable(x, inv_s, zp, q.indptr, q.indices, q.data, prep["rowsum"], cscales, prep["bias"],
+                            resid, out, flags, chunk, n_tasks, xt_ws, iacc_ws, facc_ws)
     return out
 
 

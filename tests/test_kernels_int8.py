@@ -8,7 +8,8 @@ Error bounds (u7 activations, per-tensor scale s_x; W the dequantized int8 weigh
   plus the float32 term, where ``g = 1.13`` (GELU's Lipschitz constant) with ``activation="gelu"``, else 1;
 * ``vpmaddubsw`` never saturates: the extreme case (all activations 127, all weights -128 / +127) is exact.
 
-Both backends (``avx2`` intrinsics and the portable loop) give bit-identical results.
+Both backends (``avx2`` intrinsics and the portable loop) compute the same int32 sums (results equal up to one
+float32 rounding in the dequantization).
 """
 
 from __future__ import annotations
@@ -88,14 +89,16 @@ def test_int8_grid(block, backend):
 @pytest.mark.parametrize("shape, tokens", [((64, 1100), 70), ((768, 96), 200), ((32, 3072), 5)])
 def test_backends_bit_identical_and_threads(shape, tokens):
     """Large K (no panels needed: a u8 tile of 3072 x 64 is 192 KB), many rows (several accumulator sub-chunks),
-    a ragged last tile; avx2 == portable bit for bit, 1 thread == 2 threads."""
+    a ragged last tile; avx2 == portable up to one float32 rounding, 1 thread == 2 threads bit for bit."""
     rng = np.random.default_rng(7)
     w = random_block_weight(rng, *shape, (4, 1), 0.2)
     m = BlockSparseMatrix.from_dense(w, (4, 1), bias=rng.standard_normal(shape[0]).astype(np.float32), dtype="int8")
     x = (rng.standard_normal((tokens, shape[1])) + 0.5).astype(np.float32)
     y = spmm_int8(x, m, activation="gelu", backend="avx2")
     check(y, x, m, "gelu")
-    np.testing.assert_array_equal(y, spmm_int8(x, m, activation="gelu", backend="portable"))
+    # same int32 sums; the float epilogue may differ by an FMA contraction (one rounding)
+    np.testing.assert_allclose(y, spmm_int8(x, m, activation="gelu", backend="portable"), rtol=1e-6,
+                               atol=1e-6 * float(np.abs(y).max()))
     np.testing.assert_array_equal(spmm_int8(x, m, threads=1), spmm_int8(x, m, threads=2 if os.cpu_count() > 1 else 1))
 
 
@@ -247,3 +250,13 @@ print(worst)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) < 1e-4
+
+
+@pytest.mark.parametrize("where", [0, 17, 98])  # a full 8-float vector, the middle, the ragged tail
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_activations_rejected(where, bad):
+    w = BlockSparseMatrix.from_dense(np.ones((8, 33), np.float32), (4, 1), dtype="int8")
+    x = np.ones((3, 33), np.float32)
+    x.reshape(-1)[where] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        spmm_int8(x, w)

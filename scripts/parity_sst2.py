@@ -1,0 +1,67 @@
+"""Parity of an exported artifact with the trained model on SST-2 validation (a measurement, not a test).
+
+    python scripts/parity_sst2.py RUN_OR_MODEL_DIR ARTIFACT [--max-length 64]
+
+The reference is the trained model in PyTorch; when the model directory holds a quantization conversion
+(quantization.json), the reference runs that conversion (int8 weights, the frozen activation quantization:
+what the fake-quant model computes). Prints agreement of the predicted labels, the largest logit difference and
+both accuracies, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="run directory or model directory (Hugging Face format)")
+    parser.add_argument("artifact", help="the directory written by 'sparsify export'")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparsify.modeling import resolve_model_path
+    from sparsify.runtime import SparseModel
+    from sparsify.techniques.quantization.convert import load_converted, read_converted
+
+    model_dir = resolve_model_path(args.model)
+    data = load_dataset("nyu-mll/glue", "sst2", split="validation")
+    texts, labels = list(data["sentence"]), np.array(data["label"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    quantized = Path(model_dir, "quantization.json").is_file()
+    if quantized:
+        load_converted(model, *read_converted(model_dir))
+    ref = []
+    with torch.no_grad():
+        for i in range(0, len(texts), args.batch_size):
+            enc = tokenizer(texts[i:i + args.batch_size], truncation=True, max_length=args.max_length, padding=True,
+                            return_tensors="pt")
+            ref.append(model(**enc).logits.float().numpy())
+    ref = np.concatenate(ref)
+    runtime = SparseModel.from_pretrained(args.artifact)
+    ours = runtime.logits(texts, batch_size=args.batch_size, max_length=args.max_length)
+    out = {
+        "examples": len(texts),
+        "reference": "int8 conversion in PyTorch" if quantized else "PyTorch fp32",
+        "label_agreement": float((ref.argmax(1) == ours.argmax(1)).mean()),
+        "max_abs_logit_diff": float(np.abs(ref - ours).max()),
+        "reference_accuracy": float((ref.argmax(1) == labels).mean()),
+        "runtime_accuracy": float((ours.argmax(1) == labels).mean()),
+    }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

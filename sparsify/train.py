@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,11 +63,16 @@ def build_techniques(recipe: Recipe) -> dict:
     return {cfg.kind: TECHNIQUES[cfg.kind].load()(cfg) for cfg in recipe.techniques}
 
 
-def _technique_error(recipe: Recipe, kind: str, err: FieldError) -> SparsifyError:
-    if getattr(err, "from_root", False):
-        return recipe_error(recipe, err.field, str(err))
-    index = next(i for i, t in enumerate(recipe.techniques) if t.kind == kind)
-    return recipe_error(recipe, ("techniques", index) + err.field, str(err))
+@contextmanager
+def _blame(recipe: Recipe, kind: str):
+    """Turn a technique's FieldError into a recipe error at its key (file, line, key path)."""
+    try:
+        yield
+    except FieldError as err:
+        index = next((i for i, t in enumerate(recipe.techniques) if t.kind == kind), None)
+        if getattr(err, "from_root", False) or index is None:
+            raise recipe_error(recipe, err.field, str(err)) from None
+        raise recipe_error(recipe, ("techniques", index) + err.field, str(err)) from None
 
 
 def _prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
@@ -130,9 +136,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         from sparsify.student import shallow_student
 
         try:
-            model = shallow_student(model, list(recipe.model.layers))
-        except FieldError as e:
-            raise _technique_error(recipe, "distillation", e) from None
+            with _blame(recipe, "distillation"):
+                model = shallow_student(model, list(recipe.model.layers))
         except (ValueError, IndexError) as e:
             raise recipe_error(recipe, ("model", "layers"), str(e)) from None
     model.to(accelerator.device)
@@ -159,27 +164,20 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     if ptq:
         total_steps = 0  # post-training quantization: calibration instead of training
 
+    # each technique checks itself against the models; a problem is reported against its recipe key
     if pruner is not None:
-        try:
+        with _blame(recipe, "pruning"):
             pruner.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-        except FieldError as e:
-            raise _technique_error(recipe, "pruning", e) from None
     if distiller is not None:
-        try:
+        with _blame(recipe, "distillation"):
             distiller.prepare(model, teacher, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
-        except FieldError as e:
-            raise _technique_error(recipe, "distillation", e) from None
     if lengthdrop is not None:
-        try:
+        with _blame(recipe, "length_adaptive"):
             lengthdrop.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps, seed=tc.seed)
-        except FieldError as e:
-            raise _technique_error(recipe, "length_adaptive", e) from None
     if quantizer is not None:  # last: fake quantization wraps the forward of the final modules, masks inside
-        try:
+        with _blame(recipe, "quantization"):
             quantizer.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                               masks=(lambda: pruner.masks) if pruner is not None else None)
-        except FieldError as e:
-            raise _technique_error(recipe, "quantization", e) from None
 
     run_dir, resume_from = _prepare_run_dir(recipe, resume, overwrite)
     accelerator.wait_for_everyone()  # every process has looked at the directory before the main one writes

@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 from .format import BlockSparseMatrix
-from .spmm import _ACT, TILE_TOKENS, _check_out, _check_x, _flags, gelu_reference
+from .spmm import _ACT, TILE_TOKENS, _check_x, _flags, _output, gelu_reference
 
 __all__ = ["spmm_int8", "quantize_activations", "reference_spmm_int8", "has_avx2", "int8_backend", "QMAX"]
 
@@ -195,17 +195,7 @@ def spmm_int8(
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     kind = int8_backend(w, backend)
     M = x.shape[0]
-    shape = (M, w.out_features)
-    if residual is not None:
-        _check_out(residual, shape, "residual")
-    if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    else:
-        _check_out(out, shape, "out")
-        if np.shares_memory(out, x):
-            raise ValueError("out must not overlap x")
-        if residual is not None and out is not residual and np.shares_memory(out, residual):
-            raise ValueError("out may be residual itself but must not partially overlap it")
+    out = _output(x, w, residual, out)
     static = x_scale is not None or x_zero_point is not None
     if static:
         s_x, zp = _act_params(x, x_scale, x_zero_point)

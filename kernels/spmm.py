@@ -113,6 +113,22 @@ def _check_out(a: object, shape: tuple[int, int], name: str) -> np.ndarray:
     return a
 
 
+def _output(x: np.ndarray, w: BlockSparseMatrix, residual, out) -> np.ndarray:
+    """Check ``residual`` and ``out`` (tokens, out_features) against ``x``; a new output array if ``out`` is None.
+    ``out`` may be ``residual`` itself (an in-place residual add) but must not overlap ``x``."""
+    shape = (x.shape[0], w.out_features)
+    if residual is not None:
+        _check_out(residual, shape, "residual")
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    _check_out(out, shape, "out")
+    if np.shares_memory(out, x):
+        raise ValueError("out must not overlap x")
+    if residual is not None and out is not residual and np.shares_memory(out, residual):
+        raise ValueError("out may be residual itself but must not partially overlap it")
+    return out
+
+
 def _kernel_code(block: tuple[int, int]) -> int:
     br, bc = block
     if bc == 1 and br % 4 == 0:
@@ -177,17 +193,7 @@ def spmm(
     if activation not in _ACT:
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     M = x.shape[0]
-    shape = (M, w.out_features)
-    if residual is not None:
-        _check_out(residual, shape, "residual")
-    if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    else:
-        _check_out(out, shape, "out")
-        if np.shares_memory(out, x):
-            raise ValueError("out must not overlap x")
-        if residual is not None and out is not residual and np.shares_memory(out, residual):
-            raise ValueError("out may be residual itself but must not partially overlap it")
+    out = _output(x, w, residual, out)
     if M == 0:
         return out
     if threads is not None:

@@ -30,3 +30,20 @@ class RecipeFieldError(FieldError):
     "name_or_path")``), for a technique that finds a problem outside its own section."""
 
     from_root = True
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int | None) -> int:
+    """A point given in epochs as an optimizer step (schedules count optimizer steps)."""
+    if not steps_per_epoch or steps_per_epoch < 1:
+        raise ValueError("steps_per_epoch (optimizer steps per epoch, >= 1) is needed to convert epochs to steps")
+    return int(round(epochs * steps_per_epoch))
+
+
+def check_start_within_training(start_step: int | None, start_epoch: float | None, training, consequence: str) -> None:
+    """A technique's start must come before the end of training; a FieldError naming start_step / start_epoch."""
+    if start_step is not None and training.steps is not None and start_step >= training.steps:
+        raise FieldError("start_step", f"start_step {start_step} is not before the last training step "
+                                       f"{training.steps} (training.steps): {consequence}")
+    if start_epoch is not None and training.epochs is not None and start_epoch >= training.epochs:
+        raise FieldError("start_epoch", f"start_epoch {start_epoch:g} is not before the end of training "
+                                        f"({training.epochs:g} epochs, training.epochs): {consequence}")

@@ -169,3 +169,22 @@ def test_technique_cross_field_error_has_line(tmp_path):
     text = GOOD + "techniques:\n  - kind: pruning\n    final_sparsity: 0.9\n    start_step: 20\n    end_step: 10\n"
     msg, err = error_of(write(tmp_path, text))
     assert err.key == "techniques[0].start_step" and err.line == 13 and "after end_step" in msg
+
+
+@pytest.mark.parametrize("technique, consequence", [
+    ("{kind: quantization, start_step: 10}", "QAT would never run"),
+    ("{kind: length_adaptive, length_drop_ratio_bound: 0.2, start_step: 12}", "no sub-model would be trained"),
+])
+def test_technique_start_after_training_is_refused(tmp_path, technique, consequence):
+    text = GOOD.replace("  epochs: 1\n", "  steps: 10\n") + f"techniques:\n  - {technique}\n"
+    msg, err = error_of(write(tmp_path, text))
+    assert err.key == "techniques[0].start_step" and "is not before the last training step 10" in msg
+    assert consequence in msg
+
+
+def test_epochs_are_converted_to_optimizer_steps():
+    from sparsify.config import epochs_to_steps
+
+    assert epochs_to_steps(2.0, 2105) == 4210 and epochs_to_steps(0.05, 2105) == 105
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        epochs_to_steps(1.0, 0)

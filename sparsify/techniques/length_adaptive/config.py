@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sparsify.config import Config, FieldError
+from sparsify.config import Config, FieldError, check_start_within_training, epochs_to_steps
 from sparsify.errors import SparsifyError
 
 LENGTH_CONFIG_HELP = (
@@ -157,19 +157,12 @@ class LengthAdaptiveConfig(Config):
         """The first optimizer step that trains sub-models."""
         if self.start_epoch is None:
             return self.start_step or 0
-        if not steps_per_epoch or steps_per_epoch < 1:
-            raise ValueError("steps_per_epoch (optimizer steps per epoch, >= 1) is needed to convert epochs to steps")
-        return int(round(self.start_epoch * steps_per_epoch))
+        return epochs_to_steps(self.start_epoch, steps_per_epoch)
 
     def check_recipe(self, recipe) -> None:
         """Checks against the rest of the recipe, before any model is loaded."""
-        training = recipe.training
-        if self.start_step is not None and training.steps is not None and self.start_step >= training.steps:
-            raise FieldError("start_step", f"start_step {self.start_step} is not before the last training step "
-                                           f"{training.steps} (training.steps): no sub-model would be trained")
-        if self.start_epoch is not None and training.epochs is not None and self.start_epoch >= training.epochs:
-            raise FieldError("start_epoch", f"start_epoch {self.start_epoch:g} is not before the end of training "
-                                            f"({training.epochs:g} epochs, training.epochs)")
+        check_start_within_training(self.start_step, self.start_epoch, recipe.training,
+                                    "no sub-model would be trained")
         layers = getattr(getattr(recipe, "model", None), "layers", None)
         if layers is not None and self.length_config is not None:
             check_length_config(self.length_config, len(layers))

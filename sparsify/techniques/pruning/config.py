@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sparsify.config import Config, FieldError
+from sparsify.config import Config, FieldError, epochs_to_steps
 from sparsify.layers import DEFAULT_INCLUDE, check_patterns
 
 ORIENTATION = "(out x in)"
@@ -208,10 +208,8 @@ class PruningConfig(Config):
         """``(start_step, end_step)`` in optimizer steps; epochs need ``steps_per_epoch``."""
         if not self.uses_epochs:
             return self.start_step or 0, self.end_step
-        if not steps_per_epoch or steps_per_epoch < 1:
-            raise ValueError("steps_per_epoch (optimizer steps per epoch, >= 1) is needed to convert epochs to steps")
-        start = int(round((self.start_epoch or 0.0) * steps_per_epoch))
-        end = int(round(self.end_epoch * steps_per_epoch))
+        start = epochs_to_steps(self.start_epoch or 0.0, steps_per_epoch)
+        end = epochs_to_steps(self.end_epoch, steps_per_epoch)
         return start, max(start, end)
 
     def check_recipe(self, recipe) -> None:

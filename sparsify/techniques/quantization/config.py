@@ -35,7 +35,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sparsify.config import Config, FieldError
+from sparsify.config import Config, FieldError, check_start_within_training, epochs_to_steps
 from sparsify.layers import DEFAULT_INCLUDE, check_patterns
 
 # The activations where BERT-style encoders carry their structured outliers (Bondarenko et al. 2021): the
@@ -175,9 +175,7 @@ class QuantizationConfig(Config):
         """The QAT start in optimizer steps; epochs need ``steps_per_epoch``."""
         if not self.uses_epochs:
             return self.start_step or 0
-        if not steps_per_epoch or steps_per_epoch < 1:
-            raise ValueError("steps_per_epoch (optimizer steps per epoch, >= 1) is needed to convert epochs to steps")
-        return int(round(self.start_epoch * steps_per_epoch))
+        return epochs_to_steps(self.start_epoch, steps_per_epoch)
 
     def check_recipe(self, recipe) -> None:
         """Against the rest of the recipe: PTQ trains nothing (no other technique), QAT starts within training and
@@ -189,13 +187,7 @@ class QuantizationConfig(Config):
                                          f"has {', '.join(others)}, which need training: run that recipe first, then "
                                          f"ptq on its run directory (model.name_or_path), or use mode: qat")
             return
-        training = recipe.training
-        if self.start_step is not None and training.steps is not None and self.start_step >= training.steps:
-            raise FieldError("start_step", f"start_step {self.start_step} is not before the last training step "
-                                           f"{training.steps} (training.steps): QAT would never run")
-        if self.start_epoch is not None and training.epochs is not None and self.start_epoch >= training.epochs:
-            raise FieldError("start_epoch", f"start_epoch {self.start_epoch:g} is not before the end of training "
-                                            f"({training.epochs:g} epochs, training.epochs): QAT would never run")
+        check_start_within_training(self.start_step, self.start_epoch, recipe.training, "QAT would never run")
         pruning = next((t for t in recipe.techniques if t.kind == "pruning"), None)
         if pruning is None:
             return

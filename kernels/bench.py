@@ -115,6 +115,37 @@ def make_weight(n_out: int, n_in: int, block: tuple[int, int], sparsity: float, 
     return w, bmask
 
 
+class WorkerProcess:
+    """A benchmark peer in another interpreter (DeepSparse cannot share this venv), spoken to in JSON lines:
+    one request per line, one reply per line with ``ok`` and, on failure, ``error``."""
+
+    def __init__(self, argv: list[str]):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+
+    def recv(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("deepsparse worker exited")
+        return json.loads(line)
+
+    def call(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        rep = self.recv()
+        if not rep.get("ok"):
+            raise RuntimeError(f"deepsparse worker: {rep.get('error')}")
+        return rep
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+
+
 class _DeepSparse:
     """A DeepSparse engine pool, in-process or in a worker subprocess."""
 
@@ -125,10 +156,8 @@ class _DeepSparse:
         self.tmp = tempfile.mkdtemp(prefix="sparsify-bench-")
         if python:
             worker = os.path.join(os.path.dirname(__file__), "_deepsparse_worker.py")
-            self.proc = subprocess.Popen(
-                [python, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-            )
-            hello = self._recv()
+            self.proc = WorkerProcess([python, worker])
+            hello = self.proc.recv()
             if not hello.get("ok"):
                 raise RuntimeError(f"deepsparse worker failed to start: {hello}")
             self.version = hello.get("version", "?")
@@ -138,20 +167,6 @@ class _DeepSparse:
             self.version = deepsparse.__version__
             self.local = {}
 
-    def _recv(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("deepsparse worker exited")
-        return json.loads(line)
-
-    def _call(self, **req) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        rep = self._recv()
-        if not rep.get("ok"):
-            raise RuntimeError(f"deepsparse worker: {rep.get('error')}")
-        return rep
-
     def load(self, key: str, w: np.ndarray, b: np.ndarray, x: np.ndarray) -> Callable[[int], float]:
         """Returns ``time(n) -> ms per call`` (timed inside the engine's process)."""
         paths = {}
@@ -159,8 +174,8 @@ class _DeepSparse:
             paths[name] = os.path.join(self.tmp, f"{key}-{name}.npy")
             np.save(paths[name], arr)
         if self.proc is not None:
-            self._call(cmd="load", key=key, threads=self.threads, **paths)
-            return lambda n: self._call(cmd="time", key=key, n=n)["ms"]
+            self.proc.call(cmd="load", key=key, threads=self.threads, **paths)
+            return lambda n: self.proc.call(cmd="time", key=key, n=n)["ms"]
         # In-process: reuse the worker's model builder through its protocol-free path.
         import onnx
         from onnx import TensorProto, helper, numpy_helper
@@ -190,16 +205,11 @@ class _DeepSparse:
 
     def drop(self, key: str) -> None:
         if self.proc is not None:
-            self._call(cmd="drop", key=key)
+            self.proc.call(cmd="drop", key=key)
 
     def close(self) -> None:
         if self.proc is not None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=10)
-            except Exception:
-                self.proc.kill()
+            self.proc.close()
 
 
 def _timer(fn: Callable[[], object]) -> Callable[[int], float]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsify.errors import SparsifyError
+from sparsify.kernels.bench import WorkerProcess
 
 __all__ = ["main", "run_benchmark"]
 
@@ -166,34 +167,11 @@ def _sst2_sentences(n: int, quick: bool = False) -> tuple[list[str], str]:
         return [" ".join(rng.choice(words, k)) for k in lens], f"synthetic lengths (SST-2 unavailable: {type(e).__name__})"
 
 
-class _DeepSparse:
+class _DeepSparse(WorkerProcess):
     def __init__(self, python: str, threads: int):
-        self.proc = subprocess.Popen([python, "-c", _DS_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
-        hello = self._recv()
+        super().__init__([python, "-c", _DS_WORKER])
+        hello = self.recv()
         self.version, self.threads = hello["version"], threads
-
-    def _recv(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("deepsparse worker exited")
-        return json.loads(line)
-
-    def call(self, **req) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        rep = self._recv()
-        if not rep.get("ok"):
-            raise RuntimeError(f"deepsparse: {rep.get('error')}")
-        return rep
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=10)
-        except Exception:
-            self.proc.kill()
 
 
 # ------------------------------------------------------------------------------------------------ run

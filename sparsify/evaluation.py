@@ -9,10 +9,11 @@ from sparsify.metrics import load_metric
 
 @torch.no_grad()
 def evaluate(model, dataloader, task: str, *, is_regression: bool = False, accelerator=None,
-             forward=None) -> dict[str, float]:
+             forward=None, logits_out: list | None = None) -> dict[str, float]:
     """Metrics of ``model`` over ``dataloader`` (plus mean eval loss). Works in multi-process runs.
 
     ``forward(model, inputs)`` replaces the plain ``model(**inputs)`` call (length-adaptive evaluation).
+    ``logits_out``: a list that receives the (gathered) logits of each batch, as float32 CPU tensors.
     """
     was_training = model.training
     model.eval()
@@ -25,8 +26,12 @@ def evaluate(model, dataloader, task: str, *, is_regression: bool = False, accel
         preds = logits.squeeze(-1) if is_regression else logits.argmax(-1)
         loss = outputs.loss.detach().float() * labels.shape[0]
         if accelerator is not None:
+            if logits_out is not None:
+                logits = accelerator.gather_for_metrics(logits)
             preds, labels = accelerator.gather_for_metrics((preds, labels))
             loss = accelerator.reduce(loss, reduction="sum")
+        if logits_out is not None:
+            logits_out.append(logits.detach().float().cpu())
         losses += float(loss)
         count += labels.shape[0]
         metric.add_batch(predictions=preds.float().cpu().numpy() if is_regression else preds.cpu().numpy(),

@@ -333,6 +333,19 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             shutil.copytree(run_dir / "best", run_dir / "model")
         if lengthdrop is not None:
             lengthdrop.save_length_config(run_dir / "model")  # the recipe's length_config, if any
+    parity = None
+    if quantizer is not None and quantizer.frozen:
+        # the fake-quant model against its int8 conversion (what the export reads), on the eval split
+        from sparsify.techniques.quantization.parity import conversion_parity
+
+        parity = conversion_parity(quantizer, model, plain_model, eval_dl, task, is_regression=data.is_regression,
+                                   accelerator=accelerator)
+        parity["step"] = step
+        if "label_agreement" in parity:
+            accelerator.print(f"int8 conversion vs fake quantization: {parity['label_agreement']:.2%} of "
+                              f"{parity['examples']} eval labels agree, largest logit difference "
+                              f"{parity['max_abs_logit_diff']:.3g}")
+    if accelerator.is_main_process:
         summary = {
             "task": task,
             "metrics": {k: v for k, v in chosen.items() if k != "step"},
@@ -346,6 +359,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             "wall_time_s": round(elapsed, 1),
             "evals": state["evals"],
         }
+        if parity is not None:
+            summary["conversion_parity"] = parity
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     if pruner is not None and accelerator.is_main_process:
         # measured from the zeros of the saved model, not remembered from the masks

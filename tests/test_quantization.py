@@ -609,3 +609,34 @@ def test_recipe_errors_name_the_key_and_line(make_recipe, monkeypatch):
         load_recipe(make_recipe(techniques=[{"kind": "quantization", "peg": {"groups": 0}}]))
     with pytest.raises(RecipeError, match=r"techniques\[1\]\.mode"):
         load_recipe(make_recipe(techniques=[pruning, {"kind": "quantization", "mode": "ptq"}]))
+
+
+# -- through the trainer --------------------------------------------------------------------------------------
+
+
+def test_trainer_measures_fake_quant_against_conversion(make_recipe):
+    """A pruning + QAT run ends by evaluating the fake-quant model and its int8 conversion on the eval split;
+    metrics.json records the agreement, and the saved conversion keeps the zeros of the pruned weights."""
+    import json
+
+    from sparsify.recipe import load_recipe
+    from sparsify.techniques.quantization.convert import read_converted
+    from sparsify.train import train
+
+    pruning = {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 0, "end_step": 4,
+               "update_every": 2}
+    qat = {"kind": "quantization", "start_step": 4, "freeze_after_steps": 2, "peg": {"groups": 4}}
+    recipe = load_recipe(make_recipe(training={"steps": 8, "eval_every": None, "save_every": None},
+                                     techniques=[pruning, qat]))
+    run_dir = train(recipe, progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    parity = metrics["conversion_parity"]
+    assert parity["step"] == 8 and parity["examples"] > 0
+    assert parity["label_agreement"] >= 0.95 and parity["max_abs_logit_diff"] < 0.05
+    # the fake-quant accuracy in the parity record is the final evaluation's
+    assert parity["fake_quant"]["accuracy"] == metrics["final_step_metrics"]["accuracy"]
+    converted, _ = read_converted(run_dir / "model")
+    for name, entry in converted.items():
+        codes = entry["weight_int8"].reshape(-1, 4, entry["weight_int8"].shape[1])  # 4x1 blocks (out x in)
+        blocks_zero = (codes == 0).all(dim=1)
+        assert blocks_zero.float().mean() >= 0.5, name  # at least the pruned half stays exactly zero

@@ -255,10 +255,10 @@ def test_search_is_deterministic_for_a_seed_and_its_frontier_is_non_dominated():
         assert not any(dominates(o, c) for o in a.evaluated)
     for c in a.evaluated:  # everything off the frontier is dominated by (or equal to) a frontier member
         assert c in a.frontier or any(dominates(f, c) or f == c for f in a.frontier)
-    within = [c for c in a.evaluated if c.flops_fraction <= 0.6]
-    assert a.chosen.flops_fraction <= 0.6 and a.chosen.metric == max(c.metric for c in within)
+    within = [c for c in a.evaluated if c.cost <= 0.6]
+    assert a.chosen.cost <= 0.6 and a.chosen.metric == max(c.metric for c in within)
     assert a.chosen in a.frontier
-    assert any(c.length_config == (1.0, 1.0, 1.0) and c.flops_fraction == 1.0 for c in a.evaluated)
+    assert any(c.length_config == (1.0, 1.0, 1.0) and c.cost == 1.0 for c in a.evaluated)
 
 
 def test_pareto_frontier():
@@ -385,3 +385,95 @@ def test_recipe_errors_name_the_key_and_line(monkeypatch, make_recipe):
     with pytest.raises(recipe_module.RecipeError) as err:
         recipe_module.load_recipe(path)
     assert err.value.key == "techniques[0].length_config" and "1 encoder layers" in str(err.value)
+
+
+def test_latency_cost_is_the_median_time_relative_to_full_length(monkeypatch):
+    """LatencyCost times the runtime per configuration (median of the repeats) against the full-length time;
+    a fake clock advanced by the fake runtime makes the measurement exact."""
+    from sparsify.techniques.length_adaptive import search as search_mod
+
+    clock = {"t": 0.0, "calls": []}
+
+    class FakeRuntime:
+        def __call__(self, input_ids, attention_mask, length_config=None):
+            clock["calls"].append(length_config)
+            clock["t"] += 1.0 if length_config is None else sum(length_config) / len(length_config)
+
+    monkeypatch.setattr(search_mod.time, "perf_counter", lambda: clock["t"])
+    batches = [{"input_ids": None, "attention_mask": None}] * 2
+    cost = search_mod.LatencyCost(FakeRuntime(), batches, repeats=3)
+    assert cost.full_seconds == 2.0  # two batches of 1 s
+    assert cost((0.5, 0.5)) == pytest.approx(0.5) and cost((1.0, 0.5)) == pytest.approx(0.75)
+    assert cost((1.0, 1.0)) == 1.0
+    n = len(clock["calls"])
+    assert cost((0.5, 0.5)) == pytest.approx(0.5) and len(clock["calls"]) == n  # cached: timed once
+    assert clock["calls"].count([0.5, 0.5]) == 2 * 3  # 2 batches x 3 repeats
+
+
+def test_search_cli_latency_cost_times_the_exported_runtime(run_dir, capsys):
+    argv = [str(run_dir), "--budget", "1.0", "--cost", "latency", "--population", "3", "--generations", "1",
+            "--max-samples", "32", "--latency-examples", "16", "--latency-batch-size", "8", "--threads", "1"]
+    assert main(argv) == 0
+    doc = json.loads((run_dir / "search" / "frontier.json").read_text())
+    assert doc["cost"] == "latency" and doc["full_length_seconds"] > 0 and doc["latency_examples"] == 16
+    assert (run_dir / "search" / "artifact" / "sparsify.json").is_file()  # the exported artifact
+    assert all("latency_fraction" in c and "flops_fraction" in c for c in doc["evaluated"])
+    full = [c for c in doc["evaluated"] if all(r == 1.0 for r in c["length_config"])]
+    assert full and full[0]["latency_fraction"] == 1.0
+    assert doc["chosen"]["latency_fraction"] <= 1.0  # a tiny model is all overhead: no real saving to expect
+    saved = json.loads((run_dir / "model" / "length_config.json").read_text())
+    assert saved["cost"] == "latency" and saved["latency_fraction"] == doc["chosen"]["latency_fraction"]
+    assert "latency" in capsys.readouterr().out
+
+
+def test_search_cli_artifact_needs_latency_cost(tmp_path, capsys):
+    assert main([str(tmp_path), "--budget", "0.5", "--artifact", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --artifact: only with --cost latency")
+
+
+# -- the truncation baseline ----------------------------------------------------------------------------------
+
+
+def test_truncated_rows_match_the_tokenizer_truncation(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from sparsify.techniques.length_adaptive.truncation import kept_tokens, truncate_row
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "good great bad awful fine good great bad"
+    row = dict(tok(text))
+    n = len(row["input_ids"])
+    for keep in range(2, n + 1):
+        assert truncate_row(row, keep) == dict(tok(text, truncation=True, max_length=keep)), keep
+    assert kept_tokens(10, 0.5) == 5 and kept_tokens(10, 0.01) == 2 and kept_tokens(10, 1.0) == 10
+    assert kept_tokens(3, 0.34) == 2  # ceil(1.02) = 2
+
+
+def test_truncation_ratio_reaches_the_largest_flops_within_the_fraction():
+    from sparsify.techniques.length_adaptive.truncation import kept_tokens, truncation_ratio
+
+    dims = EncoderDims(hidden=32, intermediate=64, layers=2, num_labels=2)
+    lengths = [5, 9, 17, 33, 12]
+    full = dataset_flops(dims, None, lengths)["flops_per_example"]
+    assert truncation_ratio(dims, lengths, 1.0) == (1.0, 1.0)
+    for fraction in (0.7, 0.5, 0.3):
+        ratio, reached = truncation_ratio(dims, lengths, fraction)
+        cut = [kept_tokens(n, ratio) for n in lengths]
+        assert reached == pytest.approx(dataset_flops(dims, None, cut)["flops_per_example"] / full)
+        assert reached <= fraction
+        more = [kept_tokens(n, ratio + 1e-3) for n in lengths]  # a little more of each input no longer fits
+        assert dataset_flops(dims, None, more)["flops_per_example"] / full > fraction or more == cut
+
+
+def test_search_cli_compares_with_truncated_inputs(run_dir):
+    argv = [str(run_dir), "--budget", "0.5", "--population", "4", "--generations", "1", "--max-samples", "32",
+            "--threads", "1", "--compare-truncation", "1,0.5"]
+    assert main(argv) == 0
+    doc = json.loads((run_dir / "search" / "frontier.json").read_text())
+    at_full, at_half = doc["truncation"]
+    full_metric = next(c["accuracy"] for c in doc["evaluated"] if all(r == 1.0 for r in c["length_config"]))
+    # nothing truncated at 100%: the same accuracy as the full-length configuration
+    assert at_full["keep_ratio"] == 1.0 and at_full["truncated_accuracy"] == full_metric
+    assert at_full["length_config_accuracy"] == max(c["accuracy"] for c in doc["evaluated"])
+    assert at_half["flops_fraction"] <= 0.5 and at_half["length_config_flops_fraction"] <= 0.5
+    assert main([str(run_dir), "--budget", "0.5", "--compare-truncation", "0.5,2"]) == 2

@@ -1,10 +1,17 @@
-"""Evolutionary search of a length configuration under a FLOPs budget: ``sparsify search``.
+"""Evolutionary search of a length configuration under a FLOPs or latency budget: ``sparsify search``.
 
-    sparsify search RUN_DIR --budget 0.5 [--population 16] [--generations 8] [--seed 0]
+    sparsify search RUN_DIR --budget 0.5 [--cost flops|latency] [--population 16] [--generations 8] [--seed 0]
 
 Searches per-layer kept ratios (multiples of ``--grid``, non-increasing) that maximize the run's validation
-metric while the FLOPs per example stay within ``budget`` x the full-length FLOPs (FLOPs = 2 x MACs, counted
-over the validation examples' real tokens; see ``flops.py``). The search (as in Kim & Cho 2021):
+metric while the cost stays within ``budget`` x the full-length cost. The cost is either
+
+- ``flops`` (default): FLOPs per example (FLOPs = 2 x MACs, counted over the validation examples' real tokens;
+  see ``flops.py``): exact and repeatable;
+- ``latency``: wall time of the CPU runtime (``sparsify.runtime``) on the run's exported artifact, over a fixed
+  set of validation batches, median of a few repeats, as a fraction of the full-length time: what a deployment
+  pays, but measured, so it carries the machine's noise (a few percent on a quiet machine).
+
+The search (as in Kim & Cho 2021):
 
 1. generation 0: the full-length configuration, a uniform-decay configuration that just fits the budget, and
    random LengthDrop-style samples of varied strength (``population`` in all);
@@ -42,7 +49,7 @@ Ratios = tuple[float, ...]
 class Candidate:
     length_config: Ratios
     metric: float
-    flops_fraction: float
+    cost: float  # fraction of the full-length cost (FLOPs or latency)
 
 
 @dataclass
@@ -54,16 +61,16 @@ class SearchResult:
 
 
 def dominates(a: Candidate, b: Candidate) -> bool:
-    """``a`` is at least as good as ``b`` on both axes (metric up, FLOPs down) and better on one."""
-    return (a.metric >= b.metric and a.flops_fraction <= b.flops_fraction
-            and (a.metric > b.metric or a.flops_fraction < b.flops_fraction))
+    """``a`` is at least as good as ``b`` on both axes (metric up, cost down) and better on one."""
+    return (a.metric >= b.metric and a.cost <= b.cost
+            and (a.metric > b.metric or a.cost < b.cost))
 
 
 def pareto_frontier(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """The non-dominated candidates, by increasing FLOPs."""
+    """The non-dominated candidates, by increasing cost."""
     front = [c for c in candidates if not any(dominates(o, c) for o in candidates)]
     unique = {c.length_config: c for c in front}
-    return sorted(unique.values(), key=lambda c: (c.flops_fraction, -c.metric, c.length_config))
+    return sorted(unique.values(), key=lambda c: (c.cost, -c.metric, c.length_config))
 
 
 def _snap(ratios: Sequence[float], grid: float) -> Ratios:
@@ -93,11 +100,13 @@ def _uniform_decay(num_layers: int, cost: Callable[[Ratios], float], budget: flo
 
 def evolutionary_search(evaluate: Callable[[Ratios], float], cost: Callable[[Ratios], float], num_layers: int,
                         budget: float, *, population: int = 16, generations: int = 8, mutation_prob: float = 0.5,
-                        grid: float = 0.05, seed: int = 0, log: Callable[[str], None] | None = None) -> SearchResult:
+                        grid: float = 0.05, seed: int = 0, log: Callable[[str], None] | None = None,
+                        cost_name: str = "FLOPs") -> SearchResult:
     """Search ratio configurations; ``evaluate(cfg)`` returns the metric (higher is better), ``cost(cfg)`` the
-    FLOPs fraction of full length. Deterministic for a seed (given deterministic ``evaluate``)."""
+    cost as a fraction of full length. Deterministic for a seed (given deterministic ``evaluate`` and ``cost``).
+    ``cost_name`` labels the cost in the log."""
     if not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget must be in (0, 1] (a fraction of the full-length FLOPs), got {budget}")
+        raise ValueError(f"budget must be in (0, 1] (a fraction of the full-length cost), got {budget}")
     if population < 2 or generations < 0 or not 0.0 < grid <= 0.5 or not 0.0 <= mutation_prob <= 1.0:
         raise ValueError("population >= 2, generations >= 0, grid in (0, 0.5], mutation_prob in [0, 1]")
     rng = random.Random(seed)
@@ -132,13 +141,13 @@ def evolutionary_search(evaluate: Callable[[Ratios], float], cost: Callable[[Rat
         return added
 
     def report(generation: int) -> None:
-        within = [c for c in seen.values() if c.flops_fraction <= budget]
-        best = max(within, key=lambda c: (c.metric, -c.flops_fraction), default=None)
+        within = [c for c in seen.values() if c.cost <= budget]
+        best = max(within, key=lambda c: (c.metric, -c.cost), default=None)
         entry = {"generation": generation, "evaluated": len(seen),
                  "best_within_budget": None if best is None else asdict(best)}
         history.append(entry)
         if log is not None:
-            text = "none yet" if best is None else f"{best.metric:.4f} at {best.flops_fraction:.1%} of full-length FLOPs"
+            text = "none yet" if best is None else f"{best.metric:.4f} at {best.cost:.1%} of full-length {cost_name}"
             log(f"generation {generation}/{generations}: {len(seen)} configurations evaluated, best within budget {text}")
 
     add(tuple([1.0] * num_layers))
@@ -147,8 +156,8 @@ def evolutionary_search(evaluate: Callable[[Ratios], float], cost: Callable[[Rat
     report(0)
     for generation in range(1, generations + 1):
         evaluated = sorted(seen.values(), key=lambda c: c.length_config)
-        within = sorted((c for c in evaluated if c.flops_fraction <= budget),
-                        key=lambda c: (-c.metric, c.flops_fraction, c.length_config))
+        within = sorted((c for c in evaluated if c.cost <= budget),
+                        key=lambda c: (-c.metric, c.cost, c.length_config))
         parents = [c.length_config for c in pareto_frontier(evaluated)]
         parents += [c.length_config for c in within[: max(2, population // 2)] if c.length_config not in parents]
         added = fill(lambda: mutate(rng.choice(parents)) if rng.random() < 0.5 or len(parents) < 2
@@ -156,56 +165,131 @@ def evolutionary_search(evaluate: Callable[[Ratios], float], cost: Callable[[Rat
         fill(sample_random, population - added)  # children all seen already: fresh random configurations instead
         report(generation)
 
-    evaluated = sorted(seen.values(), key=lambda c: (c.flops_fraction, c.length_config))
-    within = [c for c in evaluated if c.flops_fraction <= budget]
+    evaluated = sorted(seen.values(), key=lambda c: (c.cost, c.length_config))
+    within = [c for c in evaluated if c.cost <= budget]
     if not within:
-        raise SparsifyError(f"no configuration within the budget {budget:g} of the full-length FLOPs; raise --budget "
-                            f"(the smallest evaluated is {evaluated[0].flops_fraction:.1%})")
-    chosen = max(within, key=lambda c: (c.metric, -c.flops_fraction, c.length_config))
+        raise SparsifyError(f"no configuration within the budget {budget:g} of the full-length {cost_name}; raise --budget "
+                            f"(the smallest evaluated is {evaluated[0].cost:.1%})")
+    chosen = max(within, key=lambda c: (c.metric, -c.cost, c.length_config))
     return SearchResult(chosen=chosen, frontier=pareto_frontier(evaluated), evaluated=evaluated, history=history)
 
 
 # -- a run directory ----------------------------------------------------------------------------------------
 
 
-def _candidate_json(c: Candidate, full_flops: float, metric: str) -> dict:
-    return {"length_config": list(c.length_config), metric: c.metric, "flops_fraction": round(c.flops_fraction, 6),
-            "flops_per_example": round(c.flops_fraction * full_flops, 1)}
+def _candidate_json(c: Candidate, metric: str, flops_fraction: Callable[[Ratios], float], full_flops: float,
+                    cost: str) -> dict:
+    f = flops_fraction(c.length_config)
+    out = {"length_config": list(c.length_config), metric: c.metric, "flops_fraction": round(f, 6),
+           "flops_per_example": round(f * full_flops, 1)}
+    if cost == "latency":
+        out["latency_fraction"] = round(c.cost, 6)
+    return out
 
 
-def plot_frontier(result: SearchResult, budget: float, metric: str, path: Path) -> Path | None:
+def plot_frontier(result: SearchResult, budget: float, metric: str, path: Path, cost: str = "flops",
+                  truncation: Sequence[dict] | None = None) -> Path | None:
     """The frontier as a PNG; None (no plot) when matplotlib is not installed (``pip install matplotlib``)."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         return None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.scatter([c.flops_fraction for c in result.evaluated], [c.metric for c in result.evaluated], s=12,
+    # a Figure without pyplot: no backend switch, so a notebook's inline plots keep working
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    ax.scatter([c.cost for c in result.evaluated], [c.metric for c in result.evaluated], s=12,
                color="0.7", label="evaluated")
-    ax.plot([c.flops_fraction for c in result.frontier], [c.metric for c in result.frontier], "o-", ms=4,
+    ax.plot([c.cost for c in result.frontier], [c.metric for c in result.frontier], "o-", ms=4,
             label="Pareto frontier")
-    ax.plot([result.chosen.flops_fraction], [result.chosen.metric], "r*", ms=12, label="chosen")
+    ax.plot([result.chosen.cost], [result.chosen.metric], "r*", ms=12, label="chosen")
+    if truncation:
+        ax.plot([e["flops_fraction"] for e in truncation], [e["truncated_" + metric] for e in truncation], "s--",
+                ms=4, color="C2", label="truncated inputs")
     ax.axvline(budget, color="r", ls="--", lw=1, label=f"budget {budget:g}")
-    ax.set_xlabel("FLOPs per example / full-length FLOPs (FLOPs = 2 x MACs)")
+    ax.set_xlabel("FLOPs per example / full-length FLOPs (FLOPs = 2 x MACs)" if cost == "flops" else
+                  "CPU runtime latency / full-length latency (measured)")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title("length configurations")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
+
+
+COSTS = ("flops", "latency")
+
+
+class LatencyCost:
+    """Cost of a length configuration as measured on the CPU runtime: the wall time of running ``batches``
+    (``input_ids`` / ``attention_mask`` numpy arrays) through ``runtime`` at that configuration, median of
+    ``repeats``, divided by the full-length time (measured first, the same way). Results are cached per
+    configuration, so a configuration is timed once in a search."""
+
+    def __init__(self, runtime, batches: Sequence[dict], repeats: int = 3):
+        self.runtime, self.batches, self.repeats = runtime, list(batches), repeats
+        self._cache: dict[Ratios, float] = {}
+        self.run(None)  # warm-up: compiles the kernels, touches the weights
+        self.full_seconds = self.seconds(None)
+
+    def run(self, cfg: Ratios | None) -> None:
+        for b in self.batches:
+            self.runtime(b["input_ids"], b["attention_mask"], length_config=None if cfg is None else list(cfg))
+
+    def seconds(self, cfg: Ratios | None) -> float:
+        times = []
+        for _ in range(self.repeats):
+            started = time.perf_counter()
+            self.run(cfg)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
+
+    def __call__(self, cfg: Ratios) -> float:
+        if cfg not in self._cache:
+            self._cache[cfg] = 1.0 if all(r == 1.0 for r in cfg) else self.seconds(cfg) / self.full_seconds
+        return self._cache[cfg]
+
+
+def _latency_cost(run_dir: Path, artifact: str | Path | None, rows: list[dict], *, batch_size: int, examples: int,
+                  repeats: int, threads: int | None, log) -> tuple[LatencyCost, Path]:
+    import numpy as np
+
+    from sparsify.runtime import SparseModel
+
+    if artifact is None:
+        from sparsify.export import export
+
+        artifact = run_dir / "search" / "artifact"
+        if log is not None:
+            log(f"exporting {run_dir} to {artifact} for the latency measurements")
+        export(run_dir, artifact, overwrite=True)
+    runtime = SparseModel.from_pretrained(artifact, threads=threads)
+    batches = []
+    for i in range(0, min(examples, len(rows)), batch_size):
+        chunk = rows[i:i + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = np.zeros((len(chunk), width), dtype=np.int64)
+        mask = np.zeros((len(chunk), width), dtype=np.int64)
+        for j, r in enumerate(chunk):
+            ids[j, :len(r["input_ids"])] = r["input_ids"]
+            mask[j, :len(r["input_ids"])] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return LatencyCost(runtime, batches, repeats=repeats), Path(artifact)
 
 
 def search_run(run_dir: str | Path, budget: float, *, population: int = 16, generations: int = 8, seed: int = 0,
                mutation_prob: float = 0.5, grid: float = 0.05, batch_size: int = 128, max_samples: int | None = None,
-               log: Callable[[str], None] | None = print) -> dict:
+               cost: str = "flops", artifact: str | Path | None = None, latency_batch_size: int = 32,
+               latency_examples: int = 128, latency_repeats: int = 3, threads: int | None = None,
+               truncation: Sequence[float] | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Search a trained run's model on its validation data; writes ``search/frontier.{json,png}`` in the run
-    directory and ``model/length_config.json``. Returns the frontier document."""
+    directory and ``model/length_config.json``. Returns the frontier document.
+
+    ``cost="latency"`` times the CPU runtime on ``artifact`` (default: the run exported to
+    ``search/artifact``) over the first ``latency_examples`` validation examples in batches of
+    ``latency_batch_size``, with ``threads`` runtime threads. ``truncation``: FLOPs fractions at which to compare
+    the best evaluated length configuration with the same model on truncated inputs (see ``truncation.py``)."""
     import torch
 
     from sparsify.data import collator, load_task_data
@@ -218,6 +302,8 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
     from sparsify.techniques.length_adaptive.flops import EncoderDims, dataset_flops
     from sparsify.techniques.length_adaptive.inference import check_model, forward_with_lengths
 
+    if cost not in COSTS:
+        raise SparsifyError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
     run_dir = Path(run_dir)
     model_dir = run_dir / "model"
     if not (run_dir / "recipe.yaml").is_file() or not model_dir.is_dir():
@@ -251,39 +337,85 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
             raise SparsifyError(f"evaluation gave no {metric!r} (got {', '.join(metrics)})")
         return metrics[metric]
 
-    def cost(cfg: Ratios) -> float:
+    def flops_fraction(cfg: Ratios) -> float:
         return dataset_flops(dims, cfg, lengths)["fraction"]
 
+    latency, cost_name, measured = None, "FLOPs", {}
+    if cost == "latency":
+        latency, artifact = _latency_cost(run_dir, artifact, rows, batch_size=latency_batch_size,
+                                          examples=latency_examples, repeats=latency_repeats, threads=threads, log=log)
+        cost_name = "latency"
+        measured = {"artifact": str(artifact), "latency_examples": min(latency_examples, len(rows)),
+                    "latency_batch_size": latency_batch_size, "latency_repeats": latency_repeats,
+                    "threads": latency.runtime.threads if hasattr(latency.runtime, "threads") else threads,
+                    "full_length_seconds": round(latency.full_seconds, 6)}
     if log is not None:
+        what = (f"{format_flops(full)} per example ({UNIT})" if latency is None else
+                f"{latency.full_seconds * 1e3:.1f} ms for {measured['latency_examples']} examples on the CPU runtime")
         log(f"searching {num_layers}-layer length configurations of {model_dir} on {len(rows)} {task} validation "
-            f"examples: budget {budget:g} x full-length {format_flops(full)} per example ({UNIT}); population "
-            f"{population}, {generations} generations, seed {seed}")
+            f"examples: budget {budget:g} x full-length {what}; population {population}, {generations} generations, "
+            f"seed {seed}")
     started = time.monotonic()
     with torch.no_grad():
-        result = evolutionary_search(run_eval, cost, num_layers, budget, population=population,
-                                     generations=generations, mutation_prob=mutation_prob, grid=grid, seed=seed,
-                                     log=log)
+        result = evolutionary_search(run_eval, flops_fraction if latency is None else latency, num_layers, budget,
+                                     population=population, generations=generations, mutation_prob=mutation_prob,
+                                     grid=grid, seed=seed, log=log, cost_name=cost_name)
     out_dir = run_dir / "search"
     out_dir.mkdir(exist_ok=True)
+
+    def described(c: Candidate) -> dict:
+        return _candidate_json(c, metric, flops_fraction, full, cost)
+
+    compared = None
+    if truncation:
+        from sparsify.techniques.length_adaptive.truncation import truncation_baseline
+
+        def eval_rows(truncated: list[dict]) -> float:
+            return evaluate(model, [collate(truncated[i:i + batch_size]) for i in range(0, len(truncated), batch_size)],
+                            task, is_regression=data.is_regression)[metric]
+
+        with torch.no_grad():
+            compared = truncation_baseline(eval_rows, dims, rows, truncation)
+        for entry in compared:
+            fits = [c for c in result.evaluated if flops_fraction(c.length_config) <= entry["target_flops_fraction"]]
+            best = max(fits, key=lambda c: (c.metric, -flops_fraction(c.length_config)), default=None)
+            entry["truncated_" + metric] = entry.pop("metric")
+            entry["length_config"] = None if best is None else list(best.length_config)
+            entry["length_config_" + metric] = None if best is None else best.metric
+            entry["length_config_flops_fraction"] = None if best is None else round(flops_fraction(best.length_config), 6)
+
     doc = {
-        "task": task, "metric": metric, "budget": budget, "unit": UNIT, "full_flops_per_example": full,
+        "task": task, "metric": metric, "budget": budget, "cost": cost, "unit": UNIT, "full_flops_per_example": full,
+        **measured,
         "examples": len(rows), "seed": seed, "population": population, "generations": generations,
         "mutation_prob": mutation_prob, "grid": grid, "wall_time_s": round(time.monotonic() - started, 1),
-        "chosen": _candidate_json(result.chosen, full, metric),
-        "frontier": [_candidate_json(c, full, metric) for c in result.frontier],
-        "evaluated": [_candidate_json(c, full, metric) for c in result.evaluated],
+        "chosen": described(result.chosen),
+        "frontier": [described(c) for c in result.frontier],
+        "evaluated": [described(c) for c in result.evaluated],
         "history": result.history,
     }
+    if compared is not None:
+        doc["truncation"] = compared
     (out_dir / "frontier.json").write_text(json.dumps(doc, indent=1) + "\n")
-    plot = plot_frontier(result, budget, metric, out_dir / "frontier.png")
-    save_length_config(model_dir, result.chosen.length_config, source="search", budget=budget, metric=metric,
-                       **{metric: result.chosen.metric}, flops_fraction=round(result.chosen.flops_fraction, 6),
-                       flops_per_example=round(result.chosen.flops_fraction * full, 1), unit=UNIT)
+    plot = plot_frontier(result, budget, metric, out_dir / "frontier.png", cost,
+                         truncation=compared if cost == "flops" else None)
+    chosen = doc["chosen"]
+    save_length_config(model_dir, result.chosen.length_config, source="search", budget=budget, cost=cost,
+                       metric=metric, **{metric: result.chosen.metric}, flops_fraction=chosen["flops_fraction"],
+                       flops_per_example=chosen["flops_per_example"], unit=UNIT,
+                       **({"latency_fraction": chosen["latency_fraction"]} if cost == "latency" else {}))
     if log is not None:
         c = result.chosen
+        extra = "" if cost == "flops" else f", {c.cost:.1%} of the full-length latency (measured)"
         log(f"chosen {list(c.length_config)}: {metric} {c.metric:.4f} (full length "
-            f"{next(e.metric for e in result.evaluated if e.flops_fraction == 1.0):.4f}), "
-            f"{format_flops(c.flops_fraction * full)} per example = {c.flops_fraction:.1%} of full-length FLOPs")
+            f"{next(e.metric for e in result.evaluated if all(r == 1.0 for r in e.length_config)):.4f}), "
+            f"{format_flops(chosen['flops_per_example'])} per example = {chosen['flops_fraction']:.1%} of full-length "
+            f"FLOPs{extra}")
+        for e in compared or ():
+            la = "none evaluated" if e["length_config"] is None else \
+                f"{e['length_config_' + metric]:.4f} ({e['length_config_flops_fraction']:.1%} FLOPs)"
+            log(f"at {e['target_flops_fraction']:.0%} of full-length FLOPs: length configuration {la}, truncated inputs "
+                f"{e['truncated_' + metric]:.4f} (keep {e['keep_ratio']:.1%} of each input, {e['flops_fraction']:.1%} FLOPs)")
         plotted = str(plot) if plot is not None else "no plot (matplotlib is not installed)"
         log(f"-> {model_dir / 'length_config.json'}, {out_dir / 'frontier.json'}, {plotted}")
     return doc
@@ -294,12 +426,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparsify search",
         description="Evolutionary search of the per-layer kept lengths of a length-adaptive run: the best validation "
-                    "metric within a FLOPs budget (FLOPs = 2 x MACs, as a fraction of the full-length FLOPs). Writes "
+                    "metric within a cost budget, as a fraction of the full-length cost. The cost is FLOPs per example "
+                    "(FLOPs = 2 x MACs; default) or the latency of the CPU runtime, measured. Writes "
                     "RUN_DIR/search/frontier.{json,png} and RUN_DIR/model/length_config.json.",
     )
     parser.add_argument("run_dir", help="run directory of 'sparsify train' (recipe.yaml and model/)")
     parser.add_argument("--budget", type=float, required=True,
-                        help="FLOPs per example allowed, as a fraction of the full-length model's, in (0, 1], e.g. 0.5")
+                        help="cost allowed, as a fraction of the full-length model's, in (0, 1], e.g. 0.5")
+    parser.add_argument("--cost", choices=COSTS, default="flops",
+                        help="flops: FLOPs per example, counted (default); latency: CPU runtime wall time, measured")
+    parser.add_argument("--artifact", default=None,
+                        help="with --cost latency: the 'sparsify export' artifact to time (default: export the run "
+                             "to RUN_DIR/search/artifact)")
+    parser.add_argument("--latency-examples", type=int, default=128,
+                        help="with --cost latency: time the first N validation examples (default 128)")
+    parser.add_argument("--latency-batch-size", type=int, default=32, help="with --cost latency: batch size (default 32)")
+    parser.add_argument("--latency-repeats", type=int, default=3,
+                        help="with --cost latency: timings per configuration, the median counts (default 3)")
     parser.add_argument("--population", type=int, default=16, help="configurations per generation (default 16)")
     parser.add_argument("--generations", type=int, default=8, help="generations after the first (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
@@ -307,21 +450,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=float, default=0.05, help="ratios are multiples of this (default 0.05)")
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size (default 128)")
     parser.add_argument("--max-samples", type=int, default=None, help="search on the first N validation examples")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch, and the runtime for latency)")
+    parser.add_argument("--compare-truncation", default=None, metavar="F1,F2,...",
+                        help="also evaluate the model on truncated inputs at these fractions of the full-length FLOPs "
+                             "(e.g. 1,0.7,0.5,0.3) next to the best length configuration within each")
     parser.add_argument("--json", action="store_true", help="print the frontier document as JSON")
     args = parser.parse_args(argv)
     try:
-        checks = [("--budget", 0.0 < args.budget <= 1.0, "must be in (0, 1]: a fraction of the full-length FLOPs"),
+        checks = [("--budget", 0.0 < args.budget <= 1.0, "must be in (0, 1]: a fraction of the full-length cost"),
                   ("--population", args.population >= 2, "must be >= 2"),
                   ("--generations", args.generations >= 0, "must be >= 0"),
                   ("--mutation-prob", 0.0 <= args.mutation_prob <= 1.0, "must be in [0, 1]"),
                   ("--grid", 0.0 < args.grid <= 0.5, "must be in (0, 0.5]"),
                   ("--batch-size", args.batch_size >= 1, "must be >= 1"),
                   ("--max-samples", args.max_samples is None or args.max_samples >= 1, "must be >= 1"),
-                  ("--threads", args.threads is None or args.threads >= 1, "must be >= 1")]
+                  ("--threads", args.threads is None or args.threads >= 1, "must be >= 1"),
+                  ("--latency-examples", args.latency_examples >= 1, "must be >= 1"),
+                  ("--latency-batch-size", args.latency_batch_size >= 1, "must be >= 1"),
+                  ("--latency-repeats", args.latency_repeats >= 1, "must be >= 1"),
+                  ("--artifact", args.artifact is None or args.cost == "latency", "only with --cost latency")]
         for key, ok, message in checks:
             if not ok:
                 raise SparsifyError(f"{key}: {message}, got {getattr(args, key[2:].replace('-', '_'))}")
+        fractions = None
+        if args.compare_truncation is not None:
+            try:
+                fractions = [float(f) for f in args.compare_truncation.split(",")]
+            except ValueError:
+                fractions = []
+            if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+                raise SparsifyError(f"--compare-truncation: a comma-separated list of FLOPs fractions in (0, 1], "
+                                    f"got {args.compare_truncation!r}")
         if args.threads is not None:
             import torch
 
@@ -329,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         log = (lambda text: print(text, file=sys.stderr)) if args.json else print
         doc = search_run(args.run_dir, args.budget, population=args.population, generations=args.generations,
                          seed=args.seed, mutation_prob=args.mutation_prob, grid=args.grid, batch_size=args.batch_size,
-                         max_samples=args.max_samples, log=log)
+                         max_samples=args.max_samples, cost=args.cost, artifact=args.artifact,
+                         latency_batch_size=args.latency_batch_size, latency_examples=args.latency_examples,
+                         latency_repeats=args.latency_repeats, threads=args.threads, truncation=fractions, log=log)
     except SparsifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@
     sparsify export RUN_OR_MODEL_DIR -o OUT [--format sparsify|hf|onnx]
     sparsify predict ARTIFACT --text "..." | --file texts.txt
     sparsify bench kernels [...] | sparsify bench model ARTIFACT [...]
+    sparsify sweep RECIPE --grid key.path=v1,v2 [--grid ...] [--set ...] [--dry-run]
 
 A user mistake prints one line starting with ``error:`` and exits with status 2; no traceback.
 """
@@ -30,6 +31,7 @@ DELEGATED = {
     "export": ("sparsify.export", "export a run or model as a compressed artifact (or --format hf / onnx)"),
     "predict": ("sparsify.predict", "predict with an exported artifact on CPU"),
     "bench": ("sparsify.bench", "benchmarks: 'sparsify bench kernels ...', 'sparsify bench model ARTIFACT ...'"),
+    "sweep": ("sparsify.sweep", "train one recipe over a grid of --set values (runs, resumes or skips each point)"),
 }
 
 

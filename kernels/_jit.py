@@ -293,7 +293,6 @@ if _numba_config.DISABLE_JIT:
     tr8_add = _python_tr8_add  # noqa: F811
     _make_micro_f32 = _python_micro  # noqa: F811
 
-mk_4x1_16 = _make_micro_f32(4, 1, 16)  # 4 rows x 16 tokens: 8 ymm accumulators
 mk_1x1_64 = _make_micro_f32(1, 1, 64)  # 1 row x 64 tokens
 mk_1x4_64 = _make_micro_f32(1, 4, 64)  # 1 row x 64 tokens, 4 input channels per block
 
@@ -405,11 +404,7 @@ def run_task(task, x, indptr, indices, data, code, scales, bias, residual, out, 
                 while pe < p1 and indices[pe] < cend:
                     pe += 1
                 if pe > p:
-                    if code == 1:  # (4 k) x 1: slabs of 4 rows x 16 tokens in registers
-                        for rs in range(0, br, 4):
-                            for ts in range(0, tn, 16):  # slabs past the last token are skipped
-                                mk_4x1_16(xt, indices, data, p, pe, k0, acc, (i * br + rs) * T + ts, ts, rs, br)
-                    elif code == 2:  # 1x1
+                    if code == 2:  # 1x1 ((4k) x 1 blocks take the direct path, run_task_direct)
                         mk_1x1_64(xt, indices, data, p, pe, k0, acc, i * T, 0, 0, 1)
                     else:  # 1x4
                         mk_1x4_64(xt, indices, data, p, pe, k0, acc, i * T, 0, 0, 4)
@@ -430,3 +425,341 @@ def spmm_f32act(x, indptr, indices, data, code, scales, bias, residual, out, fla
                      xt_ws[w], acc_ws[w], cur_ws[w])
 
 
+
+
+# ------------------------------------------------------------------------------------------ direct path ((4k) x 1)
+# The packed tile is slab-major, ``xs[s, k, 0:16]`` (16 tokens of slab s for input column k, one cache line), so
+# one pass over the block rows for one slab touches K x 64 B of X (24 KB at K = 384: L1; 192 KB at K = 3072: L2)
+# and needs no K panels. The micro-kernel keeps 4 output rows x 16 tokens in 8 ymm registers for a whole block
+# row and then finishes them in registers: ``acc * scale + bias``, GELU, a 4 x 8 transpose and 16-byte stores
+# straight into ``out`` (with the residual added), so there is no accumulator buffer and no separate epilogue.
+S16 = 16  # tokens per slab
+_F4 = _ir.VectorType(_F32, 4)
+
+
+def _gelu_ir(builder, v, module):
+    """0.5 v (1 + erf(v / sqrt 2)) on <8 x float> with erf32's rational approximation (clamped to [-4, 4])."""
+    fma = _cgutils.get_or_insert_function(module, _ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+    vmin = _cgutils.get_or_insert_function(module, _ir.FunctionType(_V8F, [_V8F] * 2), "llvm.minnum.v8f32")
+    vmax = _cgutils.get_or_insert_function(module, _ir.FunctionType(_V8F, [_V8F] * 2), "llvm.maxnum.v8f32")
+
+    def c(val):
+        return _ir.Constant(_V8F, [float(np.float32(val))] * 8)
+
+    a = builder.fmul(v, c(0.7071067811865476))
+    x = builder.call(vmax, [builder.call(vmin, [a, c(4.0)]), c(-4.0)])
+    x2 = builder.fmul(x, x)
+    p = c(-2.72614225801306e-10)
+    for k in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05, -7.34990630326855e-04,
+              -2.95459980854025e-03, -1.60960333262415e-02):
+        p = builder.call(fma, [p, x2, c(k)])
+    q = c(-1.45660718464996e-05)
+    for k in (-2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03, -1.42647390514189e-02):
+        q = builder.call(fma, [q, x2, c(k)])
+    erf = builder.fdiv(builder.fmul(x, p), q)
+    half_v = builder.fmul(v, c(0.5))
+    return builder.call(fma, [half_v, erf, half_v])
+
+
+def direct_finish(builder, ys, out_p, res_p, o_offv, n_outv, nvv, modev):
+    """Finish a 4 rows x 16 tokens register tile ``ys[r * 2 + v]`` (<8 x float>, tokens 8v..8v+7 of row r):
+    GELU if ``mode & 1``, 4 x 8 transposes, and for tokens ``t < nv`` a 16-byte store of the 4 rows to
+    ``out.flat[o_off + t * n_out]`` (plus ``residual`` at the same offset if ``mode & 2``)."""
+    R, V = 4, 2
+    fn = builder.function
+    mod = builder.module
+    # GELU (mode & 1)
+    one = _ir.Constant(_I64, 1)
+    is_gelu = builder.icmp_signed("!=", builder.and_(modev, one), _ir.Constant(_I64, 0))
+    pre = builder.block
+    gelu_bb = fn.append_basic_block("mkd_gelu")
+    merge = fn.append_basic_block("mkd_merge")
+    builder.cbranch(is_gelu, gelu_bb, merge)
+    builder.position_at_end(gelu_bb)
+    gs = [_gelu_ir(builder, y, mod) for y in ys]
+    gelu_end = builder.block
+    builder.branch(merge)
+    builder.position_at_end(merge)
+    fin = []
+    for y, g in zip(ys, gs):
+        ph = builder.phi(_V8F)
+        ph.add_incoming(y, pre)
+        ph.add_incoming(g, gelu_end)
+        fin.append(ph)
+    # 4 x 8 transposes: token t of group v -> <4 x float> of the 4 rows
+    lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    m_a, m_b = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    cols = []
+    for v in range(V):
+        r0, r1, r2, r3 = (fin[r * V + v] for r in range(R))
+        a, b = _shuf(builder, r0, r1, lo), _shuf(builder, r0, r1, hi)
+        c_, d = _shuf(builder, r2, r3, lo), _shuf(builder, r2, r3, hi)
+        e, f = _shuf(builder, a, c_, m_a), _shuf(builder, a, c_, m_b)
+        g, h = _shuf(builder, b, d, m_a), _shuf(builder, b, d, m_b)
+        halves = []
+        for q in (e, f, g, h):
+            halves.append(builder.shuffle_vector(q, q, _ir.Constant(_ir.VectorType(_ir.IntType(32), 4),
+                                                                   [0, 1, 2, 3])))
+        for q in (e, f, g, h):
+            halves.append(builder.shuffle_vector(q, q, _ir.Constant(_ir.VectorType(_ir.IntType(32), 4),
+                                                                   [4, 5, 6, 7])))
+        cols += halves  # tokens 8v + 0..7
+    has_res = builder.icmp_signed("!=", builder.and_(modev, _ir.Constant(_I64, 2)), _ir.Constant(_I64, 0))
+    for t in range(S16):
+        st = fn.append_basic_block(f"mkd_st{t}")
+        nxt = fn.append_basic_block(f"mkd_nx{t}")
+        builder.cbranch(builder.icmp_signed("<", _ir.Constant(_I64, t), nvv), st, nxt)
+        builder.position_at_end(st)
+        off = builder.add(o_offv, builder.mul(n_outv, _ir.Constant(_I64, t)))
+        optr = builder.bitcast(builder.gep(out_p, [off]), _F4.as_pointer())
+        with builder.if_else(has_res) as (then, otherwise):
+            with then:
+                rv = builder.load(builder.bitcast(builder.gep(res_p, [off]), _F4.as_pointer()), align=4)
+                builder.store(builder.fadd(cols[t], rv), optr, align=4)
+            with otherwise:
+                builder.store(cols[t], optr, align=4)
+        builder.branch(nxt)
+        builder.position_at_end(nxt)
+
+
+def _make_direct_f32(C: int):
+    """Intrinsic ``mkd(xs, indices, data, p0, p1, x_off, w_off, w_stride, out, o_off, n_out, nv, scales, bias,
+    s_off, residual, mode)``: 4 rows x 16 tokens in registers,
+    ``acc[r, t] = sum_p sum_c data.flat[w_off + p*w_stride + r*C + c] * xs.flat[x_off + (indices[p]*C + c)*16 + t]``,
+    then ``y = acc * scales[s_off + r] + bias[s_off + r]``, GELU if ``mode & 1``, and for tokens ``t < nv``:
+    ``out.flat[o_off + t*n_out + r] = y[r, t] (+ residual.flat[same] if mode & 2)``."""
+    R, V = 4, 2
+
+    @_intrinsic
+    def mkd(typingctx, xs, indices, data, p0, p1, x_off, w_off, w_stride, out, o_off, n_out, nv, scales, bias,
+            s_off, residual, mode):
+        i64 = _types.int64
+        sig = _types.void(xs, indices, data, i64, i64, i64, i64, i64, out, i64, i64, i64, scales, bias, i64,
+                          residual, i64)
+        is_int8 = data.dtype == _types.int8
+
+        def codegen(context, builder, signature, args):
+            def ptr(i):
+                return context.make_array(signature.args[i])(context, builder, args[i]).data
+
+            xs_p, idx_p, dat_p, out_p, sc_p, bi_p, res_p = ptr(0), ptr(1), ptr(2), ptr(8), ptr(12), ptr(13), ptr(15)
+            p0v, p1v, x_offv, w_offv, w_strv = args[3], args[4], args[5], args[6], args[7]
+            o_offv, n_outv, nvv, s_offv, modev = args[9], args[10], args[11], args[14], args[16]
+            fn = builder.function
+            mod = builder.module
+            fma = _cgutils.get_or_insert_function(mod, _ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+            entry = builder.block
+            head = fn.append_basic_block("mkd_head")
+            body = fn.append_basic_block("mkd_body")
+            done = fn.append_basic_block("mkd_done")
+            builder.branch(head)
+            builder.position_at_end(head)
+            p = builder.phi(_I64)
+            p.add_incoming(p0v, entry)
+            zero = _ir.Constant(_V8F, [0.0] * 8)
+            accs = []
+            for _ in range(R * V):
+                ph = builder.phi(_V8F)
+                ph.add_incoming(zero, entry)
+                accs.append(ph)
+            builder.cbranch(builder.icmp_signed("<", p, p1v), body, done)
+            builder.position_at_end(body)
+            col = builder.sext(builder.load(builder.gep(idx_p, [p])), _I64)
+            row0 = builder.add(builder.mul(builder.mul(col, _ir.Constant(_I64, C)), _ir.Constant(_I64, S16)), x_offv)
+            wbase = builder.add(w_offv, builder.mul(p, w_strv))
+            new = list(accs)
+            for c in range(C):
+                xs_v = []
+                for v in range(V):
+                    xp = builder.gep(xs_p, [builder.add(row0, _ir.Constant(_I64, c * S16 + 8 * v))])
+                    xs_v.append(builder.load(builder.bitcast(xp, _V8F.as_pointer()), align=4))
+                for r in range(R):
+                    w = builder.load(builder.gep(dat_p, [builder.add(wbase, _ir.Constant(_I64, r * C + c))]))
+                    if is_int8:
+                        w = builder.sitofp(w, _F32)
+                    wv = _splat(builder, w, _V8F)
+                    for v in range(V):
+                        new[r * V + v] = builder.call(fma, [wv, xs_v[v], new[r * V + v]])
+            p_next = builder.add(p, _ir.Constant(_I64, 1))
+            body_end = builder.block
+            builder.branch(head)
+            p.add_incoming(p_next, body_end)
+            for ph, nv_ in zip(accs, new):
+                ph.add_incoming(nv_, body_end)
+            builder.position_at_end(done)
+            ys = []
+            for r in range(R):
+                s_idx = builder.add(s_offv, _ir.Constant(_I64, r))
+                sv = _splat(builder, builder.load(builder.gep(sc_p, [s_idx])), _V8F)
+                bv = _splat(builder, builder.load(builder.gep(bi_p, [s_idx])), _V8F)
+                for v in range(V):
+                    ys.append(builder.call(fma, [accs[r * V + v], sv, bv]))
+            direct_finish(builder, ys, out_p, res_p, o_offv, n_outv, nvv, modev)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mkd
+
+
+def _python_direct(C: int):
+    """Pure-Python twin of ``_make_direct_f32`` (NUMBA_DISABLE_JIT=1)."""
+
+    def mkd(xs, indices, data, p0, p1, x_off, w_off, w_stride, out, o_off, n_out, nv, scales, bias, s_off,
+            residual, mode):
+        xf, df, of, rf = xs.reshape(-1), data.reshape(-1), out.reshape(-1), residual.reshape(-1)
+        acc = np.zeros((4, S16), np.float32)
+        for p in range(p0, p1):
+            for c in range(C):
+                o = x_off + (int(indices[p]) * C + c) * S16
+                for r in range(4):
+                    acc[r] += np.float32(df[w_off + p * w_stride + r * C + c]) * xf[o:o + S16]
+        for r in range(4):
+            acc[r] = acc[r] * scales[s_off + r] + bias[s_off + r]
+            if mode & 1:
+                gelu_vec(acc[r])
+        for t in range(nv):
+            for r in range(4):
+                i = o_off + t * n_out + r
+                of[i] = acc[r, t] + (rf[i] if mode & 2 else np.float32(0.0))
+
+    return mkd
+
+
+if _numba_config.DISABLE_JIT:
+    _make_direct_f32 = _python_direct  # noqa: F811
+
+mkd_4x1 = _make_direct_f32(1)
+
+
+@njit(**_OPTS)
+def pack_slabs(x, t0, tn, xs):
+    """xs.flat[s*K*16 + k*16 + j] = x[t0 + 16 s + j, k] for 16 s + j < tn; 0 for the padding tokens of the last
+    slab."""
+    K = x.shape[1]
+    tf = tn - tn % 8
+    kf = K - K % 8
+    for tb in range(0, tf, 8):
+        base = (tb // S16) * K * S16 + tb % S16
+        for kb in range(0, kf, 8):
+            tr8(x, (t0 + tb) * K + kb, K, xs, base + kb * S16, S16)
+    for t in range(tn):
+        base = (t // S16) * K * S16 + t % S16
+        xr = x[t0 + t]
+        k_lo = kf if t < tf else 0
+        for k in range(k_lo, K):
+            xs[base + k * S16] = xr[k]
+    ns = (tn + S16 - 1) // S16
+    if tn < ns * S16:
+        base = (ns - 1) * K * S16
+        for k in range(K):
+            for j in range(tn % S16, S16):
+                xs[base + k * S16 + j] = np.float32(0.0)
+
+
+@njit(**_OPTS)
+def widen_blocks(data, p0, p1, wbuf):
+    """wbuf[:(p1 - p0) * rows] = float32(data[p0:p1]): the int8 weights of one sub-chunk, converted once per tile
+    and reused by its slabs (1 thread, 90%, K <= 768: 1.08-1.17x faster than a scalar convert + broadcast per
+    weight inside the micro-kernel, 0.82-0.97x the float32 kernel)."""
+    flat = data.reshape(-1)
+    br = data.shape[1]
+    o = p0 * br
+    for i in range((p1 - p0) * br):
+        wbuf[i] = np.float32(flat[o + i])
+
+
+@njit(**_OPTS)
+def run_task_direct(task, x, indptr, indices, data, scales, bias, residual, out, mode, tile, chunk, sub, xs, wbuf):
+    """One (token tile, chunk of block rows) task for (4k) x 1 blocks: pack the tile slab-major, then per
+    sub-chunk of block rows (weights reused from L1/L2 across the slabs), per slab, per block row: mkd."""
+    M, K = x.shape
+    br = data.shape[1]
+    nbr = indptr.shape[0] - 1
+    N = out.shape[1]
+    n_chunks = (nbr + chunk - 1) // chunk
+    ti = task // n_chunks
+    ch = task - ti * n_chunks
+    t0 = ti * tile
+    tn = min(tile, M - t0)
+    ns = (tn + S16 - 1) // S16
+    pack_slabs(x, t0, tn, xs)
+    b0 = ch * chunk
+    b1 = min(nbr, b0 + chunk)
+    # int8 weights: converted per sub-chunk into wbuf when 3-4 slabs reuse them (with 1-2 slabs, K >= 1536, the
+    # conversion outweighs the per-weight conversion inside the micro-kernel: 0.6-0.8x of it, measured)
+    widen = wbuf.shape[0] > 0 and ns >= 3
+    for s0 in range(b0, b1, sub):
+        s1 = min(b1, s0 + sub)
+        pw = indptr[s0]
+        if widen:
+            widen_blocks(data, pw, indptr[s1], wbuf)
+        for s in range(ns):
+            nv = min(S16, tn - s * S16)
+            x_off = s * K * S16
+            o_base = (t0 + s * S16) * N
+            for b in range(s0, s1):
+                p = indptr[b]
+                p1 = indptr[b + 1]
+                for rs in range(0, br, 4):
+                    o0 = b * br + rs
+                    if widen:
+                        mkd_4x1(xs, indices, wbuf, p, p1, x_off, rs - pw * br, br, out, o_base + o0, N, nv, scales,
+                                bias, o0, residual, mode)
+                    else:
+                        mkd_4x1(xs, indices, data, p, p1, x_off, rs, br, out, o_base + o0, N, nv, scales, bias, o0,
+                                residual, mode)
+
+
+@_intrinsic
+def fetch_add(typingctx, arr, val):
+    """Atomically ``old = arr[0]; arr[0] += val; return old`` (int64 array): a shared task counter."""
+    sig = _types.int64(arr, _types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", ptr, args[1], "monotonic")
+
+    return sig, codegen
+
+
+def _python_fetch_add(arr, val):
+    old = int(arr[0])
+    arr[0] += val
+    return old
+
+
+if _numba_config.DISABLE_JIT:
+    fetch_add = _python_fetch_add  # noqa: F811
+
+
+@njit(parallel=True, **_OPTS)
+def spmm_direct(x, indptr, indices, data, scales, bias, residual, out, mode, tile, chunk, sub, n_tasks, xs_ws,
+                counter, w_ws):
+    """(4k) x 1 blocks, float32 X, one worker per workspace slot; the tasks are handed out dynamically through
+    ``counter`` (0 on entry), so a worker that the OS delays does not hold the others up."""
+    n_workers = xs_ws.shape[0]
+    for w in prange(n_workers):
+        task = fetch_add(counter, 1)
+        while task < n_tasks:
+            run_task_direct(task, x, indptr, indices, data, scales, bias, residual, out, mode, tile, chunk, sub,
+                            xs_ws[w], w_ws[w])
+            task = fetch_add(counter, 1)
+
+
+@njit(**_OPTS)
+def spmm_direct_serial(x, indptr, indices, data, scales, bias, residual, out, mode, tile, chunk, sub, n_tasks,
+                       xs_ws, counter, w_ws):
+    """spmm_direct on the calling thread (one worker: no parallel launch, which costs ~0.1 ms per call)."""
+    for task in range(n_tasks):
+        run_task_direct(task, x, indptr, indices, data, scales, bias, residual, out, mode, tile, chunk, sub,
+                        xs_ws[0], w_ws[0])
+
+
+@njit(**_OPTS)
+def spmm_f32act_serial(x, indptr, indices, data, code, scales, bias, residual, out, flags, chunk, sub, panel,
+                       n_tasks, xt_ws, acc_ws, cur_ws):
+    """spmm_f32act on the calling thread."""
+    for task in range(n_tasks):
+        run_task(task, x, indptr, indices, data, code, scales, bias, residual, out, flags, chunk, sub, panel,
+                 xt_ws[0], acc_ws[0], cur_ws[0])

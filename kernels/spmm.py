@@ -3,12 +3,13 @@
 ``X`` is ``(tokens, in_features)`` float32 row-major, ``W`` a :class:`~sparsify.kernels.format.BlockSparseMatrix`
 (float32, or int8 with per-output-channel scales: int8 weights with float32 activations).
 
-Design (see ``docs/kernels.md``): parallel over tasks = (tile of 64 tokens) x (chunk of block rows). A task
-packs its X tile transposed into a local ``(K_panel, 64)`` buffer, then for each block row keeps a
-``(rows, 64)`` accumulator in L1 and walks the non-zero blocks several at a time with a contiguous inner loop of
-64 tokens (a constant trip count, which LLVM turns into 256-bit FMAs). Large ``in_features`` are cut into
-panels so the packed tile stays in L2. Bias, scales, GELU (erf form) and the residual add are fused into the
-write-out.
+Design (see ``docs/kernels.md``): parallel over tasks = (tile of tokens) x (chunk of block rows) (one worker: a
+serial jitted loop, no parallel launch). For ``(4k) x 1`` blocks (the
+*direct* path; tasks handed out through an atomic counter) a task packs its tile slab-major (16 tokens contiguous per input column, so one pass over the
+block rows for one slab touches ``K x 64 B`` of X and needs no K panels), and a register micro-kernel keeps
+4 output rows x 16 tokens in ymm accumulators for a whole block row, then applies scale, bias, GELU (erf form)
+and the residual in registers and stores the transposed tile straight into ``out``. Other block shapes take
+the *accumulator* path: ``(rows, 64)`` accumulators, K panels, and a separate epilogue.
 
 The jitted functions are private, compiled lazily on first call and cached on disk; the public functions check
 every shape, dtype and contiguity first and raise ``ValueError``.
@@ -27,7 +28,7 @@ __all__ = ["spmm", "linear", "reference_spmm", "gelu_reference", "TILE_TOKENS"]
 
 TILE_TOKENS = 64  # tokens per task (constant inner trip count)
 _PANEL_BYTES = 256 * 1024  # packed X tile per panel: half of the 512 KB L2 of these cores
-_ACC_BYTES = 128 * 1024  # accumulator of one task's chunk of output rows
+_ACC_BYTES = 128 * 1024
 
 _ACT = {None: 0, "none": 0, "gelu": 1}
 
@@ -204,8 +205,160 @@ def spmm(
     return _run(x, w, activation, residual, out)
 
 
+_DIRECT_WEIGHT_BYTES = 24 * 1024  # weights of one sub-chunk of block rows, reused across the slabs of a tile
+_DIRECT_MAX_TILE = 64
+_DIRECT_TILE_BYTES = 256 * 1024  # packed X tile (tokens x in_features x 4 B), to stay in the 512 KB L2
+
+
+def _plan_direct(w: BlockSparseMatrix, tokens: int, threads: int) -> tuple[int, int, int, int]:
+    """(tokens per tile, block rows per task, block rows per sub-chunk, tasks) for the (4k) x 1 direct path.
+
+    A tile is a multiple of 16 tokens (slabs), at most 64, smaller when in_features is large so that the packed
+    tile stays in L2 (K = 3072: 16 tokens x 3072 x 4 B = 192 KB). Tasks = tiles x row chunks, rows split only
+    as far as needed to give every thread the same number of tasks."""
+    br = w.block[0]
+    n_in = w.in_features
+    nbr = w.out_features // br
+    tile = _DIRECT_MAX_TILE
+    while tile > 16 and tile * n_in * 4 > _DIRECT_TILE_BYTES:
+        tile //= 2
+    tile = min(tile, -(-tokens // 16) * 16)
+    n_tiles = -(-tokens // tile)
+    n_chunks = min(nbr, threads // math.gcd(n_tiles, threads))
+    chunk = -(-nbr // n_chunks)
+    n_chunks = -(-nbr // chunk)
+    row_bytes = max(1.0, w.indices.shape[0] / max(1, nbr)) * (br * 4 + 4)  # int8 weights are widened to float32
+    sub = int(min(chunk, max(1, _DIRECT_WEIGHT_BYTES // row_bytes)))
+    return tile, chunk, sub, n_tiles * n_chunks
+
+
+_ONES: dict = {}
+
+
+def _unit_vectors(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only float32 ones / zeros of length n (scales / bias of a matrix without them)."""
+    v = _ONES.get(n)
+    if v is None:
+        ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
+        ones.flags.writeable = False
+        zeros.flags.writeable = False
+        v = _ONES[n] = (ones, zeros)
+    return v
+
+
+def _direct_workspace(n_workers: int, size: int) -> np.ndarray:
+    ws = getattr(_local, "xs", None)
+    if ws is None or ws.shape[0] < n_workers or ws.shape[1] < size:
+        old = ws.shape if ws is not None else (0, 0)
+        ws = _local.xs = np.zeros((max(n_workers, old[0]), max(size, old[1])), np.float32)
+    return ws[:n_workers]
+
+
 def _run(x, w, activation, residual, out):
     """The jitted call, with the per-(matrix, tokens, threads) plan cached on the matrix."""
+    global _jit
+    if _jit is None:
+        from . import _jit as jit_module
+
+        _jit = jit_module
+    if _kernel_code(w.block) == 1:
+        return _run_direct(x, w, activation, residual, out)
+    return _run_acc(x, w, activation, residual, out)
+
+
+_PAD = 4  # block rows padded to a multiple of this many blocks (zero weights): see _padded
+
+
+def _padded(w: BlockSparseMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, indices, data) with every block row padded to a multiple of ``_PAD`` blocks by zero-weight blocks
+    on the row's last column (an X line already in L1), cached on ``w``. The micro-kernel's loop is unrolled by 4
+    by LLVM; a remainder of 1-3 blocks took a separate, mispredicted loop on almost every call."""
+    key = ("padded", _PAD)
+    v = w._cache.get(key)
+    if v is not None:
+        return v
+    counts = np.diff(w.indptr).astype(np.int64)
+    nbr = counts.shape[0]
+    pc = -(-counts // _PAD) * _PAD
+    indptr = np.zeros(nbr + 1, np.int64)
+    np.cumsum(pc, out=indptr[1:])
+    n = int(indptr[-1])
+    row_of = np.repeat(np.arange(nbr), counts)
+    pos = np.arange(w.indices.shape[0]) - w.indptr[:-1].astype(np.int64)[row_of]
+    slot = indptr[:-1][row_of] + pos
+    last = np.where(counts > 0, w.indices[np.maximum(w.indptr[1:].astype(np.int64) - 1, 0)] if w.indices.size
+                    else 0, 0)
+    indices = np.repeat(last.astype(np.int32), pc)
+    indices[slot] = w.indices
+    data = np.zeros((n,) + w.data.shape[1:], w.data.dtype)
+    data[slot] = w.data
+    v = w._cache[key] = (indptr.astype(np.int32), indices, data)
+    return v
+
+
+_NO_WIDEN: dict = {}
+
+
+def _widen_workspace(n_workers: int, size: int) -> np.ndarray:
+    """Per-worker float32 buffer for int8 weights widened per sub-chunk; (n, 0) for float32 weights."""
+    if size == 0:
+        v = _NO_WIDEN.get(n_workers)
+        if v is None:
+            v = _NO_WIDEN[n_workers] = np.zeros((n_workers, 0), np.float32)
+        return v
+    ws = getattr(_local, "wide", None)
+    if ws is None or ws.shape[0] < n_workers or ws.shape[1] < size:
+        old = ws.shape if ws is not None else (0, 0)
+        ws = _local.wide = np.zeros((max(n_workers, old[0]), max(size, old[1])), np.float32)
+    return ws[:n_workers]
+
+
+def _counter() -> np.ndarray:
+    """This Python thread's task counter for a parallel call, reset to 0."""
+    c = getattr(_local, "counter", None)
+    if c is None:
+        c = _local.counter = np.zeros(1, np.int64)
+    c[0] = 0
+    return c
+
+
+def _run_direct(x, w, activation, residual, out):
+    import numba
+
+    M = x.shape[0]
+    n_threads = numba.get_num_threads()
+    key = ("dplan", M, n_threads)
+    plan = w._cache.get(key)
+    if plan is None:
+        if len(w._cache) > 64:
+            w._cache.clear()
+        tile, chunk, sub, n_tasks = _plan_direct(w, M, n_threads)
+        ones, zeros = _unit_vectors(w.out_features)
+        wide = 0  # int8 weights: float32 buffer for the largest sub-chunk of (padded) blocks
+        if w.data.dtype == np.int8:
+            pptr = _padded(w)[0] if _PAD > 1 else w.indptr
+            nbr = len(pptr) - 1
+            for b0 in range(0, nbr, chunk):
+                b1 = min(nbr, b0 + chunk)
+                for s0 in range(b0, b1, sub):
+                    wide = max(wide, int(pptr[min(b1, s0 + sub)]) - int(pptr[s0]))
+            wide *= w.block[0] * w.block[1]
+        plan = w._cache[key] = (tile, chunk, sub, n_tasks, min(n_threads, n_tasks),
+                                w.scales if w.scales is not None else ones, w.bias if w.bias is not None else zeros,
+                                wide)
+    tile, chunk, sub, n_tasks, n_workers, scales, bias, wide = plan
+    xs_ws = _direct_workspace(n_workers, tile * w.in_features)
+    w_ws = _widen_workspace(n_workers, wide)
+    mode = _ACT[activation] | (2 if residual is not None else 0)
+    fn = _jit.spmm_direct if n_workers > 1 else _jit.spmm_direct_serial
+    indptr, indices, data = _padded(w) if _PAD > 1 else (w.indptr, w.indices, w.data)
+    fn(x, indptr, indices, data, scales, bias, residual if residual is not None else _EMPTY2, out, mode,
+       tile, chunk, sub, n_tasks, xs_ws, _counter(), w_ws)
+    return out
+
+
+def _run_acc(x, w, activation, residual, out):
+    """The accumulator path (other block shapes)."""
     global _jit
     if _jit is None:
         from . import _jit as jit_module
@@ -221,12 +374,14 @@ def _run(x, w, activation, residual, out):
         if len(w._cache) > 64:
             w._cache.clear()
         chunk, sub, panel, n_tasks = _plan(w, M, n_threads)
-        plan = w._cache[key] = (chunk, sub, panel, n_tasks, min(n_threads, n_tasks), _kernel_code(w.block))
+        code = _kernel_code(w.block)  # (4k) x 1 normally takes the direct path; here the generic loop
+        plan = w._cache[key] = (chunk, sub, panel, n_tasks, min(n_threads, n_tasks), 0 if code == 1 else code)
     chunk, sub, panel, n_tasks, n_workers, code = plan
     br = w.block[0]
     xt_ws, acc_ws, cur_ws = _workspace(n_workers, min(panel, w.in_features), sub * br, sub)
     flags = _flags((w.scales is not None, w.bias is not None, _ACT[activation], residual is not None))
-    _jit.spmm_f32act(
+    fn = _jit.spmm_f32act if n_workers > 1 else _jit.spmm_f32act_serial
+    fn(
         x,
         w.indptr,
         w.indices,

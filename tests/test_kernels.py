@@ -188,6 +188,29 @@ def test_spmm_panels_large_k(block):
     assert_close(spmm(x, m, activation="gelu"), reference_spmm(x, m, activation="gelu"), x, w)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_direct_path_tiles_and_task_counter(dtype, threads):
+    """(4k) x 1 blocks take the register-finished path: 16-token tiles at K = 3072 (the packed tile stays in L2),
+    ragged tiles and slabs (M = 37, 97), rows padded to a multiple of 4 blocks, many tasks handed out through the
+    atomic counter, in-place residual after GELU."""
+    from sparsify.kernels.spmm import _plan_direct
+
+    rng = np.random.default_rng(11)
+    for n_out, n_in, block, tokens in [(64, 3072, (4, 1), 37), (96, 200, (8, 1), 97), (48, 384, (4, 1), 130)]:
+        w, _ = random_block_weight(rng, n_out, n_in, block, 0.13)
+        m = BlockSparseMatrix.from_dense(w, block, bias=rng.standard_normal(n_out).astype(np.float32), dtype=dtype)
+        wd = m.to_dense()
+        x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+        res = rng.standard_normal((tokens, n_out)).astype(np.float32)
+        ref = reference_spmm(x, m, activation="gelu", residual=res)
+        out = res.copy()
+        y = spmm(x, m, activation="gelu", residual=out, out=out, threads=threads)
+        assert y is out
+        assert_close(y, ref, x, wd)
+    assert _plan_direct(BlockSparseMatrix.from_dense(np.ones((8, 3072), np.float32), (4, 1)), 128, 1)[0] == 16
+
+
 def test_empty_rows_give_bias_and_all_zero_matrix():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((16, 8)).astype(np.float32)

@@ -86,6 +86,27 @@ def test_int8_grid(block, backend):
 
 
 @needs_avx2
+@pytest.mark.parametrize("quad_bytes", [64, 16 * 1024])
+def test_avx2_sub_chunks_of_block_rows(monkeypatch, quad_bytes):
+    """The avx2 kernel walks sub-chunks of block rows (slabs outside them): tiny sub-chunks (one or two block
+    rows) and one large one give the same result as the reference, 8x1 blocks, GELU + residual, 1 and 2 threads."""
+    from sparsify.kernels import int8 as int8_module
+
+    monkeypatch.setattr(int8_module, "_QUAD_BYTES", quad_bytes)
+    rng = np.random.default_rng(8)
+    for shape, block, tokens in [((96, 200), (4, 1), 70), ((64, 384), (8, 1), 130)]:
+        w = random_block_weight(rng, *shape, block, 0.2)
+        m = BlockSparseMatrix.from_dense(w, block, bias=rng.standard_normal(shape[0]).astype(np.float32),
+                                         dtype="int8")
+        x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+        res = rng.standard_normal((tokens, shape[0])).astype(np.float32)
+        ref = reference_spmm_int8(x, m, activation="gelu", residual=res)
+        for threads in (1, 2):
+            y = spmm_int8(x, m, activation="gelu", residual=res, threads=threads, backend="avx2")
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * (1.0 + float(np.abs(ref).max())))
+
+
+@needs_avx2
 @pytest.mark.parametrize("shape, tokens", [((64, 1100), 70), ((768, 96), 200), ((32, 3072), 5)])
 def test_backends_bit_identical_and_threads(shape, tokens):
     """Large K (no panels needed: a u8 tile of 3072 x 64 is 192 KB), many rows (several accumulator sub-chunks),

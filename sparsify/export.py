@@ -4,19 +4,29 @@
 
     model.safetensors   every encoder Linear packed block-sparse (``NAME.indptr / .indices / .data / .bias``,
                         plus ``.scales`` for int8 and ``.input_scale / .input_zero_point`` for quantized
-                        inputs), or ``NAME.weight`` when the layer is not sparse; everything else float32
+                        inputs), or ``NAME.weight`` when the layer is not sparse (int8 with ``NAME.scales``
+                        when quantized); the quantized residual sums / LayerNorm outputs as ``POINT.scale`` /
+                        ``POINT.zero_point``; the word embeddings float32, or int8 with one scale per row
+                        (``...word_embeddings.scales``); everything else float32
     sparsify.json       the manifest: format and version, architecture, per-layer block shape (rows x cols,
-                        out x in) / sparsity / dtype / quantization parameters, length configuration, task and
-                        label names, size and sha256 of every file
+                        out x in) / sparsity / dtype / quantization parameters, the quantized activations
+                        (``activations``), the embedding storage, length configuration, task and label names,
+                        size and sha256 of every file
     tokenizer.json ...  the tokenizer files
 
 The block shape of each layer is inferred from its zeros (the model-wide shape when the layer follows it); a
 layer with under 5% of its blocks zero is stored dense. A quantized model is recognised by
-``quantization.json`` (+ ``quantization.safetensors``) in the model directory or given as ``quantized=`` (the
-QAT ``convert()`` dict): per module name ``weight_int8``, ``weight_scale`` (out,), ``bias``, ``input_scale``,
-``input_zero_point``, ``input_groups``, ``input_permutation``, ``bits``. Its weights are stored int8 with the
-per-channel scales; activation quantization is replayed by the runtime (quantize-dequantize of each Linear's
-input). A length configuration is read from ``length_config.json`` in the model directory.
+``quantization.json`` (+ ``quantization.safetensors``) in the model directory, as written by
+:func:`sparsify.techniques.quantization.save_converted`, or given as ``quantized=`` / ``activations=`` (the
+``convert()`` / ``convert_activations()`` dicts): per module name ``weight_int8``, ``weight_scale`` (out,),
+``bias``, ``input_scale``, ``input_zero_point``, ``input_groups``, ``input_permutation``, ``input_bits``; per
+activation point (``<encoder LayerNorm>.input`` = the residual sum, ``.output``) ``scale``, ``zero_point``,
+``groups``, ``permutation``, ``bits``. Weights are stored int8 with the per-channel scales; every activation
+quantization point is written to the manifest (groups and permutation resolved to one scale and zero point per
+feature) and replayed by the runtime at the same place. Word embeddings: ``--embeddings int8`` (default for a
+quantized model) stores them int8 with a scale per row (a quarter of their float32 size; it changes the model
+slightly: measure with ``scripts/parity_sst2.py``), ``float32`` keeps them exact. A length configuration is read
+from ``length_config.json`` in the model directory.
 
 ``hf`` writes a transformers checkpoint with the dense-equivalent weights (masks applied, int8 weights
 dequantized; activation quantization cannot be expressed there). ``onnx`` writes ``model.onnx`` of the same
@@ -73,14 +83,18 @@ def _task_of(run_dir: Path | None) -> str | None:
         return None
 
 
-def _load_quantization(model_dir: Path, quantized: dict | None) -> dict[str, dict] | None:
-    """The converted-model dict (module name -> fields), from the argument or from quantization.json /
-    quantization.safetensors in the model directory (array fields in the safetensors as ``MODULE.FIELD``)."""
+def _load_quantization(model_dir: Path, quantized: dict | None,
+                       activations: dict | None = None) -> tuple[dict[str, dict] | None, dict[str, dict]]:
+    """``(modules, activations)``: the converted-model dict (module name -> fields) and the quantized activations
+    that are not Linear inputs (point name -> fields, see :func:`sparsify.techniques.quantization.convert.
+    convert_activations`), from the arguments or from quantization.json / quantization.safetensors in the model
+    directory (array fields in the safetensors as ``MODULE.FIELD`` and ``activation:POINT.FIELD``)."""
     if quantized is not None:
-        return {k: {f: _np(v) for f, v in d.items()} for k, d in quantized.items()}
+        return ({k: {f: _np(v) for f, v in d.items()} for k, d in quantized.items()},
+                {k: {f: _np(v) for f, v in d.items()} for k, d in (activations or {}).items()})
     jpath = model_dir / "quantization.json"
     if not jpath.is_file():
-        return None
+        return None, {}
     try:
         meta = json.loads(jpath.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -88,21 +102,28 @@ def _load_quantization(model_dir: Path, quantized: dict | None) -> dict[str, dic
     modules = meta.get("modules", meta) if isinstance(meta, dict) else None
     if not isinstance(modules, dict):
         raise SparsifyError(f"{jpath}: expected an object of module name -> quantization parameters")
+    points = meta.get("activations", {}) if "modules" in meta else {}
+    if not isinstance(points, dict):
+        raise SparsifyError(f"{jpath}: 'activations' must be an object of point name -> quantization parameters")
     tensors: dict[str, np.ndarray] = {}
     spath = model_dir / "quantization.safetensors"
     if spath.is_file():
         from safetensors.numpy import load_file
 
         tensors = load_file(str(spath))
-    out: dict[str, dict] = {}
-    for name, fields in modules.items():
-        d = {f: _np(v) for f, v in (fields or {}).items()}
-        prefix = name + "."
-        for key, arr in tensors.items():
-            if key.startswith(prefix) and "." not in key[len(prefix):]:
-                d[key[len(prefix):]] = arr
-        out[name] = d
-    return out
+
+    def collect(section: dict, head: str) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for name, fields in section.items():
+            d = {f: _np(v) for f, v in (fields or {}).items()}
+            prefix = head + name + "."
+            for key, arr in tensors.items():
+                if key.startswith(prefix) and "." not in key[len(prefix):]:
+                    d[key[len(prefix):]] = arr
+            out[name] = d
+        return out
+
+    return collect(modules, ""), collect(points, "activation:")
 
 
 def _np(v: Any):
@@ -114,36 +135,86 @@ def _np(v: Any):
     return v
 
 
-def _input_quant(q: dict, in_features: int, name: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """Per-feature activation scale / zero point (groups and permutation resolved) and the JSON description."""
-    if q.get("input_scale") is None or int(q.get("input_bits", q.get("bits", 8))) != 8:
-        return None  # not quantized, or kept 16-bit (fp16 rounding is not replayed by the runtime)
-    scale = np.atleast_1d(np.asarray(q["input_scale"], np.float32)).ravel()
-    zp = np.atleast_1d(np.asarray(q.get("input_zero_point", 0), np.float32)).ravel()
-    groups = int(q.get("input_groups") or scale.size)
-    if scale.size not in (1, groups) or in_features % groups:
-        raise SparsifyError(f"{name}: input_scale has {scale.size} values for {groups} groups of {in_features} features")
+def _input_quant(q: dict, in_features: int, name: str) -> tuple[np.ndarray | None, np.ndarray | None, dict] | None:
+    """A Linear input's quantization: see :func:`_activation_quant` (fields ``input_*``)."""
+    bits = int(q.get("input_bits", q.get("bits", 8)))
+    return _activation_quant(q.get("input_scale"), q.get("input_zero_point", 0), q.get("input_groups"),
+                             q.get("input_permutation"), bits, bool(q.get("input_signed", False)), in_features,
+                             f"{name} input")
+
+
+def _activation_quant(scale, zero_point, groups, perm, bits: int, signed: bool, width: int,
+                      name: str) -> tuple[np.ndarray | None, np.ndarray | None, dict] | None:
+    """``(per-feature scale, per-feature zero point, JSON description)`` of one quantized activation (per tensor
+    or PEG groups with their permutation resolved to one scale / zero point per feature); ``(None, None,
+    {"bits": 16, ...})`` for an activation kept in float16; None when it is not quantized."""
+    if bits == 16:
+        return None, None, {"bits": 16, "format": "float16 (rounded to half precision and back)"}
+    if scale is None or bits != 8:
+        return None  # not quantized (32 bits, or never observed)
+    scale = np.atleast_1d(np.asarray(scale, np.float32)).ravel()
+    zp = np.atleast_1d(np.asarray(zero_point if zero_point is not None else 0, np.float32)).ravel()
+    groups = int(groups or scale.size)
+    if scale.size not in (1, groups) or width % groups:
+        raise SparsifyError(f"{name}: {scale.size} scale values for {groups} groups of {width} features")
+    if not np.all(np.isfinite(scale) & (scale > 0)):
+        raise SparsifyError(f"{name}: activation scales must be positive and finite")
     if zp.size == 1:
         zp = np.repeat(zp, scale.size)
-    gs = in_features // groups
+    gs = width // groups
     per_pos_s = np.repeat(np.broadcast_to(scale, (groups,)), gs)
     per_pos_z = np.repeat(np.broadcast_to(zp, (groups,)), gs)
-    perm = q.get("input_permutation")
-    feat_s = np.empty(in_features, np.float32)
-    feat_z = np.empty(in_features, np.float32)
+    feat_s = np.empty(width, np.float32)
+    feat_z = np.empty(width, np.float32)
     if perm is not None:
         perm = np.asarray(perm, np.int64).ravel()
-        if perm.shape != (in_features,) or not np.array_equal(np.sort(perm), np.arange(in_features)):
-            raise SparsifyError(f"{name}: input_permutation is not a permutation of {in_features} features")
+        if perm.shape != (width,) or not np.array_equal(np.sort(perm), np.arange(width)):
+            raise SparsifyError(f"{name}: the permutation is not a permutation of {width} features")
         feat_s[perm] = per_pos_s  # permuted position p holds feature perm[p]
         feat_z[perm] = per_pos_z
     else:
         feat_s[:], feat_z[:] = per_pos_s, per_pos_z
-    bits = int(q.get("input_bits", q.get("bits", 8)))
-    signed = bool(q.get("input_signed", False))
     desc = {"bits": bits, "signed": signed, "groups": groups, "permuted": perm is not None,
-            "granularity": "per-tensor" if groups == 1 else "per-embedding-group"}
+            "granularity": "per-tensor" if groups == 1 else "per-embedding-group",
+            "stored": "one scale and zero point per feature (groups and permutation resolved)"}
     return feat_s, feat_z, desc
+
+
+# The activations the runtime can quantize besides Linear inputs: the residual sum entering each encoder
+# LayerNorm (its input) and the LayerNorm's output, as the quantizer's hooks do (point name -> kind).
+_POINT = re.compile(r"^(.*encoder\.layer\.\d+\.(?:attention\.output|output)\.LayerNorm)\.(input|output)$")
+_POINT_KIND = {"input": "residual sum (LayerNorm input)", "output": "LayerNorm output"}
+
+
+def _activation_points(acts: dict[str, dict], hidden: int, state: dict) -> tuple[dict, dict]:
+    """Manifest entries and tensors (``POINT.scale`` / ``POINT.zero_point``) of the quantized residual sums and
+    LayerNorm outputs."""
+    meta, tensors = {}, {}
+    for name, p in sorted(acts.items()):
+        m = _POINT.match(name)
+        if m is None or m.group(1) + ".weight" not in state:
+            raise SparsifyError(f"activation quantization for {name!r}: the runtime replays only the inputs and "
+                                "outputs of the encoder layers' LayerNorms (<base>.encoder.layer.N.attention.output."
+                                "LayerNorm / .output.LayerNorm)")
+        aq = _activation_quant(p.get("scale"), p.get("zero_point"), p.get("groups"), p.get("permutation"),
+                               int(p.get("bits", 8)), bool(p.get("signed", False)), hidden, name)
+        if aq is None:
+            continue
+        scale, zp, desc = aq
+        desc = {"point": _POINT_KIND[m.group(2)], **desc}
+        if scale is not None:
+            tensors[name + ".scale"], tensors[name + ".zero_point"] = scale, zp
+        meta[name] = desc
+    return meta, tensors
+
+
+def _quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and float32 scales per row (symmetric, ``max|row| / 127``; 1 for an all-zero row):
+    ``w ~= codes * scales[:, None]``."""
+    amax = np.abs(w).max(axis=1)
+    scales = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    codes = np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8)
+    return codes, scales
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -169,7 +240,8 @@ def _infer_block(w: np.ndarray, preferred: tuple[int, int] | None) -> tuple[tupl
     return (block, sparsity) if sparsity >= DENSE_BELOW else (None, sparsity)
 
 
-def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict | None) -> dict:
+def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict | None, acts: dict | None = None,
+                   embeddings: str = "auto") -> dict:
     import torch
 
     from sparsify.kernels.format import BlockSparseMatrix, format_block
@@ -218,9 +290,12 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
                                 "sparsity": round(float(((w if qw is None else qw) == 0).mean()), 6),
                                 "block_sparsity": round(sparsity, 6), "dtype": "float32", "quantization": None}
         if block is None:
-            if qw is not None:
-                w = qw.astype(np.float32) * scale[:, None]  # dense layer: dequantized fp32
-            tensors[name + ".weight"] = np.ascontiguousarray(w, np.float32)
+            if qw is not None:  # dense layer: int8 codes + per-output-channel scales
+                tensors[name + ".weight"] = np.ascontiguousarray(qw, np.int8)
+                tensors[name + ".scales"] = np.ascontiguousarray(scale, np.float32)
+                meta["dtype"] = "int8"
+            else:
+                tensors[name + ".weight"] = np.ascontiguousarray(w, np.float32)
         else:
             if qw is not None:
                 br, bc = block
@@ -237,14 +312,23 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
         if q is not None:
             qdesc: dict[str, Any] = {"bits": int(q.get("bits", 8))}
             if qw is not None:
-                qdesc["weight"] = "int8, symmetric, per output channel" + ("" if block else " (stored dequantized)")
+                qdesc["weight"] = "int8, symmetric, per output channel"
             iq = _input_quant(q, w.shape[1], name)
             if iq is not None:
-                tensors[name + ".input_scale"], tensors[name + ".input_zero_point"], qdesc["input"] = iq
+                s_in, z_in, qdesc["input"] = iq
+                if s_in is not None:
+                    tensors[name + ".input_scale"], tensors[name + ".input_zero_point"] = s_in, z_in
             meta["quantization"] = qdesc
         layers[name] = meta
+    act_meta, act_tensors = _activation_points(acts or {}, int(config["hidden_size"]), state)
+    tensors.update(act_tensors)
+    word_key = f"{prefix}embeddings.word_embeddings.weight"
+    word_int8 = embeddings == "int8" or (embeddings == "auto" and bool(quant))
     for k, v in state.items():
         if k.endswith("position_ids") or _LINEAR.match(k) or (k.endswith(".bias") and k[:-5] in linears):
+            continue
+        if k == word_key and word_int8:  # int8 rows + one scale per row, dequantized at lookup
+            tensors[k], tensors[k[:-len("weight")] + "scales"] = _quantize_rows(np.asarray(v, np.float32))
             continue
         tensors[k] = np.ascontiguousarray(v, np.float32)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +376,9 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
         "max_length": max_length,
         "length_config": length_config,
         "quantized": bool(quant),
+        "activations": act_meta,
+        "embeddings": {"word": "int8, symmetric, one scale per row (word_embeddings.scales)" if word_int8
+                       else "float32"},
         "weights": WEIGHTS,
         "layers": layers,
         "files": files,
@@ -400,24 +487,31 @@ def _dir_bytes(path: Path) -> int:
 
 
 def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "sparsify", *,
-           quantized: dict | None = None, overwrite: bool = False) -> dict:
+           quantized: dict | None = None, activations: dict | None = None, embeddings: str = "auto",
+           overwrite: bool = False) -> dict:
     """Export a run directory (its ``model/``) or a model directory; returns a summary dict (format, out,
-    artifact_bytes, dense_fp32_bytes, ratio, and for ``sparsify`` the manifest)."""
+    artifact_bytes, dense_fp32_bytes, ratio, and for ``sparsify`` the manifest).
+
+    ``quantized`` / ``activations``: the QAT ``convert()`` and ``convert_activations()`` dicts (default: read
+    from quantization.json in the model directory). ``embeddings``: how the ``sparsify`` format stores the word
+    embeddings: ``"int8"`` (per-row scales), ``"float32"``, or ``"auto"`` (int8 when the model is quantized)."""
     if format not in FORMATS:
         raise SparsifyError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if embeddings not in ("auto", "int8", "float32"):
+        raise SparsifyError(f"--embeddings must be 'auto', 'int8' or 'float32', got {embeddings!r}")
     model_dir, run_dir = _resolve(run_or_model_dir)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise SparsifyError(f"{out}: exists and is not empty (choose another -o or pass --overwrite)")
         shutil.rmtree(out)
-    quant = _load_quantization(model_dir, quantized)
+    quant, acts = _load_quantization(model_dir, quantized, activations)
     summary: dict[str, Any] = {"format": format, "out": str(out), "source": str(run_or_model_dir)}
     from sparsify.sparsity import load_report_weights
 
     dense_bytes = sum(v.numel() * 4 for k, v in load_report_weights(model_dir).items() if not k.endswith("position_ids"))
     if format == "sparsify":
-        manifest = _pack_artifact(model_dir, run_dir, out, quant)
+        manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings)
         summary["manifest"] = manifest
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -452,11 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", help="run directory (uses RUN/model) or Hugging Face model directory")
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--format", default="sparsify", choices=FORMATS, help="artifact format (default: sparsify)")
+    parser.add_argument("--embeddings", default="auto", choices=("auto", "int8", "float32"),
+                        help="word embeddings in the sparsify format: int8 with one scale per row, float32, or auto "
+                             "(int8 when the model is quantized; default)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     try:
-        s = export(args.path, args.output, args.format, overwrite=args.overwrite)
+        s = export(args.path, args.output, args.format, embeddings=args.embeddings, overwrite=args.overwrite)
     except SparsifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -468,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     if m:
         blocks = ", ".join(f"{b} (out x in)" for b in m["summary"]["blocks"]) or "none"
         print(f"  encoder Linear layers: {m['summary']['sparse_layers']} block-sparse [{blocks}], "
-              f"{m['summary']['dense_layers']} dense; quantized: {m['quantized']}; "
+              f"{m['summary']['dense_layers']} dense; quantized: {m['quantized']} "
+              f"({len(m['activations'])} residual-sum / LayerNorm-output points); "
+              f"word embeddings: {m['embeddings']['word'].split(',')[0]}; "
               f"length config: {m['length_config']['lengths'] if m['length_config'] else 'none'}")
     print(f"  size: {_mb(s['artifact_bytes'])} vs dense fp32 model {_mb(s['dense_fp32_bytes'])} "
           f"({100 * s['ratio']:.1f}%)")

@@ -321,6 +321,136 @@ def test_int8_parity_with_fake_quant(sparse_4x1, tmp_path):
     np.testing.assert_allclose(w, c["weight_int8"].astype(np.float32) * c["weight_scale"][:, None], rtol=1e-6)
 
 
+def _calibrated(model_dir: Path, batch, **extra):
+    """PTQ with the project's Quantizer on one batch -> (converted, activations): the conversion the export reads."""
+    from transformers import BertForSequenceClassification
+
+    from sparsify.techniques.quantization import QuantizationConfig, calibrate, convert_activations
+
+    model = BertForSequenceClassification.from_pretrained(model_dir).eval()
+    quantizer = calibrate(model, [dict(batch)], QuantizationConfig(mode="ptq", calibration_batches=1, **extra))
+    return quantizer.convert(), convert_activations(quantizer)
+
+
+def _converted_logits(model_dir: Path, batch, converted, activations, word=None):
+    """The integer reference in PyTorch (``load_converted``): int8 Linear layers and the activation points."""
+    from transformers import BertForSequenceClassification
+
+    from sparsify.techniques.quantization.convert import load_converted
+
+    model = BertForSequenceClassification.from_pretrained(model_dir).eval()
+    if word is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.copy_(torch.from_numpy(word))
+    load_converted(model, converted, activations)
+    with torch.no_grad():
+        return model(**batch).logits.numpy()
+
+
+_POINTS = {
+    "residual_sums": {"activations": {"residual_sums": True}},
+    "peg_all_points": {"activations": {"residual_sums": True, "layernorm_outputs": True},
+                       "peg": {"groups": 4, "permute": True,
+                               "targets": [r"LayerNorm\.(input|output)$", r"intermediate\.dense\.input$"]}},
+    "layernorm_outputs_16bit_sum": {"activations": {"residual_sums": True, "layernorm_outputs": True},
+                                    "keep_16bit": [r"layer\.0\.output\.LayerNorm\.input$"]},
+}
+
+
+@pytest.mark.parametrize("block", [(4, 1), None], ids=["4x1", "dense"])
+@pytest.mark.parametrize("case", list(_POINTS))
+def test_int8_activation_points_parity(tiny_model_dir, tmp_path, case, block):
+    """Residual sums and LayerNorm outputs (per tensor, PEG groups with a permutation, float16) are quantized by
+    the runtime where the quantizer's hooks quantize them: logits match the converted model in PyTorch."""
+    from transformers import AutoTokenizer
+
+    from sparsify.techniques.quantization import save_converted
+
+    src = _sparse_model_dir(tiny_model_dir, tmp_path / "m", block, sparsity=0.6)
+    tok = AutoTokenizer.from_pretrained(src)
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    converted, activations = _calibrated(src, batch, **_POINTS[case])
+    assert activations and all(p["bits"] in (8, 16) for p in activations.values())
+    save_converted(src, converted, activations)  # quantization.json + .safetensors, as a training run writes
+    summary = export(src, tmp_path / "a", embeddings="float32")
+    manifest = summary["manifest"]
+    assert set(manifest["activations"]) == set(activations)
+    if case == "peg_all_points":
+        assert all(d["groups"] == 4 and d["permuted"] for d in manifest["activations"].values())
+    if case == "layernorm_outputs_16bit_sum":
+        assert manifest["activations"]["bert.encoder.layer.0.output.LayerNorm.input"]["bits"] == 16
+    assert all(m["dtype"] == "int8" for m in manifest["layers"].values())
+    if block is None:  # dense quantized layers are stored as int8 codes, not dequantized
+        w = SparseModel.from_pretrained(tmp_path / "a", threads=1)
+        from safetensors.numpy import load_file
+
+        t = load_file(str(tmp_path / "a" / WEIGHTS))
+        name = "bert.encoder.layer.0.intermediate.dense"
+        assert t[name + ".weight"].dtype == np.int8 and t[name + ".scales"].dtype == np.float32
+        assert w.layers[0].inter.dtype == np.int8
+    ref = _converted_logits(src, batch, converted, activations)
+    without = _converted_logits(src, batch, converted, {})
+    # the points matter: a runtime skipping them would be 50x further off than the tolerance below
+    assert np.abs(ref - without).max() > 1e-3
+    rt = SparseModel.from_pretrained(tmp_path / "a", threads=2)
+    got = rt(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)  # measured: under 1e-7
+    assert (got.argmax(1) == ref.argmax(1)).all()
+    # length-adaptive runs quantize the same points on the kept tokens: keeping every token changes nothing
+    np.testing.assert_allclose(rt(batch["input_ids"], batch["attention_mask"], length_config=[64, 64]), got,
+                               atol=1e-6)
+
+
+def test_activation_points_unknown_to_the_runtime_rejected(sparse_4x1, tmp_path):
+    from transformers import AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(sparse_4x1)(TEXTS, padding=True, return_tensors="pt")
+    converted, activations = _calibrated(sparse_4x1, batch, activations={"residual_sums": True})
+    bad = {"bert.embeddings.LayerNorm.output": next(iter(activations.values()))}
+    with pytest.raises(SparsifyError, match="replays only"):
+        export(sparse_4x1, tmp_path / "x", quantized=converted, activations=bad)
+    export(sparse_4x1, tmp_path / "a", quantized=converted, activations=activations)
+    m = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    m["activations"]["bert.encoder.layer.0.attention.output.dense.output"] = {"bits": 8}
+    (tmp_path / "a" / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="does not know"):
+        SparseModel.from_pretrained(tmp_path / "a")
+
+
+def test_int8_word_embeddings(sparse_4x1, tmp_path):
+    """int8 word embeddings (one scale per row): the runtime equals PyTorch given the same dequantized rows,
+    and the quantized model exports them by default."""
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    summary = export(sparse_4x1, tmp_path / "a", embeddings="int8")
+    t = load_file(str(tmp_path / "a" / WEIGHTS))
+    codes, scales = t["bert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.scales"]
+    assert codes.dtype == np.int8 and scales.shape == (codes.shape[0],)
+    assert summary["manifest"]["embeddings"]["word"].startswith("int8")
+    word = codes.astype(np.float32) * scales[:, None]
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(sparse_4x1).eval()
+    original = model.get_input_embeddings().weight.detach().numpy()
+    assert 0 < np.abs(word - original).max() <= scales.max() / 2 + 1e-7
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(torch.from_numpy(word))
+    batch = AutoTokenizer.from_pretrained(sparse_4x1)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**batch).logits.numpy()
+    got = SparseModel.from_pretrained(tmp_path / "a", threads=1)(batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    # default: float32 for a float model, int8 for a quantized one
+    assert export(sparse_4x1, tmp_path / "f")["manifest"]["embeddings"]["word"] == "float32"
+    converted, activations = _calibrated(sparse_4x1, batch)
+    q = export(sparse_4x1, tmp_path / "q", quantized=converted, activations=activations)
+    assert q["manifest"]["embeddings"]["word"].startswith("int8")
+    ref_q = _converted_logits(sparse_4x1, batch, converted, activations, word=word)
+    got_q = SparseModel.from_pretrained(tmp_path / "q", threads=1)(batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_allclose(got_q, ref_q, atol=2e-3, rtol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------ hf / onnx / CLI
 def test_hf_export_loads_in_plain_transformers(sparse_4x1, tmp_path, capsys):
     assert export_main([str(sparse_4x1), "-o", str(tmp_path / "hf"), "--format", "hf"]) == 0

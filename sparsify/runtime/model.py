@@ -9,10 +9,18 @@ listed in the manifest, and raises :class:`ArtifactError` (a ``SparsifyError``) 
 
 The forward pass works on *packed* hidden states: the real tokens of all sequences one after another, no padding.
 Every Linear layer of the encoder goes through :func:`sparsify.kernels.spmm` (query/key/value fused into one
-call; GELU fused into the intermediate layer; the residual add fused into the output layers), attention, layer
-norms and embeddings through the numba ops of :mod:`sparsify.runtime.ops`. At the last layer only the [CLS]
-rows are needed after attention, so attention runs only for the [CLS] query and the feed-forward block only on
-the [CLS] rows (exact for classification).
+call; GELU fused into the intermediate layer; the residual add fused into the output layers), attention through
+:mod:`sparsify.runtime.attention`, layer norms and embeddings through the numba ops of
+:mod:`sparsify.runtime.ops`. At the last layer only the [CLS] rows are needed after attention, so attention runs
+only for the [CLS] query and the feed-forward block only on the [CLS] rows (exact for classification).
+
+Quantized artifacts: int8 weights (block-sparse, or dense with every block kept) run with float32 activations
+that are fake-quantized exactly where the trained model's quantizer did it, in the same order: the input of
+every quantized Linear, the residual sum entering each encoder LayerNorm and that LayerNorm's output (manifest
+``activations``; per tensor or per embedding group, stored as one scale and zero point per feature; ``bits: 16``
+rounds to float16). Rounding is ``round(x / scale)`` half to even, as ``torch.round``. The fake quantization
+is fused into the attention's output and into the layer norms; the word embeddings may be int8 rows with one
+scale each (dequantized at lookup).
 
 Length-adaptive inference (Length-Adaptive Transformer, Kim & Cho 2021): a length configuration gives, per
 layer, how many tokens each sequence keeps after that layer's attention; the kept tokens are those receiving
@@ -39,7 +47,7 @@ __all__ = ["SparseModel", "ArtifactError", "FORMAT", "FORMAT_VERSION", "MANIFEST
            "read_manifest", "parse_length_config", "load_tensors"]
 
 FORMAT = "sparsify-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: activation quantization points, int8 dense layers and word embeddings
 MANIFEST = "sparsify.json"
 WEIGHTS = "model.safetensors"
 
@@ -168,7 +176,7 @@ def _set_threads(threads: int | None) -> int:
 
 # ------------------------------------------------------------------------------------------------ model
 class _Layer:
-    __slots__ = ("qkv", "q", "k", "v", "attn_out", "inter", "out", "ln1", "ln2", "quant")
+    __slots__ = ("qkv", "q", "k", "v", "attn_out", "inter", "out", "ln1", "ln2", "quant", "act")
 
 
 class SparseModel:
@@ -219,6 +227,9 @@ class SparseModel:
             try:
                 bias = t(f"{name}.bias")
                 if meta.get("block") is None:
+                    w = tensors[f"{name}.weight"]
+                    if w.dtype == np.int8:  # int8 codes + per-output-channel scales, run as int8 weights
+                        return _dense_int8(w, np.ascontiguousarray(tensors[f"{name}.scales"], np.float32), bias)
                     w = t(f"{name}.weight")
                     blk = (4, 1) if w.shape[0] % 4 == 0 else (1, 1)
                     full = np.ones((w.shape[0] // blk[0], w.shape[1] // blk[1]), bool)
@@ -233,15 +244,49 @@ class SparseModel:
             except ValueError as e:
                 raise ArtifactError(f"{path}: layer {name!r} is inconsistent: {e}") from None
 
-        def input_quant(name: str):
-            q = (layers_meta[name].get("quantization") or {}).get("input")
+        def quant_params(q: dict | None, scale_name: str, zp_name: str, width: int, what: str):
+            """(scale, zero point, bits, signed) per feature, ("float16",) for a half-precision activation, or
+            None (not quantized)."""
             if not q:
                 return None
-            return (t(f"{name}.input_scale"), t(f"{name}.input_zero_point"), int(q.get("bits", 8)),
-                    bool(q.get("signed", False)))
+            bits = q.get("bits", 8)
+            if bits == 16:
+                return ("float16",)
+            if bits != 8:
+                raise ArtifactError(f"{path}: {what}: {bits}-bit activations are not supported (8 or 16)")
+            scale, zp = t(scale_name), t(zp_name)
+            if scale.shape != (width,) or zp.shape != (width,):
+                raise ArtifactError(f"{path}: {what}: scale {scale.shape} / zero point {zp.shape} are not one "
+                                    f"value per feature ({width})")
+            if not np.all(np.isfinite(scale) & (scale > 0)):
+                raise ArtifactError(f"{path}: {what}: activation scales must be positive and finite")
+            return scale, zp, 8, bool(q.get("signed", False))
+
+        def input_quant(name: str):
+            q = (layers_meta[name].get("quantization") or {}).get("input")
+            width = int(layers_meta[name]["shape"][1])
+            return quant_params(q, f"{name}.input_scale", f"{name}.input_zero_point", width, f"input of {name}")
+
+        points = manifest.get("activations") or {}
+        if not isinstance(points, dict):
+            raise ArtifactError(f"{path}: manifest 'activations' must be an object")
+        unused = set(points)
+
+        def point_quant(name: str):
+            unused.discard(name)
+            return quant_params(points.get(name), f"{name}.scale", f"{name}.zero_point", self.hidden, name)
 
         p = prefix
-        self.word = t(f"{p}embeddings.word_embeddings.weight")
+        word = tensors.get(f"{p}embeddings.word_embeddings.weight")
+        if word is not None and word.dtype == np.int8:  # int8 rows, one scale per row
+            self.word = word
+            self.word_scales = t(f"{p}embeddings.word_embeddings.scales")
+            if self.word_scales.shape != (word.shape[0],):
+                raise ArtifactError(f"{path}: word_embeddings.scales has shape {self.word_scales.shape}, expected "
+                                    f"({word.shape[0]},)")
+        else:
+            self.word = t(f"{p}embeddings.word_embeddings.weight")
+            self.word_scales = None
         self.pos = t(f"{p}embeddings.position_embeddings.weight")
         self.typ = t(f"{p}embeddings.token_type_embeddings.weight")
         self.emb_ln = (t(f"{p}embeddings.LayerNorm.weight"), t(f"{p}embeddings.LayerNorm.bias"))
@@ -258,9 +303,17 @@ class SparseModel:
             qs = [input_quant(base + f"attention.self.{n}") for n in ("query", "key", "value")]
             L.quant = {"qkv": qs, "attn_out": input_quant(base + "attention.output.dense"),
                        "inter": input_quant(base + "intermediate.dense"), "out": input_quant(base + "output.dense")}
+            # residual sums (LayerNorm inputs) and LayerNorm outputs, quantized where the quantizer's hooks were
+            L.act = {"ln1_in": point_quant(base + "attention.output.LayerNorm.input"),
+                     "ln1_out": point_quant(base + "attention.output.LayerNorm.output"),
+                     "ln2_in": point_quant(base + "output.LayerNorm.input"),
+                     "ln2_out": point_quant(base + "output.LayerNorm.output")}
             same_in = all(_same_quant(qs[0], x) for x in qs[1:])
             L.qkv = _concat_rows([L.q, L.k, L.v]) if same_in else None
             self.layers.append(L)
+        if unused:
+            raise ArtifactError(f"{path}: the manifest quantizes activation {sorted(unused)[0]!r}, which this runtime "
+                                "does not know (encoder LayerNorm inputs and outputs only)")
         self.pooler = (t(f"{p}pooler.dense.weight"), t(f"{p}pooler.dense.bias")) if f"{p}pooler.dense.weight" in \
             tensors else None
         self.classifier = (t("classifier.weight"), t("classifier.bias"))
@@ -309,6 +362,7 @@ class SparseModel:
         from sparsify.kernels.spmm import spmm
 
         from . import ops
+        from .attention import attention
 
         if ids.size and (ids.min() < 0 or ids.max() >= self.word.shape[0]):
             raise SparsifyError(f"input_ids out of the vocabulary range [0, {self.word.shape[0]})")
@@ -321,35 +375,48 @@ class SparseModel:
         np.cumsum(lens[:-1], out=starts[1:])
         x = ops.embed_layernorm(np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(positions, np.int64),
                                 np.ascontiguousarray(types, np.int64), self.word, self.pos, self.typ,
-                                *self.emb_ln, self.eps)
+                                *self.emb_ln, self.eps, word_scales=self.word_scales)
         th = self.threads
+        # Quantization points in the order of the PyTorch reference (see sparsify.techniques.quantization): the
+        # input of each quantized Linear, the residual sum entering each encoder LayerNorm and that LayerNorm's
+        # output. ``xq`` is ``x`` as the next query/key/value Linear sees it (fake-quantized when its input is).
+        xq = _fq(x, self.layers[0].quant["qkv"][0]) if self.layers and self.layers[0].qkv is not None else x
         for i, L in enumerate(self.layers):
             last = i == self.n_layers - 1
             drop = cfg is not None and not last
-            qkv = self._qkv(L, x, th)
-            ctx, sig = ops.attention(qkv, starts, lens, self.n_heads, significance=drop, first_query_only=last)
+            qkv = spmm(xq, L.qkv, threads=th) if L.qkv is not None else self._qkv_separate(L, x, th)
+            fuse = _fused(quant=L.quant["attn_out"])  # the context is fake-quantized as the attention writes it
+            ctx, sig = attention(qkv, starts, lens, self.n_heads, significance=drop, first_query_only=last,
+                                 quant=fuse.get("quant"))
+            if not fuse:  # a float16 point
+                ctx = _fq(ctx, L.quant["attn_out"], out=ctx)
             if last:  # only the [CLS] rows matter from here on (exact for classification)
                 x = np.ascontiguousarray(x[starts])
                 starts = np.arange(len(lens), dtype=np.int64)
                 lens = np.ones_like(lens)
-            h = spmm(_fq(ctx, L.quant["attn_out"]), L.attn_out, residual=x, out=x, threads=th)
-            ops.layernorm_(h, *L.ln1, self.eps)
+            h = spmm(ctx, L.attn_out, residual=x, out=x, threads=th)
             if drop:
+                _norm(h, L.ln1, self.eps, L.act["ln1_in"], L.act["ln1_out"], None)
                 h, starts, lens = _drop_tokens(h, sig, starts, lens, input_lens, cfg[i])
-            inter = spmm(_fq(h, L.quant["inter"]), L.inter, activation="gelu", threads=th)
-            h = spmm(_fq(inter, L.quant["out"]), L.out, residual=h, out=h, threads=th)
-            x = ops.layernorm_(h, *L.ln2, self.eps)
+                hq = _fq(h, L.quant["inter"])
+            else:
+                h, hq = _norm(h, L.ln1, self.eps, L.act["ln1_in"], L.act["ln1_out"], L.quant["inter"])
+            inter = spmm(hq, L.inter, activation="gelu", threads=th)
+            inter = _fq(inter, L.quant["out"], out=inter)
+            h = spmm(inter, L.out, residual=h, out=h, threads=th)
+            nxt = self.layers[i + 1] if not last else None
+            q_next = nxt.quant["qkv"][0] if nxt is not None and nxt.qkv is not None else None
+            x, xq = _norm(h, L.ln2, self.eps, L.act["ln2_in"], L.act["ln2_out"], q_next)
         cls = x[starts].astype(np.float64)
         if self.pooler is not None:
             cls = np.tanh(cls @ self.pooler[0].T.astype(np.float64) + self.pooler[1])
         logits = cls @ self.classifier[0].T.astype(np.float64) + self.classifier[1]
         return logits.astype(np.float32)
 
-    def _qkv(self, L: _Layer, x: np.ndarray, th: int) -> np.ndarray:
+    def _qkv_separate(self, L: _Layer, x: np.ndarray, th: int) -> np.ndarray:
+        """Query, key and value one by one: their inputs are quantized differently, or their blocks differ."""
         from sparsify.kernels.spmm import spmm
 
-        if L.qkv is not None:
-            return spmm(_fq(x, L.quant["qkv"][0]), L.qkv, threads=th)
         return np.hstack([spmm(_fq(x, qp), w, threads=th) for w, qp in zip((L.q, L.k, L.v), L.quant["qkv"])])
 
     # -------------------------------------------------------------------------------------------- texts
@@ -449,15 +516,60 @@ def _as_int64(a, name: str) -> np.ndarray:
 def _same_quant(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:] == b[2:])
+    if len(a) != len(b):
+        return False
+    if len(a) == 1:
+        return a == b
+    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
 
 
-def _fq(x: np.ndarray, q) -> np.ndarray:
+def _fq(x: np.ndarray, q, out: np.ndarray | None = None) -> np.ndarray:
+    """``x`` quantized and dequantized with ``q`` (per-feature scale, zero point, bits, signed), rounded to
+    float16 and back (``("float16",)``), or unchanged (None); into ``out`` when given (may be ``x``)."""
     if q is None:
-        return x
+        return x if out is None else out
+    if len(q) == 1:
+        y = x.astype(np.float16).astype(np.float32)
+        if out is None:
+            return y
+        out[...] = y
+        return out
     from . import ops
 
-    return ops.fake_quant(x, q[0], q[1], q[2], q[3])
+    return ops.fake_quant(x, q[0], q[1], q[2], q[3], out=out)
+
+
+def _fused(**points) -> dict:
+    """The points that the fused kernels take (8-bit ones and absent ones); {} when one is float16."""
+    return {} if any(q is not None and len(q) != 4 for q in points.values()) else points
+
+
+def _norm(h: np.ndarray, ln, eps: float, q_in, q_out, q_next) -> tuple[np.ndarray, np.ndarray]:
+    """Layer norm in place, with the residual sum quantized before it and its output after it, where the
+    quantizer put those points (the order of the PyTorch hooks: pre-hook, LayerNorm, forward hook); returns
+    ``(h, h as the next Linear sees it)``: quantized with ``q_next``, or ``h`` itself."""
+    from . import ops
+
+    if _fused(q_in=q_in, q_out=q_out, q_next=q_next):
+        return ops.layernorm_quant_(h, *ln, eps, q_in, q_out, q_next)
+    _fq(h, q_in, out=h)
+    ops.layernorm_(h, *ln, eps)
+    _fq(h, q_out, out=h)
+    return h, _fq(h, q_next)
+
+
+def _dense_int8(codes: np.ndarray, scales: np.ndarray, bias: np.ndarray):
+    """A dense int8 weight ``(out, in)`` as an int8 block-sparse matrix with every block kept (4x1 blocks when
+    ``out`` allows), so that it runs through the same kernels with int8 weights."""
+    from sparsify.kernels.format import BlockSparseMatrix
+
+    n_out, n_in = codes.shape
+    br = 4 if n_out % 4 == 0 else 1
+    nbr = n_out // br
+    data = np.ascontiguousarray(codes.reshape(nbr, br, n_in).transpose(0, 2, 1).reshape(nbr * n_in, br, 1))
+    indptr = np.arange(nbr + 1, dtype=np.int64) * n_in
+    indices = np.tile(np.arange(n_in, dtype=np.int64), nbr)
+    return BlockSparseMatrix((n_out, n_in), (br, 1), indptr, indices, data, scales, bias)
 
 
 def _concat_rows(ms):

@@ -1,10 +1,11 @@
-"""Fused element-wise and attention ops of the CPU runtime (numpy / numba only, never torch).
+"""Fused element-wise ops of the CPU runtime (numpy / numba only, never torch).
 
 Hidden states are *packed*: the real tokens of every sequence of a batch are concatenated row after row, so a
 ``(tokens, hidden)`` float32 array holds no padding, and ``starts`` / ``lens`` (int64) give each sequence's rows.
-The Linear layers go through :func:`sparsify.kernels.spmm` on that packed array; the ops here do the rest:
-embeddings + layer norm, layer norm, multi-head softmax attention per sequence (with the attention each token
-receives, summed over heads and queries, for length-adaptive token dropping) and activation fake quantization.
+The Linear layers go through :func:`sparsify.kernels.spmm` on that packed array, attention through
+:mod:`sparsify.runtime.attention`; the ops here do the rest: embeddings (float32 or int8 rows with scales) + layer
+norm, layer norm fused with the fake quantization around it (the residual sum before, the output after, and a
+quantized copy for the next Linear), the softmax row used by the attention, and activation fake quantization.
 
 Like the kernels: private ``@njit`` functions over raw arrays behind public functions that check shapes and
 dtypes, compiled lazily on first call and cached on disk (``cache=True``), never at import.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["embed_layernorm", "layernorm_", "attention", "fake_quant", "check_packed"]
+__all__ = ["embed_layernorm", "layernorm_", "layernorm_quant_", "fake_quant", "check_packed"]
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True, boundscheck=False, error_model="numpy")
 
@@ -49,20 +50,23 @@ def _layernorm_inplace(x, gamma, beta, eps, n_chunks):
 
 
 @njit(**_OPTS)
-def _embed_rows(ids, pos, types, word, posemb, typeemb, gamma, beta, eps, out, lo, hi):
+def _embed_rows(ids, pos, types, word, wscale, posemb, typeemb, gamma, beta, eps, out, lo, hi):
+    """``word`` float32, or int8 with one scale per row (``wscale``; ones for float32): the row is dequantized
+    as ``float32(code) * scale``, then ``+ type + position`` in the order transformers adds them."""
     H = out.shape[1]
     for t in range(lo, hi):
         i, p, ty = ids[t], pos[t], types[t]
+        s = wscale[i]
         for k in range(H):
-            out[t, k] = word[i, k] + typeemb[ty, k] + posemb[p, k]
+            out[t, k] = (np.float32(word[i, k]) * s + typeemb[ty, k]) + posemb[p, k]
     _ln_rows(out, lo, hi, gamma, beta, eps, out)
 
 
 @njit(parallel=True, **_OPTS)
-def _embed_ln(ids, pos, types, word, posemb, typeemb, gamma, beta, eps, out, n_chunks):
+def _embed_ln(ids, pos, types, word, wscale, posemb, typeemb, gamma, beta, eps, out, n_chunks):
     T = out.shape[0]
     for c in prange(n_chunks):
-        _embed_rows(ids, pos, types, word, posemb, typeemb, gamma, beta, eps, out, c * T // n_chunks,
+        _embed_rows(ids, pos, types, word, wscale, posemb, typeemb, gamma, beta, eps, out, c * T // n_chunks,
                     (c + 1) * T // n_chunks)
 
 
@@ -95,77 +99,61 @@ def _softmax_row(row, n, ebits):
         row[j] *= inv
 
 
-@njit(**_OPTS)
-def _attention_task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_only):
-    H = n_heads * d
-    s = task // n_heads
-    h = task - s * n_heads
-    st = starts[s]
-    L = lens[s]
-    if L == 0:
-        return
-    kt = np.empty((d, L), np.float32)  # K^T: the score row is a contiguous loop over keys
-    v = np.empty((L, d), np.float32)
-    for j in range(L):
-        src = qkv[st + j]
-        for k in range(d):
-            kt[k, j] = src[H + h * d + k]
-            v[j, k] = src[2 * H + h * d + k]
-    row = np.empty(L, np.float32)
-    ebits = np.empty(L, np.int32)
-    acc = np.empty(d, np.float32)
-    received = np.zeros(L, np.float32)
-    n_q = 1 if first_only else L
-    for i in range(n_q):
-        q = qkv[st + i]
-        for j in range(L):
-            row[j] = 0.0
-        for k in range(d):
-            qk = q[h * d + k] * scale
-            ktk = kt[k]
-            for j in range(L):
-                row[j] += qk * ktk[j]
-        _softmax_row(row, L, ebits)
-        if want_sig:
-            for j in range(L):
-                received[j] += row[j]
-        for k in range(d):
-            acc[k] = 0.0
-        for j in range(L):
-            p = row[j]
-            vj = v[j]
-            for k in range(d):
-                acc[k] += p * vj[k]
-        out = ctx[s] if first_only else ctx[st + i]
-        for k in range(d):
-            out[h * d + k] = acc[k]
-    if want_sig:
-        for j in range(L):
-            sig[h, st + j] = received[j]
+# Fake quantization must round exactly as PyTorch does (``torch.round(x / scale)``: a true division, half to
+# even), so it is compiled without fastmath (which would turn the division into a reciprocal multiply); the flags
+# are per instruction, so they survive inlining into the fastmath kernels that call these.
+_EXACT = dict(cache=True, fastmath=False, nogil=True, boundscheck=False, error_model="numpy")
 
 
-@njit(parallel=True, **_OPTS)
-def _attention(qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_only):
-    n_tasks = starts.shape[0] * n_heads
-    for task in prange(n_tasks):
-        _attention_task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_only)
+@njit(**_EXACT)
+def _fq_value(x, scale, zero_point, qmin, qmax):
+    """One fake-quantized value: ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``."""
+    q = np.rint(x / scale) + zero_point
+    q = min(max(q, qmin), qmax)
+    return (q - zero_point) * scale
 
 
-@njit(**_OPTS)
-def _fake_quant_rows(x, inv_scale, scale, zero_point, qmin, qmax, out, lo, hi):
-    n = x.shape[1]
-    for t in range(lo, hi):
-        for k in range(n):
-            q = np.rint(x[t, k] * inv_scale[k]) + zero_point[k]
-            q = min(max(q, qmin), qmax)
-            out[t, k] = (q - zero_point[k]) * scale[k]
+@njit(**_EXACT)
+def _fq_row(x, t, scale, zero_point, qmin, qmax, out):
+    """Row ``t`` of ``x`` fake-quantized (per-feature scale and zero point) into row ``t`` of ``out`` (may be
+    ``x``)."""
+    for k in range(x.shape[1]):
+        q = np.rint(x[t, k] / scale[k]) + zero_point[k]
+        q = min(max(q, qmin), qmax)
+        out[t, k] = (q - zero_point[k]) * scale[k]
 
 
-@njit(parallel=True, **_OPTS)
-def _fake_quant(x, inv_scale, scale, zero_point, qmin, qmax, out, n_chunks):
+@njit(parallel=True, **_EXACT)
+def _fake_quant(x, scale, zero_point, qmin, qmax, out, n_chunks):
     T = x.shape[0]
     for c in prange(n_chunks):
-        _fake_quant_rows(x, inv_scale, scale, zero_point, qmin, qmax, out, c * T // n_chunks, (c + 1) * T // n_chunks)
+        for t in range(c * T // n_chunks, (c + 1) * T // n_chunks):
+            _fq_row(x, t, scale, zero_point, qmin, qmax, out)
+
+
+@njit(**_OPTS)
+def _ln_quant_rows(x, gamma, beta, eps, q_in, s_in, z_in, lo_in, hi_in, q_out, s_out, z_out, lo_out, hi_out, q_next,
+                   s_next, z_next, lo_next, hi_next, nxt, lo, hi):
+    """Rows [lo, hi) of ``x``: fake-quantize (``q_in``: the residual sum), layer norm, fake-quantize
+    (``q_out``: the LayerNorm output), all in place, and write ``nxt`` = the result fake-quantized for the next
+    Linear (``q_next``); ``lo_*`` / ``hi_*``: the code range."""
+    for t in range(lo, hi):
+        if q_in:
+            _fq_row(x, t, s_in, z_in, lo_in, hi_in, x)
+        _ln_rows(x, t, t + 1, gamma, beta, eps, x)
+        if q_out:
+            _fq_row(x, t, s_out, z_out, lo_out, hi_out, x)
+        if q_next:
+            _fq_row(x, t, s_next, z_next, lo_next, hi_next, nxt)
+
+
+@njit(parallel=True, **_OPTS)
+def _ln_quant(x, gamma, beta, eps, q_in, s_in, z_in, lo_in, hi_in, q_out, s_out, z_out, lo_out, hi_out, q_next, s_next,
+              z_next, lo_next, hi_next, nxt, n_chunks):
+    T = x.shape[0]
+    for c in prange(n_chunks):
+        _ln_quant_rows(x, gamma, beta, eps, q_in, s_in, z_in, lo_in, hi_in, q_out, s_out, z_out, lo_out, hi_out,
+                       q_next, s_next, z_next, lo_next, hi_next, nxt, c * T // n_chunks, (c + 1) * T // n_chunks)
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -215,10 +203,53 @@ def layernorm_(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     return x
 
 
-def embed_layernorm(ids, positions, token_types, word, pos, typ, gamma, beta, eps: float) -> np.ndarray:
-    """``LN(word[ids] + type[token_types] + pos[positions])`` for packed tokens -> float32 ``(tokens, hidden)``."""
+def _quant_args(name: str, q, n: int):
+    """(on, scale, zero point, qmin, qmax) kernel arguments of ``q`` = (scale, zero point, bits, signed) per
+    feature, or None."""
+    if q is None:
+        return False, _ones(1), _ones(1), np.float32(0), np.float32(0)
+    scale, zero_point, bits, signed = q
+    _f32_1d(f"{name} scale", scale, n)
+    _f32_1d(f"{name} zero point", zero_point, n)
+    if not np.all(scale > 0):
+        raise ValueError("activation scales must be positive")
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    return True, scale, zero_point, np.float32(lo), np.float32(hi)
+
+
+def layernorm_quant_(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, q_in=None, q_out=None,
+                     q_next=None) -> tuple[np.ndarray, np.ndarray]:
+    """In one pass over a float32 ``(tokens, hidden)`` array: fake-quantize it (``q_in``), layer norm, fake-quantize
+    the result (``q_out``), in place; and a fake-quantized copy of the result for the next Linear (``q_next``).
+    Each ``q`` is ``(scale, zero_point, bits, signed)`` per feature (as :func:`fake_quant`) or None. Returns
+    ``(x, copy)``, the copy being ``x`` itself without ``q_next``."""
+    x = _f32_2d("x", x)
+    n = x.shape[1]
+    _f32_1d("gamma", gamma, n)
+    _f32_1d("beta", beta, n)
+    args_in, args_out, args_next = (_quant_args(nm, q, n) for nm, q in (("input", q_in), ("output", q_out),
+                                                                         ("next", q_next)))
+    nxt = np.empty_like(x) if q_next is not None else x
+    if x.shape[0]:
+        _ln_quant(x, gamma, beta, np.float32(eps), *args_in, *args_out, *args_next, nxt, _chunks(x.shape[0]))
+    return x, nxt
+
+
+def embed_layernorm(ids, positions, token_types, word, pos, typ, gamma, beta, eps: float, *,
+                    word_scales: np.ndarray | None = None) -> np.ndarray:
+    """``LN(word[ids] + type[token_types] + pos[positions])`` for packed tokens -> float32 ``(tokens, hidden)``.
+
+    ``word`` is float32, or int8 codes with ``word_scales`` (float32, one per row): row ``i`` is
+    ``word[i] * word_scales[i]``."""
     H = word.shape[1]
-    for name, a in (("word embeddings", word), ("position embeddings", pos), ("token type embeddings", typ)):
+    if word_scales is None:
+        _f32_2d("word embeddings", word)
+        word_scales = _ones(word.shape[0])
+    else:
+        if not isinstance(word, np.ndarray) or word.dtype != np.int8 or word.ndim != 2 or not word.flags.c_contiguous:
+            raise ValueError("word embeddings with scales must be a C-contiguous int8 2-D array")
+        _f32_1d("word_scales", word_scales, word.shape[0])
+    for name, a in (("position embeddings", pos), ("token type embeddings", typ)):
         _f32_2d(name, a, H)
     _f32_1d("gamma", gamma, H)
     _f32_1d("beta", beta, H)
@@ -231,41 +262,18 @@ def embed_layernorm(ids, positions, token_types, word, pos, typ, gamma, beta, ep
             raise ValueError(f"{name} out of range [0, {limit}): min {a.min()}, max {a.max()}")
     out = np.empty((n, H), np.float32)
     if n:
-        _embed_ln(ids, positions, token_types, word, pos, typ, gamma, beta, np.float32(eps), out, _chunks(n))
+        _embed_ln(ids, positions, token_types, word, word_scales, pos, typ, gamma, beta, np.float32(eps), out,
+                  _chunks(n))
     return out
 
 
-def attention(qkv: np.ndarray, starts: np.ndarray, lens: np.ndarray, n_heads: int, *,
-              significance: bool = False, first_query_only: bool = False):
-    """Multi-head softmax attention of packed sequences.
-
-    ``qkv``: float32 ``(tokens, 3 * hidden)``, the query, key and value projections side by side (each
-    ``(heads, head_dim)`` head-major, as BERT splits them). Every sequence attends only to itself (packing
-    replaces the padding mask). Returns ``(context (tokens, hidden), significance (tokens,) or None)``, where
-    significance is the attention each token receives, summed over heads and queries. With
-    ``first_query_only`` only the first token ([CLS]) of each sequence attends: context is ``(sequences, hidden)``.
-    """
-    qkv = _f32_2d("qkv", qkv)
-    if qkv.shape[1] % (3 * n_heads):
-        raise ValueError(f"qkv width {qkv.shape[1]} is not 3 x heads ({n_heads}) x head_dim")
-    check_packed(starts, lens, qkv.shape[0])
-    H = qkv.shape[1] // 3
-    d = H // n_heads
-    T = qkv.shape[0]
-    ctx = np.empty((starts.shape[0] if first_query_only else T, H), np.float32)
-    sig = np.zeros((n_heads, T) if significance else (1, 1), np.float32)
-    if T:
-        _attention(qkv, starts, lens, n_heads, d, np.float32(1.0 / np.sqrt(d)), ctx, sig, significance,
-                   first_query_only)
-    return ctx, (sig.sum(axis=0) if significance else None)
-
-
 def fake_quant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int = 8,
-               signed: bool = False) -> np.ndarray:
-    """Quantize-dequantize activations per feature: ``(clamp(round(x / s) + zp) - zp) * s``.
+               signed: bool = False, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Quantize-dequantize activations per feature: ``(clamp(round(x / s) + zp) - zp) * s``, rounding half to
+    even as ``torch.round``.
 
     Per-tensor and per-group (PEG) parameters are expanded to one ``scale`` / ``zero_point`` per feature by the
-    caller. Returns a new array.
+    caller. Returns a new array, or ``out`` (same shape as ``x``; may be ``x``).
     """
     x = _f32_2d("x", x)
     n = x.shape[1]
@@ -274,8 +282,22 @@ def fake_quant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: i
     if not np.all(scale > 0):
         raise ValueError("activation scales must be positive")
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-    out = np.empty_like(x)
+    if out is None:
+        out = np.empty_like(x)
+    else:
+        _f32_2d("out", out, n)
+        if out.shape != x.shape:
+            raise ValueError(f"out must have the shape of x {x.shape}, got {out.shape}")
     if x.shape[0]:
-        _fake_quant(x, (1.0 / scale).astype(np.float32), scale, zero_point, np.float32(qmin), np.float32(qmax), out,
-                    _chunks(x.shape[0]))
+        _fake_quant(x, scale, zero_point, np.float32(qmin), np.float32(qmax), out, _chunks(x.shape[0]))
     return out
+
+
+_ONES: dict[int, np.ndarray] = {}
+
+
+def _ones(n: int) -> np.ndarray:
+    a = _ONES.get(n)
+    if a is None:
+        a = _ONES[n] = np.ones(n, np.float32)
+    return a

@@ -477,3 +477,25 @@ def test_search_cli_compares_with_truncated_inputs(run_dir):
     assert at_full["length_config_accuracy"] == max(c["accuracy"] for c in doc["evaluated"])
     assert at_half["flops_fraction"] <= 0.5 and at_half["length_config_flops_fraction"] <= 0.5
     assert main([str(run_dir), "--budget", "0.5", "--compare-truncation", "0.5,2"]) == 2
+
+
+def test_all_four_techniques_in_one_run(make_recipe, tiny_model_dir):
+    """Pruning, distillation, QAT and LengthDrop together (the full-combination recipe's shape, tiny): the run
+    ends at its target sparsity, with the int8 conversion agreeing with the fake-quant model."""
+    from sparsify.recipe import load_recipe
+    from sparsify.train import train
+
+    techniques = [
+        {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 0, "end_step": 4, "update_every": 2},
+        {"kind": "distillation", "logits": {"weight": 1.0, "temperature": 2.0}},
+        {"kind": "quantization", "start_step": 4, "freeze_after_steps": 2, "peg": {"groups": 4}},
+        {"kind": "length_adaptive", "start_step": 4, "num_sandwich": 1},
+    ]
+    recipe = load_recipe(make_recipe(training={"steps": 8, "eval_every": None, "save_every": None},
+                                     teacher={"name_or_path": str(tiny_model_dir)}, techniques=techniques))
+    run_dir = train(recipe, progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    sparsity = json.loads((run_dir / "sparsity.json").read_text())
+    assert sparsity["total"]["sparsity"] == pytest.approx(0.5) and sparsity["total"]["follows_block"]
+    assert metrics["optimizer_steps"] == 8
+    assert metrics["conversion_parity"]["label_agreement"] >= 0.95

@@ -281,7 +281,7 @@ def _latency_cost(run_dir: Path, artifact: str | Path | None, rows: list[dict], 
 def search_run(run_dir: str | Path, budget: float, *, population: int = 16, generations: int = 8, seed: int = 0,
                mutation_prob: float = 0.5, grid: float = 0.05, batch_size: int = 128, max_samples: int | None = None,
                cost: str = "flops", artifact: str | Path | None = None, latency_batch_size: int = 32,
-               latency_examples: int = 128, latency_repeats: int = 3, threads: int | None = None,
+               latency_examples: int = 128, latency_repeats: int = 5, threads: int | None = None,
                truncation: Sequence[float] | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Search a trained run's model on its validation data; writes ``search/frontier.{json,png}`` in the run
     directory and ``model/length_config.json``. Returns the frontier document.
@@ -441,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-examples", type=int, default=128,
                         help="with --cost latency: time the first N validation examples (default 128)")
     parser.add_argument("--latency-batch-size", type=int, default=32, help="with --cost latency: batch size (default 32)")
-    parser.add_argument("--latency-repeats", type=int, default=3,
-                        help="with --cost latency: timings per configuration, the median counts (default 3)")
+    parser.add_argument("--latency-repeats", type=int, default=5,
+                        help="with --cost latency: timings per configuration, the median counts (default 5; "
+                             "use more on a busy machine)")
     parser.add_argument("--population", type=int, default=16, help="configurations per generation (default 16)")
     parser.add_argument("--generations", type=int, default=8, help="generations after the first (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")

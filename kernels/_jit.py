@@ -81,6 +81,47 @@ _F32 = _ir.FloatType()
 _V8F = _ir.VectorType(_F32, 8)
 
 
+class _Loop:
+    """An LLVM counted loop under construction (see :func:`loop_open`)."""
+
+    def __init__(self, index, carried, head, done):
+        self.index, self.carried, self.head, self.done = index, carried, head, done
+
+
+def loop_open(builder, name: str, start, stop, inits) -> _Loop:
+    """Open ``for index in range(start, stop)`` in LLVM IR, carrying one value per ``inits`` entry (phi nodes
+    that start at those values). Leaves the builder in the loop body; :func:`loop_close` ends the body."""
+    fn = builder.function
+    entry = builder.block
+    head = fn.append_basic_block(f"{name}_head")
+    body = fn.append_basic_block(f"{name}_body")
+    done = fn.append_basic_block(f"{name}_done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    index = builder.phi(_I64)
+    index.add_incoming(start, entry)
+    carried = []
+    for value in inits:
+        ph = builder.phi(value.type)
+        ph.add_incoming(value, entry)
+        carried.append(ph)
+    builder.cbranch(builder.icmp_signed("<", index, stop), body, done)
+    builder.position_at_end(body)
+    return _Loop(index, carried, head, done)
+
+
+def loop_close(builder, loop: _Loop, new_values) -> None:
+    """End the body of ``loop``: the carried values become ``new_values``, the index steps by one; leaves the
+    builder after the loop, where ``loop.carried`` hold the final values."""
+    index_next = builder.add(loop.index, _ir.Constant(_I64, 1))
+    body_end = builder.block
+    builder.branch(loop.head)
+    loop.index.add_incoming(index_next, body_end)
+    for ph, value in zip(loop.carried, new_values):
+        ph.add_incoming(value, body_end)
+    builder.position_at_end(loop.done)
+
+
 def _splat(builder, scalar, ty):
     undef = _ir.Constant(ty, _ir.Undefined)
     v = builder.insert_element(undef, scalar, _ir.Constant(_ir.IntType(32), 0))
@@ -107,7 +148,6 @@ def _make_micro_f32(R: int, C: int, TT: int):
             acc_a = context.make_array(signature.args[6])(context, builder, args[6])
             _, _, _, p0v, p1v, k0v, _, a_offv, t_offv, w_offv, w_strv = args
             xt_p, idx_p, dat_p, acc_p = xt_a.data, idx_a.data, dat_a.data, acc_a.data
-            fn = builder.function
             fma = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_V8F, [_V8F] * 3),
                                                   "llvm.fma.v8f32")
             prefetch = _cgutils.get_or_insert_function(
@@ -115,22 +155,8 @@ def _make_micro_f32(R: int, C: int, TT: int):
                 _ir.FunctionType(_ir.VoidType(), [_ir.IntType(8).as_pointer()] + [_ir.IntType(32)] * 3),
                 "llvm.prefetch.p0",
             )
-            entry = builder.block
-            head = fn.append_basic_block("mk_head")
-            body = fn.append_basic_block("mk_body")
-            done = fn.append_basic_block("mk_done")
-            builder.branch(head)
-            builder.position_at_end(head)
-            p = builder.phi(_I64)
-            p.add_incoming(p0v, entry)
-            zero = _ir.Constant(_V8F, [0.0] * 8)
-            accs = []
-            for _ in range(R * V):
-                ph = builder.phi(_V8F)
-                ph.add_incoming(zero, entry)
-                accs.append(ph)
-            builder.cbranch(builder.icmp_signed("<", p, p1v), body, done)
-            builder.position_at_end(body)
+            loop = loop_open(builder, "mk", p0v, p1v, [_ir.Constant(_V8F, [0.0] * 8)] * (R * V))
+            p, accs = loop.index, loop.carried
             col = builder.sext(builder.load(builder.gep(idx_p, [p])), _I64)
             if PREFETCH:
                 # Prefetch the X row of a block PREFETCH ahead (L2 -> L1; the rows are visited in random order).
@@ -161,13 +187,7 @@ def _make_micro_f32(R: int, C: int, TT: int):
                     wv = _splat(builder, w, _V8F)
                     for v in range(V):
                         new[r * V + v] = builder.call(fma, [wv, xs[v], new[r * V + v]])
-            p_next = builder.add(p, _ir.Constant(_I64, 1))
-            body_end = builder.block
-            builder.branch(head)
-            p.add_incoming(p_next, body_end)
-            for ph, nv in zip(accs, new):
-                ph.add_incoming(nv, body_end)
-            builder.position_at_end(done)
+            loop_close(builder, loop, new)
             for r in range(R):
                 for v in range(V):
                     off = builder.add(a_offv, _ir.Constant(_I64, r * 64 + 8 * v))
@@ -545,25 +565,10 @@ def _make_direct_f32(C: int):
             xs_p, idx_p, dat_p, out_p, sc_p, bi_p, res_p = ptr(0), ptr(1), ptr(2), ptr(8), ptr(12), ptr(13), ptr(15)
             p0v, p1v, x_offv, w_offv, w_strv = args[3], args[4], args[5], args[6], args[7]
             o_offv, n_outv, nvv, s_offv, modev = args[9], args[10], args[11], args[14], args[16]
-            fn = builder.function
             mod = builder.module
             fma = _cgutils.get_or_insert_function(mod, _ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
-            entry = builder.block
-            head = fn.append_basic_block("mkd_head")
-            body = fn.append_basic_block("mkd_body")
-            done = fn.append_basic_block("mkd_done")
-            builder.branch(head)
-            builder.position_at_end(head)
-            p = builder.phi(_I64)
-            p.add_incoming(p0v, entry)
-            zero = _ir.Constant(_V8F, [0.0] * 8)
-            accs = []
-            for _ in range(R * V):
-                ph = builder.phi(_V8F)
-                ph.add_incoming(zero, entry)
-                accs.append(ph)
-            builder.cbranch(builder.icmp_signed("<", p, p1v), body, done)
-            builder.position_at_end(body)
+            loop = loop_open(builder, "mkd", p0v, p1v, [_ir.Constant(_V8F, [0.0] * 8)] * (R * V))
+            p, accs = loop.index, loop.carried
             col = builder.sext(builder.load(builder.gep(idx_p, [p])), _I64)
             row0 = builder.add(builder.mul(builder.mul(col, _ir.Constant(_I64, C)), _ir.Constant(_I64, S16)), x_offv)
             wbase = builder.add(w_offv, builder.mul(p, w_strv))
@@ -580,13 +585,7 @@ def _make_direct_f32(C: int):
                     wv = _splat(builder, w, _V8F)
                     for v in range(V):
                         new[r * V + v] = builder.call(fma, [wv, xs_v[v], new[r * V + v]])
-            p_next = builder.add(p, _ir.Constant(_I64, 1))
-            body_end = builder.block
-            builder.branch(head)
-            p.add_incoming(p_next, body_end)
-            for ph, nv_ in zip(accs, new):
-                ph.add_incoming(nv_, body_end)
-            builder.position_at_end(done)
+            loop_close(builder, loop, new)
             ys = []
             for r in range(R):
                 s_idx = builder.add(s_offv, _ir.Constant(_I64, r))

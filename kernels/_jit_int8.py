@@ -26,7 +26,8 @@ from numba.core import cgutils as _cgutils
 from numba.core import types as _types
 from numba.extending import intrinsic as _intrinsic
 
-from ._jit import _OPTS, _V8F, S16, T, _splat, _transpose8, direct_finish, epilogue, fetch_add, gelu_vec
+from ._jit import (_OPTS, _V8F, S16, T, _splat, _transpose8, direct_finish, epilogue, fetch_add, gelu_vec,
+                   loop_close, loop_open)
 
 _I8 = _ir.IntType(8)
 _I16 = _ir.IntType(16)
@@ -63,23 +64,8 @@ def _i8_quad_loop(builder, xt_p, idx_p, qw_p, q0v, q1v, x_offv, w_offv, w_strv, 
     maddwd = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_V8D, [_V16W, _V16W]),
                                              "llvm.x86.avx2.pmadd.wd")
     ones = _ir.Constant(_V16W, [1] * 16)
-    fn = builder.function
-    entry = builder.block
-    head = fn.append_basic_block("mk8_head")
-    body = fn.append_basic_block("mk8_body")
-    done = fn.append_basic_block("mk8_done")
-    builder.branch(head)
-    builder.position_at_end(head)
-    q = builder.phi(_I64)
-    q.add_incoming(q0v, entry)
-    zero = _ir.Constant(_V8D, [0] * 8)
-    accs = []
-    for _ in range(2 * R):
-        ph = builder.phi(_V8D)
-        ph.add_incoming(zero, entry)
-        accs.append(ph)
-    builder.cbranch(builder.icmp_signed("<", q, q1v), body, done)
-    builder.position_at_end(body)
+    loop = loop_open(builder, "mk8", q0v, q1v, [_ir.Constant(_V8D, [0] * 8)] * (2 * R))
+    q, accs = loop.index, loop.carried
     rows = []
     q4 = builder.mul(q, _ir.Constant(_I64, 4))
     for j in range(4):
@@ -105,13 +91,7 @@ def _i8_quad_loop(builder, xt_p, idx_p, qw_p, q0v, q1v, x_offv, w_offv, w_strv, 
             p16 = builder.call(maddubs, [xs[v], wv])
             p32 = builder.call(maddwd, [p16, ones])
             new[2 * r + v] = builder.add(new[2 * r + v], p32)
-    q_next = builder.add(q, _ir.Constant(_I64, 1))
-    body_end = builder.block
-    builder.branch(head)
-    q.add_incoming(q_next, body_end)
-    for ph, nv in zip(accs, new):
-        ph.add_incoming(nv, body_end)
-    builder.position_at_end(done)
+    loop_close(builder, loop, new)
     return accs
 
 
@@ -268,36 +248,14 @@ def vminmax8(typingctx, src, n_vec, res):
             return builder.zext(builder.icmp_unsigned("==", bits, expo), _V8D)
 
         z0 = nonfinite(first)
-        fn = builder.function
-        entry = builder.block
-        head = fn.append_basic_block("mm_head")
-        body = fn.append_basic_block("mm_body")
-        done = fn.append_basic_block("mm_done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        i = builder.phi(_I64)
-        i.add_incoming(_ir.Constant(_I64, 1), entry)
-        lo = builder.phi(_V8F)
-        lo.add_incoming(first, entry)
-        hi = builder.phi(_V8F)
-        hi.add_incoming(first, entry)
-        z = builder.phi(_V8D)
-        z.add_incoming(z0, entry)
-        builder.cbranch(builder.icmp_signed("<", i, nv), body, done)
-        builder.position_at_end(body)
+        loop = loop_open(builder, "mm", _ir.Constant(_I64, 1), nv, [first, first, z0])
+        i, (lo, hi, z) = loop.index, loop.carried
         ptr = builder.gep(sp, [builder.mul(i, _ir.Constant(_I64, 8))])
         v = builder.load(builder.bitcast(ptr, _V8F.as_pointer()), align=4)
         lo2 = builder.call(vmin, [lo, v])
         hi2 = builder.call(vmax, [hi, v])
         z2 = builder.or_(z, nonfinite(v))
-        i2 = builder.add(i, _ir.Constant(_I64, 1))
-        end = builder.block
-        builder.branch(head)
-        i.add_incoming(i2, end)
-        lo.add_incoming(lo2, end)
-        hi.add_incoming(hi2, end)
-        z.add_incoming(z2, end)
-        builder.position_at_end(done)
+        loop_close(builder, loop, [lo2, hi2, z2])
         zs = builder.extract_element(z, _ir.Constant(_I32, 0))
         for j in range(1, 8):
             zs = builder.or_(zs, builder.extract_element(z, _ir.Constant(_I32, j)))

@@ -25,6 +25,26 @@ from .ops import _OPTS, _f32_1d, _f32_2d, _fq_value, _softmax_row, check_packed
 __all__ = ["attention"]
 
 
+@njit(inline="always", **_OPTS)
+def _add_product2(a, b, c, K, N):
+    """``c[0:2, :N] += a[0:2, :K] @ b[:K, :N]``, unrolled by 4 over K: each loaded ``b`` value serves both rows,
+    and each ``c`` element is loaded and stored once per 4 FMAs."""
+    K4 = K - K % 4
+    for k in range(0, K4, 4):
+        a0, a1, a2, a3 = a[0, k], a[0, k + 1], a[0, k + 2], a[0, k + 3]
+        b0, b1, b2, b3 = a[1, k], a[1, k + 1], a[1, k + 2], a[1, k + 3]
+        for j in range(N):
+            x0, x1, x2, x3 = b[k, j], b[k + 1, j], b[k + 2, j], b[k + 3, j]
+            c[0, j] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+            c[1, j] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+    for k in range(K4, K):
+        a0 = a[0, k]
+        b0 = a[1, k]
+        for j in range(N):
+            c[0, j] += a0 * b[k, j]
+            c[1, j] += b0 * b[k, j]
+
+
 @njit(**_OPTS)
 def _task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_only, quant, q_scale, q_zp, qmin,
           qmax, kt, v, rows, ebits, accs, qss, received):
@@ -47,8 +67,6 @@ def _task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_
         for j in range(L):
             received[j] = 0.0
     n_q = 1 if first_only else L
-    d4 = d - d % 4
-    L4 = L - L % 4
     for i0 in range(0, n_q, 2):
         nb = min(2, n_q - i0)
         for b in range(2):
@@ -57,19 +75,7 @@ def _task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_
                 qss[b, k] = qkv[st + ii, qo + k] * scale
             for j in range(L):
                 rows[b, j] = 0.0
-        for k in range(0, d4, 4):
-            a0, a1, a2, a3 = qss[0, k], qss[0, k + 1], qss[0, k + 2], qss[0, k + 3]
-            b0, b1, b2, b3 = qss[1, k], qss[1, k + 1], qss[1, k + 2], qss[1, k + 3]
-            for j in range(L):
-                k0, k1, k2, k3 = kt[k, j], kt[k + 1, j], kt[k + 2, j], kt[k + 3, j]
-                rows[0, j] += a0 * k0 + a1 * k1 + a2 * k2 + a3 * k3
-                rows[1, j] += b0 * k0 + b1 * k1 + b2 * k2 + b3 * k3
-        for k in range(d4, d):
-            a0 = qss[0, k]
-            b0 = qss[1, k]
-            for j in range(L):
-                rows[0, j] += a0 * kt[k, j]
-                rows[1, j] += b0 * kt[k, j]
+        _add_product2(qss, kt, rows, d, L)  # scores of the two queries
         for b in range(nb):
             _softmax_row(rows[b], L, ebits)
             if want_sig:
@@ -78,19 +84,7 @@ def _task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_
         for k in range(d):
             accs[0, k] = 0.0
             accs[1, k] = 0.0
-        for j in range(0, L4, 4):
-            a0, a1, a2, a3 = rows[0, j], rows[0, j + 1], rows[0, j + 2], rows[0, j + 3]
-            b0, b1, b2, b3 = rows[1, j], rows[1, j + 1], rows[1, j + 2], rows[1, j + 3]
-            for k in range(d):
-                v0, v1, v2, v3 = v[j, k], v[j + 1, k], v[j + 2, k], v[j + 3, k]
-                accs[0, k] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
-                accs[1, k] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
-        for j in range(L4, L):
-            a0 = rows[0, j]
-            b0 = rows[1, j]
-            for k in range(d):
-                accs[0, k] += a0 * v[j, k]
-                accs[1, k] += b0 * v[j, k]
+        _add_product2(rows, v, accs, L, d)  # their weighted sums of the values
         for b in range(nb):
             r = s if first_only else st + i0 + b
             if quant:

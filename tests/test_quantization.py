@@ -625,14 +625,16 @@ def test_trainer_measures_fake_quant_against_conversion(make_recipe):
 
     pruning = {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 0, "end_step": 4,
                "update_every": 2}
-    qat = {"kind": "quantization", "start_step": 4, "freeze_after_steps": 2, "peg": {"groups": 4}}
+    qat = {"kind": "quantization", "start_step": 4, "freeze_after_steps": 2, "peg": {"groups": 4},
+           "activations": {"linear_inputs": True, "residual_sums": True}}  # the points beyond the Linear inputs too
     recipe = load_recipe(make_recipe(training={"steps": 8, "eval_every": None, "save_every": None},
                                      techniques=[pruning, qat]))
     run_dir = train(recipe, progress=False)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     parity = metrics["conversion_parity"]
     assert parity["step"] == 8 and parity["examples"] > 0
-    assert parity["label_agreement"] >= 0.95 and parity["max_abs_logit_diff"] < 0.05
+    # measured 0.0 here; leaving out the residual-sum points in the conversion gives 5.6e-4
+    assert parity["label_agreement"] >= 0.95 and parity["max_abs_logit_diff"] < 1e-4
     # the fake-quant accuracy in the parity record is the final evaluation's
     assert parity["fake_quant"]["accuracy"] == metrics["final_step_metrics"]["accuracy"]
     converted, _ = read_converted(run_dir / "model")

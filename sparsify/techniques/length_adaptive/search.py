@@ -347,7 +347,7 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
         cost_name = "latency"
         measured = {"artifact": str(artifact), "latency_examples": min(latency_examples, len(rows)),
                     "latency_batch_size": latency_batch_size, "latency_repeats": latency_repeats,
-                    "threads": latency.runtime.threads if hasattr(latency.runtime, "threads") else threads,
+                    "threads": latency.runtime.threads,
                     "full_length_seconds": round(latency.full_seconds, 6)}
     if log is not None:
         what = (f"{format_flops(full)} per example ({UNIT})" if latency is None else

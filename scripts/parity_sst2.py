@@ -4,10 +4,11 @@
 
 The reference is the trained model in PyTorch; when the model directory holds a quantization conversion
 (quantization.json), the reference runs that conversion (int8 weights, the frozen activation quantization of
-Linear inputs, residual sums and LayerNorm outputs: what the fake-quant model computes). When the artifact stores
-the word embeddings as int8 (the default for a quantized model), a second reference gets the artifact's word
-embeddings (int8 rows times their scales, as the runtime dequantizes them): it isolates the runtime from the
-embedding rounding, and the first one measures that rounding's effect. Prints, per reference, the agreement of
+Linear inputs, residual sums and LayerNorm outputs, and the word embeddings as int8 rows when the run trained them
+so: what the fake-quant model computes). When the artifact stores int8 word embeddings that the run did not train
+(``export --embeddings int8``), a second reference gets the artifact's word embeddings (int8 rows times their
+scales, as the runtime dequantizes them): it isolates the runtime from the embedding rounding, and the first one
+measures that rounding's effect. Prints, per reference, the agreement of
 the predicted labels, the largest, 99th-percentile and mean logit differences and both accuracies, as JSON.
 """
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     from sparsify.modeling import resolve_model_path
     from sparsify.runtime import SparseModel
     from sparsify.runtime.model import load_tensors
-    from sparsify.techniques.quantization.convert import load_converted, read_converted
+    from sparsify.techniques.quantization.convert import load_converted, read_converted, trained_embeddings
 
     model_dir = resolve_model_path(args.model)
     data = load_dataset("nyu-mll/glue", "sst2", split="validation")
@@ -44,8 +45,9 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
     quantized = Path(model_dir, "quantization.json").is_file()
+    trained_rows = trained_embeddings(model_dir) if quantized else None
     if quantized:
-        load_converted(model, *read_converted(model_dir))
+        load_converted(model, *read_converted(model_dir), trained_rows)
 
     def reference() -> np.ndarray:
         out = []
@@ -71,11 +73,12 @@ def main(argv=None) -> int:
             "reference_accuracy": float((ref.argmax(1) == labels).mean()),
         }
 
-    results = [compare(reference(), "the model's float32 word embeddings")]
+    results = [compare(reference(), "the word embeddings as trained (int8 rows)" if trained_rows
+                       else "the model's float32 word embeddings")]
     manifest = json.loads(Path(args.artifact, "sparsify.json").read_text())
     key = manifest.get("prefix", "bert.") + "embeddings.word_embeddings."
     tensors = load_tensors(Path(args.artifact, manifest["weights"]))
-    if tensors[key + "weight"].dtype == np.int8:
+    if tensors[key + "weight"].dtype == np.int8 and not trained_rows:
         word = tensors[key + "weight"].astype(np.float32) * tensors[key + "scales"][:, None]
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(torch.from_numpy(word))

@@ -393,12 +393,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("artifact", help="artifact directory written by 'sparsify export'")
     parser.add_argument("--json", dest="json_path", help="write the records (and cold start, notes) to this file")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 2 SST-2 batches, no torch cold start (smoke)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--sst2-batches", type=int, default=8)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--deepsparse-python", default=None, help="interpreter with deepsparse==1.8.0")
-    parser.add_argument("--no-cold-start", action="store_true")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads for every method, ours and the peers alike (default 2)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="interleaved rounds per scenario; medians and spread are over these (default 7)")
+    parser.add_argument("--sst2-batches", type=int, default=8,
+                        help="batches of 32 real SST-2 validation sentences in throughput_b32_sst2 (default 8)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all; sparsify_full is our "
+                             "runtime without token dropping, run when the artifact has a length configuration)")
+    parser.add_argument("--deepsparse-python", default=None,
+                        help="interpreter with deepsparse==1.8.0 (default: $SPARSIFY_DEEPSPARSE_PYTHON)")
+    parser.add_argument("--no-cold-start", action="store_true",
+                        help="skip the cold-start measurement (a fresh process to its first prediction)")
     args = parser.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]

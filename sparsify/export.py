@@ -23,10 +23,12 @@ layer with under 5% of its blocks zero is stored dense. A quantized model is rec
 activation point (``<encoder LayerNorm>.input`` = the residual sum, ``.output``) ``scale``, ``zero_point``,
 ``groups``, ``permutation``, ``bits``. Weights are stored int8 with the per-channel scales; every activation
 quantization point is written to the manifest (groups and permutation resolved to one scale and zero point per
-feature) and replayed by the runtime at the same place. Word embeddings: ``--embeddings int8`` (default for a
-quantized model) stores them int8 with a scale per row (a quarter of their float32 size; it changes the model
-slightly: measure with ``scripts/parity_sst2.py``), ``float32`` keeps them exact. A length configuration is read
-from ``length_config.json`` in the model directory.
+feature) and replayed by the runtime at the same place. Word embeddings: ``--embeddings auto`` (default) stores
+them as the run trained them: int8 with a scale per row (a quarter of their float32 size) when its
+quantization had ``embeddings: true`` (recorded in quantization.json), float32 otherwise; ``int8`` forces the
+int8 rows on a model that did not train with them (smaller, but it changes the model slightly: measure with
+``scripts/parity_sst2.py``), ``float32`` keeps them float32. A length configuration is read from
+``length_config.json`` in the model directory.
 
 ``hf`` writes a transformers checkpoint with the dense-equivalent weights (masks applied, int8 weights
 dequantized; activation quantization cannot be expressed there). ``onnx`` writes ``model.onnx`` of the same
@@ -241,7 +243,7 @@ def _infer_block(w: np.ndarray, preferred: tuple[int, int] | None) -> tuple[tupl
 
 
 def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict | None, acts: dict | None = None,
-                   embeddings: str = "auto") -> dict:
+                   embeddings: str = "auto", trained_int8_embeddings: bool = False) -> dict:
     import torch
 
     from sparsify.kernels.format import BlockSparseMatrix, format_block
@@ -323,7 +325,7 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
     act_meta, act_tensors = _activation_points(acts or {}, int(config["hidden_size"]), state)
     tensors.update(act_tensors)
     word_key = f"{prefix}embeddings.word_embeddings.weight"
-    word_int8 = embeddings == "int8" or (embeddings == "auto" and bool(quant))
+    word_int8 = embeddings == "int8" or (embeddings == "auto" and trained_int8_embeddings)
     for k, v in state.items():
         if k.endswith("position_ids") or _LINEAR.match(k) or (k.endswith(".bias") and k[:-5] in linears):
             continue
@@ -416,8 +418,9 @@ def _version() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ hf / onnx
-def dense_equivalent_model(model_dir: Path, quant: dict | None):
-    """The transformers model with masks applied (they are zeros already) and int8 weights dequantized."""
+def dense_equivalent_model(model_dir: Path, quant: dict | None, *, int8_embeddings: bool = False):
+    """The transformers model with masks applied (they are zeros already), int8 weights dequantized, and the
+    word embeddings rounded to their int8 rows when the run trained them so."""
     import torch
 
     from sparsify.modeling import load_classifier
@@ -439,6 +442,11 @@ def dense_equivalent_model(model_dir: Path, quant: dict | None):
                 modules[name].weight.copy_(w)
                 if q.get("bias") is not None:
                     modules[name].bias.copy_(torch.from_numpy(np.asarray(q["bias"], np.float32)))
+    if int8_embeddings:
+        table = model.get_input_embeddings().weight
+        with torch.no_grad():
+            codes, scales = _quantize_rows(table.detach().numpy())
+            table.copy_(torch.from_numpy(codes.astype(np.float32) * scales[:, None]))
     return model
 
 
@@ -494,7 +502,9 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
 
     ``quantized`` / ``activations``: the QAT ``convert()`` and ``convert_activations()`` dicts (default: read
     from quantization.json in the model directory). ``embeddings``: how the ``sparsify`` format stores the word
-    embeddings: ``"int8"`` (per-row scales), ``"float32"``, or ``"auto"`` (int8 when the model is quantized)."""
+    embeddings: ``"int8"`` (per-row scales), ``"float32"``, or ``"auto"`` (int8 when quantization.json records
+    that the run trained them int8; with ``quantized=`` given, float32: pass ``"int8"`` for a model whose
+    quantizer had ``embeddings: true``)."""
     if format not in FORMATS:
         raise SparsifyError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if embeddings not in ("auto", "int8", "float32"):
@@ -506,16 +516,23 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
             raise SparsifyError(f"{out}: exists and is not empty (choose another -o or pass --overwrite)")
         shutil.rmtree(out)
     quant, acts = _load_quantization(model_dir, quantized, activations)
-    summary: dict[str, Any] = {"format": format, "out": str(out), "source": str(run_or_model_dir)}
+    from sparsify.techniques.quantization.convert import trained_embeddings
+
+    trained_int8 = quantized is None and trained_embeddings(model_dir) is not None
+    summary: dict[str, Any] = {"format": format, "out": str(out), "source": str(run_or_model_dir), "notes": []}
+    if format == "sparsify" and embeddings == "auto" and quant and not trained_int8:
+        summary["notes"].append("word embeddings kept float32: the run did not train them int8 (quantization "
+                                "embeddings: true); --embeddings int8 stores them in a quarter of the space but changes "
+                                "the model slightly")
     from sparsify.sparsity import load_report_weights
 
     dense_bytes = sum(v.numel() * 4 for k, v in load_report_weights(model_dir).items() if not k.endswith("position_ids"))
     if format == "sparsify":
-        manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings)
+        manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings, trained_int8)
         summary["manifest"] = manifest
     else:
         out.mkdir(parents=True, exist_ok=True)
-        model = dense_equivalent_model(model_dir, quant)
+        model = dense_equivalent_model(model_dir, quant, int8_embeddings=trained_int8)
         if format == "hf":
             model.save_pretrained(str(out), safe_serialization=True)
             from sparsify.modeling import load_tokenizer
@@ -548,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="sparsify", choices=FORMATS, help="artifact format (default: sparsify)")
     parser.add_argument("--embeddings", default="auto", choices=("auto", "int8", "float32"),
                         help="word embeddings in the sparsify format: int8 with one scale per row, float32, or auto "
-                             "(int8 when the model is quantized; default)")
+                             "(default: as the run trained them, int8 when its quantization had embeddings: true)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
@@ -571,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
               f"length config: {m['length_config']['lengths'] if m['length_config'] else 'none'}")
     print(f"  size: {_mb(s['artifact_bytes'])} vs dense fp32 model {_mb(s['dense_fp32_bytes'])} "
           f"({100 * s['ratio']:.1f}%)")
+    for note in s["notes"]:
+        print(f"  note: {note}")
     return 0
 
 

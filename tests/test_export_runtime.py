@@ -441,11 +441,21 @@ def test_int8_word_embeddings(sparse_4x1, tmp_path):
         ref = model(**batch).logits.numpy()
     got = SparseModel.from_pretrained(tmp_path / "a", threads=1)(batch["input_ids"], batch["attention_mask"])
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
-    # default: float32 for a float model, int8 for a quantized one
+    # default: as the run trained them. float32 for a float model and for a quantized one that trained them
+    # float32 (with a note saying how to get int8); int8 when quantization.json records int8 rows
     assert export(sparse_4x1, tmp_path / "f")["manifest"]["embeddings"]["word"] == "float32"
     converted, activations = _calibrated(sparse_4x1, batch)
-    q = export(sparse_4x1, tmp_path / "q", quantized=converted, activations=activations)
-    assert q["manifest"]["embeddings"]["word"].startswith("int8")
+    from sparsify.techniques.quantization import save_converted
+
+    run = tmp_path / "run"
+    shutil.copytree(sparse_4x1, run)
+    save_converted(run, converted, activations)
+    q = export(run, tmp_path / "q32")
+    assert q["manifest"]["embeddings"]["word"] == "float32"
+    assert any("--embeddings int8" in n for n in q["notes"])
+    save_converted(run, converted, activations, embeddings="bert.embeddings.word_embeddings")
+    q = export(run, tmp_path / "q")
+    assert q["manifest"]["embeddings"]["word"].startswith("int8") and not q["notes"]
     ref_q = _converted_logits(sparse_4x1, batch, converted, activations, word=word)
     got_q = SparseModel.from_pretrained(tmp_path / "q", threads=1)(batch["input_ids"], batch["attention_mask"])
     np.testing.assert_allclose(got_q, ref_q, atol=2e-3, rtol=1e-3)

@@ -366,7 +366,7 @@ def test_fake_quant_and_converted_models_agree(extra):
     assert entry["weight_scale"].dtype == torch.float32 and entry["weight_scale"].shape == (64,)
     assert entry["bias"].dtype == torch.float32 and entry["bits"] == 8
     assert entry["input_scale"].dtype == torch.float32 and entry["input_zero_point"].dtype == torch.int32
-    undo = load_converted(reference, converted, convert_activations(quantizer))
+    undo = load_converted(reference, converted, convert_activations(quantizer), quantizer.embedding_name)
     x = batch(11, n=16)[0]
     with torch.no_grad():
         fake, real = model(input_ids=x).logits, reference(input_ids=x).logits
@@ -585,6 +585,34 @@ def test_finalize_leaves_a_fake_quant_eval_model():
     assert len(converted) == 12 and all(e["input_bits"] == 8 for e in converted.values())
 
 
+def test_word_embeddings_train_as_the_int8_rows_the_export_stores():
+    """embeddings: true (default): once QAT is on, looked-up rows are exactly the export's int8 rows
+    (codes x per-row scale, computed by the export's own numpy code), the table still gets gradients, the
+    conversion reference looks them up the same way; embeddings: false leaves them float32."""
+    from sparsify.export import _quantize_rows
+    from sparsify.techniques.quantization.convert import int8_rows
+
+    model = tiny_bert()
+    table = model.get_input_embeddings().weight
+    codes, scales = _quantize_rows(table.detach().numpy())
+    rows = torch.from_numpy(codes.astype(np.float32) * scales[:, None])
+    assert not torch.equal(rows, table.detach())  # rounding changes the table: the check below can fail
+    x, y = batch()
+    quantizer = make(model, start_step=0)
+    seen = {}  # a hook registered after the quantizer's sees what the encoder gets
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.update(out=out))
+    assert quantizer.embedding_name == "bert.embeddings.word_embeddings"
+    model(input_ids=x, labels=y).loss.backward()
+    assert torch.equal(seen["out"], rows[x])  # the hook's output replaces the lookup
+    assert table.grad is not None and table.grad.abs().sum() > 0  # straight through
+    assert torch.equal(int8_rows(table.detach()[x]), rows[x])  # the conversion reference agrees bit for bit
+    quantizer.remove()
+    model(input_ids=x)
+    assert torch.equal(seen["out"], table.detach()[x])  # removed with the quantizer
+    off = make(tiny_bert(), start_step=0, embeddings=False)
+    assert off.embedding_name is None
+
+
 # -- through the recipe loader --------------------------------------------------------------------------------
 
 
@@ -637,6 +665,21 @@ def test_trainer_measures_fake_quant_against_conversion(make_recipe):
     assert parity["label_agreement"] >= 0.95 and parity["max_abs_logit_diff"] < 1e-4
     # the fake-quant accuracy in the parity record is the final evaluation's
     assert parity["fake_quant"]["accuracy"] == metrics["final_step_metrics"]["accuracy"]
+    # the word embeddings trained as int8 rows: recorded, and the export stores them so by default
+    from sparsify.export import export
+    from sparsify.techniques.quantization.convert import trained_embeddings
+
+    assert trained_embeddings(run_dir / "model") == "bert.embeddings.word_embeddings"
+    assert export(run_dir, run_dir / "artifact")["manifest"]["embeddings"]["word"].startswith("int8")
+    export(run_dir, run_dir / "hf", "hf")  # the dense-equivalent checkpoint holds the rows as trained
+    from safetensors.torch import load_file
+
+    from sparsify.techniques.quantization.convert import int8_rows
+
+    key = "bert.embeddings.word_embeddings.weight"
+    trained, exported = load_file(str(run_dir / "model" / "model.safetensors"))[key], load_file(
+        str(run_dir / "hf" / "model.safetensors"))[key]
+    assert not torch.equal(trained, exported) and torch.equal(exported, int8_rows(trained))
     converted, _ = read_converted(run_dir / "model")
     for name, entry in converted.items():
         codes = entry["weight_int8"].reshape(-1, 4, entry["weight_int8"].shape[1])  # 4x1 blocks (out x in)

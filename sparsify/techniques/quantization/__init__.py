@@ -30,6 +30,7 @@ __all__ = [
     "peg",
     "read_converted",
     "save_converted",
+    "trained_embeddings",
 ]
 
 _LAZY = {
@@ -40,6 +41,7 @@ _LAZY = {
     "load_converted": ("sparsify.techniques.quantization.convert", "load_converted"),
     "read_converted": ("sparsify.techniques.quantization.convert", "read_converted"),
     "save_converted": ("sparsify.techniques.quantization.convert", "save_converted"),
+    "trained_embeddings": ("sparsify.techniques.quantization.convert", "trained_embeddings"),
 }
 
 

@@ -9,6 +9,7 @@
       activations: {linear_inputs: true, residual_sums: false, layernorm_outputs: false}
       peg: {groups: 6, permute: true}   # per-embedding-group ranges for the outlier-prone activations
       keep_16bit: ['output\\.LayerNorm\\.input$']
+      embeddings: true           # word embeddings int8 per row in training too, as the export stores them
 
 Number formats (what :meth:`Quantizer.convert` hands to the export):
 
@@ -128,6 +129,11 @@ class QuantizationConfig(Config):
         "encoder's Linear layers (as pruning)."
     )
     exclude: tuple[str, ...] = Field((), description="Regexes; a matching Linear layer is not quantized.")
+    embeddings: bool = Field(
+        True, description="Word embeddings as int8 with one scale per row (symmetric), as the export stores them "
+        "(a quarter of their float32 size, the largest tensor of a small encoder): the model trains and is "
+        "evaluated with the rows it will be exported with. false: float32, and the export keeps them float32."
+    )
 
     @field_validator("include", "exclude", "keep_16bit", mode="before")
     @classmethod

@@ -112,12 +112,15 @@ CONVENTION = {
              "holds the input features input_permutation[g * in/K : (g + 1) * in/K] (contiguous when null)",
     "rounding": "half to even",
 }
+WORD_EMBEDDINGS = "int8, symmetric, one scale per row: max|row| / 127"
 
 
-def save_converted(directory, converted: Mapping[str, Mapping], activations: Mapping[str, Mapping] | None = None) -> None:
+def save_converted(directory, converted: Mapping[str, Mapping], activations: Mapping[str, Mapping] | None = None,
+                   embeddings: str | None = None) -> None:
     """Write ``quantization.json`` (non-tensor fields, per module) and ``quantization.safetensors`` (tensors as
     ``MODULE.FIELD``) into ``directory``: the files :mod:`sparsify.export` reads from a model directory. No
-    pickle."""
+    pickle. ``embeddings``: the module name of word embeddings that were trained int8 per row
+    (``quantizer.embedding_name``); recorded so that the export stores them the same way."""
     import json
     from pathlib import Path
 
@@ -144,7 +147,8 @@ def save_converted(directory, converted: Mapping[str, Mapping], activations: Map
                 fields[key] = value
         extra[name] = fields
     save_file(tensors, str(directory / "quantization.safetensors"))
-    doc = {"format": "sparsify-quantization/1", "convention": CONVENTION, "modules": modules, "activations": extra}
+    doc = {"format": "sparsify-quantization/1", "convention": CONVENTION, "modules": modules, "activations": extra,
+           "word_embeddings": None if embeddings is None else {"module": embeddings, "storage": WORD_EMBEDDINGS}}
     (directory / "quantization.json").write_text(json.dumps(doc, indent=1))
 
 
@@ -171,6 +175,19 @@ def read_converted(directory) -> tuple[dict[str, dict], dict[str, dict]]:
         return out
 
     return collect(doc["modules"], ""), collect(doc.get("activations", {}), "activation:")
+
+
+def trained_embeddings(directory) -> str | None:
+    """The module name of the word embeddings the run trained int8 per row (``quantization.json``), or None
+    (not quantized, or a run from before the option existed)."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / "quantization.json"
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text()).get("word_embeddings")
+    return entry.get("module") if isinstance(entry, dict) else None
 
 
 # -- the integer reference --------------------------------------------------------------------------------
@@ -248,13 +265,26 @@ def int8_linear(x: torch.Tensor, entry: Mapping) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def load_converted(model: nn.Module, converted: Mapping[str, Mapping], activations: Mapping[str, Mapping] | None = None):
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """Word embedding rows as the export stores them: int8 codes and one float32 scale per row, dequantized."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    codes = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+    return (codes.float() * scale).to(x.dtype)
+
+
+def load_converted(model: nn.Module, converted: Mapping[str, Mapping], activations: Mapping[str, Mapping] | None = None,
+                   embeddings: str | None = None):
     """Run ``model`` from a converted dict: each converted Linear computes :func:`int8_linear` (its own weights
     are ignored), and the residual sums / LayerNorm outputs of ``activations`` (from :func:`convert_activations`)
-    are quantized and dequantized. The model must not be prepared by a Quantizer. Returns a function that
-    restores the model."""
+    are quantized and dequantized; ``embeddings`` (a module name) looks its rows up as int8 (:func:`int8_rows`).
+    The model must not be prepared by a Quantizer. Returns a function that restores the model."""
     modules = {canonical_name(n): m for n, m in model.named_modules()}
     restore = []
+    if embeddings is not None:
+        if embeddings not in modules:
+            raise SparsifyError(f"load_converted: the model has no module {embeddings}")
+        restore.append(modules[embeddings].register_forward_hook(lambda mod, args, out: int8_rows(out)).remove)
     for name, entry in converted.items():
         module = modules.get(name)
         if module is None:

@@ -26,8 +26,9 @@ def conversion_parity(quantizer, model, plain_model, dataloader, task: str, *, i
     fake = evaluate(model, dataloader, task, is_regression=is_regression, accelerator=accelerator,
                     logits_out=fake_logits)
     converted, activations = quantizer.convert(plain_model), convert_activations(quantizer)
+    embeddings = quantizer.embedding_name
     quantizer.remove()
-    undo = load_converted(plain_model, converted, activations)
+    undo = load_converted(plain_model, converted, activations, embeddings)
     try:
         conv_logits: list[torch.Tensor] = []
         conv = evaluate(model, dataloader, task, is_regression=is_regression, accelerator=accelerator,

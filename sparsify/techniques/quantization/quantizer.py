@@ -26,6 +26,10 @@ When active, a quantized Linear computes ``F.linear(fq_act(x), fq_weight(weight 
   scales become learnable parameters (``quantizer.parameters()``, for the optimizer). An activation whose
   observer has not yet seen a batch passes through unquantized.
 
+With ``embeddings: true`` (default) a forward hook on the word embeddings rounds each looked-up row to int8 with
+one scale per row (straight-through gradient): exactly the rows the export stores, so the artifact computes what
+the run evaluated.
+
 Masks: ``masks`` maps module names to bool masks (True = kept), or is a callable returning such a mapping
 (``lambda: pruner.masks``); a callable is read again at every :meth:`step`, so masks the pruner replaces are
 followed.
@@ -53,6 +57,7 @@ from sparsify.techniques.quantization.fake_quant import (
     ACT_QMIN,
     MinMaxObserver,
     fake_quantize,
+    fake_quantize_rows,
     fake_quantize_weight,
     lsq_fake_quantize,
     qparams_from_range,
@@ -114,6 +119,8 @@ class Quantizer:
         self._calibrating = False
         self._mask_source: Callable[[], Mapping] | None = None
         self._handles: list = []
+        self.embedding_name: str | None = None  # the word embeddings, quantized per row (config.embeddings)
+        self._embedding: nn.Embedding | None = None
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -174,6 +181,7 @@ class Quantizer:
             points[name] = point
         self.points = points
         self.layers = {name: _Layer(name, module, points.get(f"{name}.input")) for name, module in selected}
+        self.embedding_name, self._embedding = (_word_embeddings(model) if cfg.embeddings else (None, None))
 
         self._mask_source = None
         if callable(masks):
@@ -238,6 +246,9 @@ class Quantizer:
         for layer in self.layers.values():
             layer.original_forward = layer.module.forward
             layer.module.forward = self._linear_forward(layer)
+        if self._embedding is not None:
+            self._handles.append(self._embedding.register_forward_hook(
+                lambda mod, args, output: fake_quantize_rows(output) if self._active else None))
         for name, module in norms:
             if f"{name}.input" in self.points:
                 point = self.points[f"{name}.input"]
@@ -255,6 +266,7 @@ class Quantizer:
             handle.remove()
         self._handles = []
         self.layers, self.points = {}, {}
+        self.embedding_name, self._embedding = None, None
 
     # -- the forward passes -------------------------------------------------------------------------------------
 
@@ -502,6 +514,17 @@ class Quantizer:
         from sparsify.techniques.quantization.convert import convert
 
         return convert(self, model)
+
+
+def _word_embeddings(model: nn.Module) -> tuple[str, nn.Embedding]:
+    """(canonical module name, module) of the model's word embeddings (``get_input_embeddings``)."""
+    get = getattr(model, "get_input_embeddings", None)
+    module = get() if callable(get) else None
+    if not isinstance(module, nn.Embedding):
+        raise FieldError("embeddings", "the model has no word embedding table (get_input_embeddings() gives no "
+                                       "nn.Embedding): set embeddings: false")
+    name = next(n for n, m in model.named_modules() if m is module)
+    return canonical_name(name), module
 
 
 def _sync_observer(obs: MinMaxObserver) -> None:

@@ -499,3 +499,10 @@ def test_all_four_techniques_in_one_run(make_recipe, tiny_model_dir):
     assert sparsity["total"]["sparsity"] == pytest.approx(0.5) and sparsity["total"]["follows_block"]
     assert metrics["optimizer_steps"] == 8
     assert metrics["conversion_parity"]["label_agreement"] >= 0.95
+    # the search evaluates the quantized run as it will run: the int8 conversion, as the parity check did
+    from sparsify.techniques.length_adaptive.search import search_run
+
+    doc = search_run(run_dir, 0.5, population=4, generations=1, log=None)
+    assert doc["model"].startswith("int8 conversion")
+    full = next(c["accuracy"] for c in doc["evaluated"] if all(r == 1.0 for r in c["length_config"]))
+    assert full == metrics["conversion_parity"]["converted"]["accuracy"]

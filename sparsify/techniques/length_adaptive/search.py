@@ -321,6 +321,13 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
         check_model(model)
     except TypeError as e:
         raise SparsifyError(f"{model_dir}: {e}") from None
+    evaluated_as = "float32"
+    if (model_dir / "quantization.json").is_file():
+        # a quantized run is searched as it will run: its int8 conversion (weights, activations, embeddings)
+        from sparsify.techniques.quantization.convert import load_converted, read_converted, trained_embeddings
+
+        load_converted(model, *read_converted(model_dir), trained_embeddings(model_dir))
+        evaluated_as = "int8 conversion (quantization.json)"
     num_layers = len(encoder_layers(model))
     metric = main_metric(task)
     collate = collator(tokenizer)
@@ -352,8 +359,8 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
     if log is not None:
         what = (f"{format_flops(full)} per example ({UNIT})" if latency is None else
                 f"{latency.full_seconds * 1e3:.1f} ms for {measured['latency_examples']} examples on the CPU runtime")
-        log(f"searching {num_layers}-layer length configurations of {model_dir} on {len(rows)} {task} validation "
-            f"examples: budget {budget:g} x full-length {what}; population {population}, {generations} generations, "
+        log(f"searching {num_layers}-layer length configurations of {model_dir} ({evaluated_as}) on {len(rows)} "
+            f"{task} validation examples: budget {budget:g} x full-length {what}; population {population}, {generations} generations, "
             f"seed {seed}")
     started = time.monotonic()
     with torch.no_grad():
@@ -385,7 +392,8 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
             entry["length_config_flops_fraction"] = None if best is None else round(flops_fraction(best.length_config), 6)
 
     doc = {
-        "task": task, "metric": metric, "budget": budget, "cost": cost, "unit": UNIT, "full_flops_per_example": full,
+        "task": task, "metric": metric, "model": evaluated_as, "budget": budget, "cost": cost, "unit": UNIT,
+        "full_flops_per_example": full,
         **measured,
         "examples": len(rows), "seed": seed, "population": population, "generations": generations,
         "mutation_prob": mutation_prob, "grid": grid, "wall_time_s": round(time.monotonic() - started, 1),

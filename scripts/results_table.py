@@ -8,7 +8,8 @@ and benchmarks it into ``RUN/bench.json`` (``sparsify bench model``, methods: ou
 configuration, the same without token dropping when there is one, PyTorch fp32 on the dense-equivalent weights,
 DeepSparse 1.8 on the same sparse weights in ONNX when installed), skipping either step when its file exists.
 A directory without ``metrics.json`` is evaluated on its task's validation split (``sparsify eval``). Prints a
-markdown table built with :func:`sparsify.explore.collect_runs` columns; ``--json`` saves the rows.
+markdown table built with :func:`sparsify.explore.collect_runs` columns; ``--json`` saves the rows; ``--plot PNG``
+draws accuracy against the measured speedup (:func:`sparsify.explore.plot_accuracy_vs_speedup`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved benchmark rounds (default 7)")
     parser.add_argument("--task", default="sst2", help="task of directories without metrics.json (default sst2)")
     parser.add_argument("--json", dest="json_path", help="write the rows here")
+    parser.add_argument("--plot", help="save accuracy vs speedup (batch 32, SST-2 lengths) to this PNG")
     args = parser.parse_args(argv)
 
     def log(s):
@@ -96,6 +98,15 @@ def main(argv=None) -> int:
     print(markdown(rows))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import pandas as pd
+
+        from sparsify.explore import plot_accuracy_vs_speedup
+
+        plot_accuracy_vs_speedup(pd.DataFrame(rows), speedup="speedup_throughput_b32_sst2", label="run", save=args.plot)
     return 0
 
 

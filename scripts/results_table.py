@@ -71,13 +71,12 @@ def markdown(rows: list[dict]) -> str:
             "| vs DeepSparse: b1 / b32 SST-2 / b32 s128 |\n|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        acc = r.get("eval_accuracy")
+        acc, sparsity = r.get("eval_accuracy"), r.get("sparsity")
         size = f"{r['artifact_bytes'] / 1e6:.1f} MB ({100 * r['size_ratio']:.1f}%)" if r.get("size_ratio") else ""
-        lines.append(
-            f"| {r['run']} | {'' if acc is None else f'{100 * acc:.2f}%'} | "
-            f"{'' if r.get('sparsity') is None else f'{100 * r['sparsity']:.2f}%'} | {size} | "
-            + " / ".join(x(r.get(f"speedup_{s}")) for s in COLUMNS) + " | "
-            + " / ".join(x(r.get(f"speedup_vs_deepsparse_{s}")) for s in COLUMNS) + " |")
+        cells = [r["run"], "" if acc is None else f"{100 * acc:.2f}%", "" if sparsity is None else f"{100 * sparsity:.2f}%",
+                 size, " / ".join(x(r.get(f"speedup_{s}")) for s in COLUMNS),
+                 " / ".join(x(r.get(f"speedup_vs_deepsparse_{s}")) for s in COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -345,6 +345,10 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
             raw = json.loads(lpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise SparsifyError(f"{lpath}: not valid JSON ({e})") from None
+        if isinstance(raw, dict) and raw.get("format") == "sparsify.length_config":
+            # the file the trainer and the search write: its "kind" says ratio or absolute; the rest is metadata
+            raw = {"length_config": raw.get("length_config"),
+                   "unit": {"ratio": "ratio", "absolute": "tokens"}.get(raw.get("kind"))}
         lengths = parse_length_config(raw, int(config["num_hidden_layers"]))
         length_config = {"lengths": lengths, "unit": "ratio" if isinstance(lengths[0], float) else "tokens",
                          "source": "length_config.json"}

@@ -506,3 +506,8 @@ def test_all_four_techniques_in_one_run(make_recipe, tiny_model_dir):
     assert doc["model"].startswith("int8 conversion")
     full = next(c["accuracy"] for c in doc["evaluated"] if all(r == 1.0 for r in c["length_config"]))
     assert full == metrics["conversion_parity"]["converted"]["accuracy"]
+    # and the searched configuration travels into the artifact (the documented train -> search -> export)
+    from sparsify.export import export
+
+    manifest = export(run_dir, run_dir / "artifact")["manifest"]
+    assert manifest["length_config"]["lengths"] == doc["chosen"]["length_config"]

@@ -411,7 +411,7 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
     chosen = doc["chosen"]
     save_length_config(model_dir, result.chosen.length_config, source="search", budget=budget, cost=cost,
                        metric=metric, **{metric: result.chosen.metric}, flops_fraction=chosen["flops_fraction"],
-                       flops_per_example=chosen["flops_per_example"], unit=UNIT,
+                       flops_per_example=chosen["flops_per_example"], flops_unit=UNIT,
                        **({"latency_fraction": chosen["latency_fraction"]} if cost == "latency" else {}))
     if log is not None:
         c = result.chosen

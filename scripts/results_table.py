@@ -47,6 +47,9 @@ def row_for(run: Path, *, threads: int, rounds: int, task: str, log) -> dict:
     manifest = json.loads((artifact / "sparsify.json").read_text())
     row.update(artifact_summary(artifact))
     row["embeddings"] = manifest["embeddings"]["word"].split(",")[0]
+    if row.get("sparsity") is None:  # no sparsity.json: the encoder Linear layers' zeros, as stored in the artifact
+        sizes = {n: m["shape"][0] * m["shape"][1] for n, m in manifest["layers"].items()}
+        row["sparsity"] = sum(manifest["layers"][n]["sparsity"] * k for n, k in sizes.items()) / sum(sizes.values())
     row["length_config"] = (manifest.get("length_config") or {}).get("lengths")
     bench = run / "bench.json"
     if not bench.is_file():
@@ -72,7 +75,7 @@ def markdown(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         acc, sparsity = r.get("eval_accuracy"), r.get("sparsity")
-        size = f"{r['artifact_bytes'] / 1e6:.1f} MB ({100 * r['size_ratio']:.1f}%)" if r.get("size_ratio") else ""
+        size = f"{r['artifact_bytes'] / 1e6:.1f} MB ({100 * r['artifact_bytes'] / r['dense_fp32_bytes']:.1f}%)"
         cells = [r["run"], "" if acc is None else f"{100 * acc:.2f}%", "" if sparsity is None else f"{100 * sparsity:.2f}%",
                  size, " / ".join(x(r.get(f"speedup_{s}")) for s in COLUMNS),
                  " / ".join(x(r.get(f"speedup_vs_deepsparse_{s}")) for s in COLUMNS)]

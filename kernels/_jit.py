@@ -615,14 +615,21 @@ def _python_direct(C: int):
                     acc[r] += np.float32(df[w_off + p * w_stride + r * C + c]) * xf[o:o + S16]
         for r in range(4):
             acc[r] = acc[r] * scales[s_off + r] + bias[s_off + r]
-            if mode & 1:
-                gelu_vec(acc[r])
-        for t in range(nv):
-            for r in range(4):
-                i = o_off + t * n_out + r
-                of[i] = acc[r, t] + (rf[i] if mode & 2 else np.float32(0.0))
+        python_direct_finish(acc, of, rf, o_off, n_out, nv, mode)
 
     return mkd
+
+
+def python_direct_finish(ys, of, rf, o_off, n_out, nv, mode):
+    """Pure-Python twin of ``direct_finish``: GELU if ``mode & 1``, then the first ``nv`` tokens of the 4 output
+    rows ``ys`` (4 x S16, scaled and biased) written token-major at ``o_off``, plus the residual if ``mode & 2``."""
+    for r in range(4):
+        if mode & 1:
+            gelu_vec(ys[r])
+    for t in range(nv):
+        for r in range(4):
+            i = o_off + t * n_out + r
+            of[i] = ys[r, t] + (rf[i] if mode & 2 else np.float32(0.0))
 
 
 if _numba_config.DISABLE_JIT:

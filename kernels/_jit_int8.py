@@ -26,8 +26,8 @@ from numba.core import cgutils as _cgutils
 from numba.core import types as _types
 from numba.extending import intrinsic as _intrinsic
 
-from ._jit import (_OPTS, _V8F, S16, T, _splat, _transpose8, direct_finish, epilogue, fetch_add, gelu_vec,
-                   loop_close, loop_open)
+from ._jit import (_OPTS, _V8F, S16, T, _splat, _transpose8, direct_finish, epilogue, fetch_add,
+                   loop_close, loop_open, python_direct_finish)
 
 _I8 = _ir.IntType(8)
 _I16 = _ir.IntType(16)
@@ -158,12 +158,7 @@ def _python_micro_i8_direct(high: int):
                 for j in range(4):
                     s += int(wf[w_off + q * w_stride + 4 * r + j]) * xf[int(qidx[4 * q + j]) * T + tok].astype(np.int64)
             y[r] = s.astype(np.int32).astype(np.float32) * cs[row0 + r] + bias[row0 + r]
-            if mode & 1:
-                gelu_vec(y[r])
-        for t in range(nv):
-            for r in range(4):
-                i = o_off + t * n_out + r
-                of[i] = y[r, t] + (rf[i] if mode & 2 else np.float32(0.0))
+        python_direct_finish(y, of, rf, o_off, n_out, nv, mode)
 
     return mkd
 

@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 from .format import BlockSparseMatrix
-from .spmm import _ACT, TILE_TOKENS, _check_x, _counter, _flags, _output, gelu_reference
+from .spmm import _ACT, TILE_TOKENS, _cached_plan, _check_x, _counter, _flags, _output, gelu_reference
 
 __all__ = ["spmm_int8", "quantize_activations", "reference_spmm_int8", "has_avx2", "int8_backend", "QMAX"]
 
@@ -222,9 +222,8 @@ def _run(x, w, kind, activation, residual, out, s_x, zp):
     q = prep["q"]
     M = x.shape[0]
     n_threads = numba.get_num_threads()
-    key = ("int8plan", M, n_threads)
-    plan = w._cache.get(key)
-    if plan is None:
+
+    def build():
         br = q.block[0]
         nbr = q.out_features // br
         n_tiles = -(-M // TILE_TOKENS)
@@ -235,8 +234,9 @@ def _run(x, w, kind, activation, residual, out, s_x, zp):
         chunk = -(-nbr // n_chunks)
         n_tasks = n_tiles * -(-nbr // chunk)
         sub_rows = max(br, min(chunk * br, _ACC_ROWS // br * br))
-        plan = w._cache[key] = (br, chunk, n_tasks, min(n_threads, n_tasks), sub_rows)
-    br, chunk, n_tasks, n_workers, sub_rows = plan
+        return br, chunk, n_tasks, min(n_threads, n_tasks), sub_rows
+
+    br, chunk, n_tasks, n_workers, sub_rows = _cached_plan(w, ("int8", M, n_threads), build)
     xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, sub_rows if kind != "avx2" else br)
     cscales, init, res16 = _vectors(q.out_features)
     if s_x is None:  # dynamic: min / max, scale, zero point and the per-channel vectors in one jitted call

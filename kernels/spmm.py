@@ -313,6 +313,22 @@ def _widen_workspace(n_workers: int, size: int) -> np.ndarray:
     return ws[:n_workers]
 
 
+_MAX_PLANS = 64  # per matrix; a length-adaptive runtime sees a new token count on almost every call
+
+
+def _cached_plan(w: BlockSparseMatrix, key: tuple, build):
+    """The launch plan of ``w`` for ``key`` (path, tokens, threads), built by ``build()`` once. Plans live in their
+    own bounded table inside ``w._cache``, so evicting them never drops the padded or int8 copies of the weights
+    cached beside them."""
+    plans = w._cache.setdefault("plans", {})
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[key] = build()
+    return plan
+
+
 def _counter() -> np.ndarray:
     """This Python thread's task counter for a parallel call, reset to 0."""
     c = getattr(_local, "counter", None)
@@ -327,11 +343,8 @@ def _run_direct(x, w, activation, residual, out):
 
     M = x.shape[0]
     n_threads = numba.get_num_threads()
-    key = ("dplan", M, n_threads)
-    plan = w._cache.get(key)
-    if plan is None:
-        if len(w._cache) > 64:
-            w._cache.clear()
+
+    def build():
         tile, chunk, sub, n_tasks = _plan_direct(w, M, n_threads)
         ones, zeros = _unit_vectors(w.out_features)
         wide = 0  # int8 weights: float32 buffer for the largest sub-chunk of (padded) blocks
@@ -343,10 +356,10 @@ def _run_direct(x, w, activation, residual, out):
                 for s0 in range(b0, b1, sub):
                     wide = max(wide, int(pptr[min(b1, s0 + sub)]) - int(pptr[s0]))
             wide *= w.block[0] * w.block[1]
-        plan = w._cache[key] = (tile, chunk, sub, n_tasks, min(n_threads, n_tasks),
-                                w.scales if w.scales is not None else ones, w.bias if w.bias is not None else zeros,
-                                wide)
-    tile, chunk, sub, n_tasks, n_workers, scales, bias, wide = plan
+        return (tile, chunk, sub, n_tasks, min(n_threads, n_tasks), w.scales if w.scales is not None else ones,
+                w.bias if w.bias is not None else zeros, wide)
+
+    tile, chunk, sub, n_tasks, n_workers, scales, bias, wide = _cached_plan(w, ("direct", M, n_threads), build)
     xs_ws = _direct_workspace(n_workers, tile * w.in_features)
     w_ws = _widen_workspace(n_workers, wide)
     mode = _ACT[activation] | (2 if residual is not None else 0)
@@ -368,15 +381,13 @@ def _run_acc(x, w, activation, residual, out):
 
     M = x.shape[0]
     n_threads = numba.get_num_threads()
-    key = ("plan", M, n_threads)
-    plan = w._cache.get(key)
-    if plan is None:
-        if len(w._cache) > 64:
-            w._cache.clear()
+
+    def build():
         chunk, sub, panel, n_tasks = _plan(w, M, n_threads)
         code = _kernel_code(w.block)  # (4k) x 1 normally takes the direct path; here the generic loop
-        plan = w._cache[key] = (chunk, sub, panel, n_tasks, min(n_threads, n_tasks), 0 if code == 1 else code)
-    chunk, sub, panel, n_tasks, n_workers, code = plan
+        return chunk, sub, panel, n_tasks, min(n_threads, n_tasks), 0 if code == 1 else code
+
+    chunk, sub, panel, n_tasks, n_workers, code = _cached_plan(w, ("acc", M, n_threads), build)
     br = w.block[0]
     xt_ws, acc_ws, cur_ws = _workspace(n_workers, min(panel, w.in_features), sub * br, sub)
     flags = _flags((w.scales is not None, w.bias is not None, _ACT[activation], residual is not None))

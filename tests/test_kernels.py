@@ -367,3 +367,23 @@ def test_bench_quick_smoke(tmp_path, monkeypatch, capsys):
     assert all(r["speedup_vs_torch_dense"] == 1.0 for r in records if r["method"] == "torch_dense")
     assert "4x1 (out x in)" in capsys.readouterr().out
     assert bench.main(["--block", "5x1", "--quick"]) == 2  # 5 does not divide 384
+
+
+def test_launch_plans_are_bounded_and_their_eviction_keeps_the_padded_weights():
+    """A length-adaptive runtime calls each matrix with a new token count almost every time: the plans cached per
+    token count stay bounded, and evicting them leaves the padded copy of the weights (built once) in place."""
+    from sparsify.kernels import spmm as spmm_module
+    from sparsify.kernels.spmm import spmm
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    w[rng.random((8, 16)).repeat(4, axis=0) < 0.6] = 0.0
+    m = BlockSparseMatrix.from_dense(w, (4, 1))
+    padded = None
+    for tokens in range(1, spmm_module._MAX_PLANS + 10):
+        x = rng.standard_normal((tokens, 16)).astype(np.float32)
+        np.testing.assert_allclose(spmm(x, m, threads=1), x @ w.T, rtol=1e-5, atol=1e-5)
+        if padded is None:
+            padded = m._cache[("padded", spmm_module._PAD)]
+        assert len(m._cache["plans"]) <= spmm_module._MAX_PLANS
+    assert m._cache[("padded", spmm_module._PAD)] is padded  # never rebuilt

@@ -407,11 +407,10 @@ class SparseModel:
             nxt = self.layers[i + 1] if not last else None
             q_next = nxt.quant["qkv"][0] if nxt is not None and nxt.qkv is not None else None
             x, xq = _norm(h, L.ln2, self.eps, L.act["ln2_in"], L.act["ln2_out"], q_next)
-        cls = x[starts].astype(np.float64)
+        cls = x[starts]
         if self.pooler is not None:
-            cls = np.tanh(cls @ self.pooler[0].T.astype(np.float64) + self.pooler[1])
-        logits = cls @ self.classifier[0].T.astype(np.float64) + self.classifier[1]
-        return logits.astype(np.float32)
+            cls = ops.linear64(cls, *self.pooler, tanh=True)
+        return ops.linear64(cls, *self.classifier).astype(np.float32)
 
     def _qkv_separate(self, L: _Layer, x: np.ndarray, th: int) -> np.ndarray:
         """Query, key and value one by one: their inputs are quantized differently, or their blocks differ."""

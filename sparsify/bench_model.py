@@ -76,12 +76,12 @@ for line in sys.stdin:
 _COLD = r'''
 import json, resource, sys, time
 t0 = time.perf_counter()
-kind, path, threads, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+kind, path, threads, seq, int8_weights = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 import numpy as np
 if kind == "sparsify":
     from sparsify.runtime import SparseModel
     t1 = time.perf_counter()
-    m = SparseModel.from_pretrained(path, threads=threads)
+    m = SparseModel.from_pretrained(path, threads=threads, int8_weights=int8_weights)
     t2 = time.perf_counter()
     m.predict(["a first prediction"])
     t3 = time.perf_counter()
@@ -178,14 +178,15 @@ class _DeepSparse(WorkerProcess):
 # ------------------------------------------------------------------------------------------------ run
 def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bool = False,
                   methods: tuple[str, ...] = METHODS, deepsparse_python: str | None = None,
-                  sst2_batches: int = 8, cold_start: bool = True, log=print) -> dict:
+                  sst2_batches: int = 8, cold_start: bool = True, int8_weights: str = "dequantize",
+                  log=print) -> dict:
     import torch
 
     from sparsify.export import export_onnx
     from sparsify.runtime import SparseModel
 
     torch.set_num_threads(threads)
-    sm = SparseModel.from_pretrained(artifact, threads=threads)
+    sm = SparseModel.from_pretrained(artifact, threads=threads, int8_weights=int8_weights)
     seq = min(128, sm.max_positions)
     notes: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="sparsify-bench-"))
@@ -354,7 +355,8 @@ def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bo
                         (hf_dir / f).write_bytes((Path(artifact) / f).read_bytes())
                 path = str(hf_dir)
             try:
-                res = subprocess.run([sys.executable, "-c", _COLD, kind, str(path), str(threads), str(seq)],
+                res = subprocess.run([sys.executable, "-c", _COLD, kind, str(path), str(threads), str(seq),
+                                      int8_weights],
                                      capture_output=True, text=True, timeout=600)
                 cold[kind] = json.loads(res.stdout.strip().splitlines()[-1])
             except Exception as e:
@@ -363,7 +365,7 @@ def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bo
         ds.close()
     return {"artifact": str(artifact), "threads": threads, "rounds": rounds, "records": records,
             "cold_start": cold, "parity": parity, "notes": notes,
-            "length_config": sm.length_config, "cpu_count": os.cpu_count()}
+            "length_config": sm.length_config, "int8_weights": int8_weights, "cpu_count": os.cpu_count()}
 
 
 def format_table(result: dict) -> str:
@@ -389,6 +391,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparsify.runtime.model import INT8_WEIGHTS
+
     parser = argparse.ArgumentParser(prog="sparsify bench model", description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", help="artifact directory written by 'sparsify export'")
     parser.add_argument("--json", dest="json_path", help="write the records (and cold start, notes) to this file")
@@ -404,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
                              "runtime without token dropping, run when the artifact has a length configuration)")
     parser.add_argument("--deepsparse-python", default=None,
                         help="interpreter with deepsparse==1.8.0 (default: $SPARSIFY_DEEPSPARSE_PYTHON)")
+    parser.add_argument("--int8-weights", choices=INT8_WEIGHTS, default="dequantize",
+                        help="quantized artifacts: hold int8 weights as float32 from load (dequantize, default: "
+                             "faster here) or keep the codes and widen them in the kernel (keep: 4x less weight "
+                             "memory)")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip the cold-start measurement (a fresh process to its first prediction)")
     args = parser.parse_args(argv)
@@ -417,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_benchmark(args.artifact, threads=args.threads, rounds=args.rounds, quick=args.quick,
                                methods=methods, deepsparse_python=args.deepsparse_python,
                                sst2_batches=args.sst2_batches, cold_start=not args.no_cold_start,
-                               log=lambda s: print(s, file=sys.stderr))
+                               int8_weights=args.int8_weights, log=lambda s: print(s, file=sys.stderr))
     except SparsifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -183,6 +183,8 @@ def test_corrupted_weights_without_verification_still_clear(artifact, tmp_path):
 
 
 def test_bad_inputs(artifact):
+    with pytest.raises(SparsifyError, match="int8_weights must be one of 'dequantize', 'keep'"):
+        SparseModel.from_pretrained(artifact, threads=1, int8_weights="float16")
     model = SparseModel.from_pretrained(artifact, threads=1)
     with pytest.raises(SparsifyError, match="empty"):
         model.predict([])
@@ -381,21 +383,26 @@ def test_int8_activation_points_parity(tiny_model_dir, tmp_path, case, block):
         assert manifest["activations"]["bert.encoder.layer.0.output.LayerNorm.input"]["bits"] == 16
     assert all(m["dtype"] == "int8" for m in manifest["layers"].values())
     if block is None:  # dense quantized layers are stored as int8 codes, not dequantized
-        w = SparseModel.from_pretrained(tmp_path / "a", threads=1)
+        w = SparseModel.from_pretrained(tmp_path / "a", threads=1, int8_weights="keep")
         from safetensors.numpy import load_file
 
         t = load_file(str(tmp_path / "a" / WEIGHTS))
         name = "bert.encoder.layer.0.intermediate.dense"
         assert t[name + ".weight"].dtype == np.int8 and t[name + ".scales"].dtype == np.float32
         assert w.layers[0].inter.dtype == np.int8
+        # the default holds them as float32: code x channel scale, the same values
+        d = SparseModel.from_pretrained(tmp_path / "a", threads=1).layers[0].inter
+        assert d.dtype == np.float32
+        np.testing.assert_array_equal(d.to_dense(), w.layers[0].inter.to_dense())
     ref = _converted_logits(src, batch, converted, activations)
     without = _converted_logits(src, batch, converted, {})
     # the points matter: a runtime skipping them would be 50x further off than the tolerance below
     assert np.abs(ref - without).max() > 1e-3
-    rt = SparseModel.from_pretrained(tmp_path / "a", threads=2)
-    got = rt(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)  # measured: under 1e-7
-    assert (got.argmax(1) == ref.argmax(1)).all()
+    for mode in ("keep", "dequantize"):  # int8 codes widened in the kernel, or float32 from load
+        rt = SparseModel.from_pretrained(tmp_path / "a", threads=2, int8_weights=mode)
+        got = rt(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)  # measured: under 1e-7
+        assert (got.argmax(1) == ref.argmax(1)).all()
     # length-adaptive runs quantize the same points on the kept tokens: keeping every token changes nothing
     np.testing.assert_allclose(rt(batch["input_ids"], batch["attention_mask"], length_config=[64, 64]), got,
                                atol=1e-6)

@@ -23,8 +23,12 @@ _OPTS = dict(cache=True, fastmath=True, nogil=True, boundscheck=False, error_mod
 
 # ----------------------------------------------------------------------------------------- jitted
 @njit(**_OPTS)
-def _ln_rows(x, lo, hi, gamma, beta, eps, out):
-    """Layer norm of rows [lo, hi) of ``x`` into ``out`` (may be ``x``)."""
+def _ln_rows(x, lo, hi, gamma, beta, eps):
+    """Layer norm of rows [lo, hi) of ``x``, in place.
+
+    In-place loops take one array on purpose (here and in :func:`_fq_row_`): given a separate ``out`` that is
+    the same array, LLVM's vectorized loop fails its run-time overlap check and the scalar loop runs instead
+    (measured 3x slower for the fake quantization of 128 x 1536 values)."""
     n = x.shape[1]
     for t in range(lo, hi):
         mean = np.float32(0.0)
@@ -37,7 +41,7 @@ def _ln_rows(x, lo, hi, gamma, beta, eps, out):
             var += d * d
         inv = np.float32(1.0) / np.sqrt(var / n + eps)
         for k in range(n):
-            out[t, k] = (x[t, k] - mean) * inv * gamma[k] + beta[k]
+            x[t, k] = (x[t, k] - mean) * inv * gamma[k] + beta[k]
 
 
 # numba parfor bodies are not inlined or vectorized well: each parallel loop below runs over a few chunks and
@@ -46,7 +50,7 @@ def _ln_rows(x, lo, hi, gamma, beta, eps, out):
 def _layernorm_inplace(x, gamma, beta, eps, n_chunks):
     T = x.shape[0]
     for c in prange(n_chunks):
-        _ln_rows(x, c * T // n_chunks, (c + 1) * T // n_chunks, gamma, beta, eps, x)
+        _ln_rows(x, c * T // n_chunks, (c + 1) * T // n_chunks, gamma, beta, eps)
 
 
 @njit(**_OPTS)
@@ -59,7 +63,7 @@ def _embed_rows(ids, pos, types, word, wscale, posemb, typeemb, gamma, beta, eps
         s = wscale[i]
         for k in range(H):
             out[t, k] = (np.float32(word[i, k]) * s + typeemb[ty, k]) + posemb[p, k]
-    _ln_rows(out, lo, hi, gamma, beta, eps, out)
+    _ln_rows(out, lo, hi, gamma, beta, eps)
 
 
 @njit(parallel=True, **_OPTS)
@@ -115,20 +119,32 @@ def _fq_value(x, scale, zero_point, qmin, qmax):
 
 @njit(**_EXACT)
 def _fq_row(x, t, scale, zero_point, qmin, qmax, out):
-    """Row ``t`` of ``x`` fake-quantized (per-feature scale and zero point) into row ``t`` of ``out`` (may be
-    ``x``)."""
+    """Row ``t`` of ``x`` fake-quantized (per-feature scale and zero point) into row ``t`` of ``out`` (another
+    array: :func:`_fq_row_` works in place)."""
     for k in range(x.shape[1]):
         q = np.rint(x[t, k] / scale[k]) + zero_point[k]
         q = min(max(q, qmin), qmax)
         out[t, k] = (q - zero_point[k]) * scale[k]
 
 
+@njit(**_EXACT)
+def _fq_row_(x, t, scale, zero_point, qmin, qmax):
+    """Row ``t`` of ``x`` fake-quantized in place (see :func:`_ln_rows` for why a separate function)."""
+    for k in range(x.shape[1]):
+        q = np.rint(x[t, k] / scale[k]) + zero_point[k]
+        q = min(max(q, qmin), qmax)
+        x[t, k] = (q - zero_point[k]) * scale[k]
+
+
 @njit(parallel=True, **_EXACT)
-def _fake_quant(x, scale, zero_point, qmin, qmax, out, n_chunks):
+def _fake_quant(x, scale, zero_point, qmin, qmax, out, inplace, n_chunks):
     T = x.shape[0]
     for c in prange(n_chunks):
         for t in range(c * T // n_chunks, (c + 1) * T // n_chunks):
-            _fq_row(x, t, scale, zero_point, qmin, qmax, out)
+            if inplace:
+                _fq_row_(x, t, scale, zero_point, qmin, qmax)
+            else:
+                _fq_row(x, t, scale, zero_point, qmin, qmax, out)
 
 
 @njit(**_OPTS)
@@ -139,10 +155,10 @@ def _ln_quant_rows(x, gamma, beta, eps, q_in, s_in, z_in, lo_in, hi_in, q_out, s
     Linear (``q_next``); ``lo_*`` / ``hi_*``: the code range."""
     for t in range(lo, hi):
         if q_in:
-            _fq_row(x, t, s_in, z_in, lo_in, hi_in, x)
-        _ln_rows(x, t, t + 1, gamma, beta, eps, x)
+            _fq_row_(x, t, s_in, z_in, lo_in, hi_in)
+        _ln_rows(x, t, t + 1, gamma, beta, eps)
         if q_out:
-            _fq_row(x, t, s_out, z_out, lo_out, hi_out, x)
+            _fq_row_(x, t, s_out, z_out, lo_out, hi_out)
         if q_next:
             _fq_row(x, t, s_next, z_next, lo_next, hi_next, nxt)
 
@@ -205,10 +221,17 @@ def check_packed(starts: np.ndarray, lens: np.ndarray, tokens: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- public API
-def _chunks(rows: int) -> int:
-    """Row chunks for the parallel loops: a few per thread (measured faster than one), none under 16 rows."""
+_SERIAL_ELEMENTS = 1 << 18
+
+
+def _chunks(rows: int, cols: int) -> int:
+    """Row chunks for the parallel loops: a few per thread (measured faster than one); one (no second thread
+    woken) under 2**18 values, where waking the pool cost more than it saved (2 threads, 128 tokens: layer norm
+    with its quantization 85 us in 8 chunks against 58 us in one, fake quantization of 128 x 1536 52 against 43)."""
     import numba
 
+    if rows * cols < _SERIAL_ELEMENTS:
+        return 1
     return max(1, min(4 * numba.get_num_threads(), rows // 16))
 
 
@@ -218,7 +241,7 @@ def layernorm_(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     _f32_1d("gamma", gamma, x.shape[1])
     _f32_1d("beta", beta, x.shape[1])
     if x.shape[0]:
-        _layernorm_inplace(x, gamma, beta, np.float32(eps), _chunks(x.shape[0]))
+        _layernorm_inplace(x, gamma, beta, np.float32(eps), _chunks(*x.shape))
     return x
 
 
@@ -250,7 +273,7 @@ def layernorm_quant_(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: fl
                                                                          ("next", q_next)))
     nxt = np.empty_like(x) if q_next is not None else x
     if x.shape[0]:
-        _ln_quant(x, gamma, beta, np.float32(eps), *args_in, *args_out, *args_next, nxt, _chunks(x.shape[0]))
+        _ln_quant(x, gamma, beta, np.float32(eps), *args_in, *args_out, *args_next, nxt, _chunks(*x.shape))
     return x, nxt
 
 
@@ -282,7 +305,7 @@ def embed_layernorm(ids, positions, token_types, word, pos, typ, gamma, beta, ep
     out = np.empty((n, H), np.float32)
     if n:
         _embed_ln(ids, positions, token_types, word, word_scales, pos, typ, gamma, beta, np.float32(eps), out,
-                  _chunks(n))
+                  _chunks(n, H))
     return out
 
 
@@ -308,7 +331,7 @@ def fake_quant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: i
         if out.shape != x.shape:
             raise ValueError(f"out must have the shape of x {x.shape}, got {out.shape}")
     if x.shape[0]:
-        _fake_quant(x, scale, zero_point, np.float32(qmin), np.float32(qmax), out, _chunks(x.shape[0]))
+        _fake_quant(x, scale, zero_point, np.float32(qmin), np.float32(qmax), out, out is x, _chunks(*x.shape))
     return out
 
 

@@ -1,6 +1,6 @@
 """Parity of an exported artifact with the trained model on SST-2 validation (a measurement, not a test).
 
-    python scripts/parity_sst2.py RUN_OR_MODEL_DIR ARTIFACT [--max-length 64]
+    python scripts/parity_sst2.py RUN_OR_MODEL_DIR ARTIFACT [--max-length 64] [--length-config default]
 
 The reference is the trained model in PyTorch; when the model directory holds a quantization conversion
 (quantization.json), the reference runs that conversion (int8 weights, the frozen activation quantization of
@@ -10,6 +10,8 @@ so: what the fake-quant model computes). When the artifact stores int8 word embe
 scales, as the runtime dequantizes them): it isolates the runtime from the embedding rounding, and the first one
 measures that rounding's effect. Prints, per reference, the agreement of
 the predicted labels, the largest, 99th-percentile and mean logit differences and both accuracies, as JSON.
+The runtime runs at full length (the reference's computation) unless ``--length-config default`` asks for the
+artifact's length configuration (then the agreement measures token dropping, not the runtime).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("artifact", help="the directory written by 'sparsify export'")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--length-config", choices=("none", "default"), default="none",
+                        help="runtime length configuration: none (full length, default) or the artifact's")
     args = parser.parse_args(argv)
 
     from datasets import load_dataset
@@ -58,7 +62,8 @@ def main(argv=None) -> int:
                 out.append(model(**enc).logits.float().numpy())
         return np.concatenate(out)
 
-    runtime = SparseModel.from_pretrained(args.artifact)
+    runtime = SparseModel.from_pretrained(args.artifact, length_config=None if args.length_config == "none"
+                                          else "default")
     ours = runtime.logits(texts, batch_size=args.batch_size, max_length=args.max_length)
 
     def compare(ref: np.ndarray, embeddings: str) -> dict:
@@ -83,7 +88,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(torch.from_numpy(word))
         results.append(compare(reference(), "the artifact's int8 word embeddings"))
-    out = {"examples": len(texts), "runtime_accuracy": float((ours.argmax(1) == labels).mean()),
+    out = {"examples": len(texts), "runtime_length_config": runtime.length_config,
+           "runtime_accuracy": float((ours.argmax(1) == labels).mean()),
            "references": results}
     print(json.dumps(out, indent=1))
     return 0

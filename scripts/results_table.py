@@ -6,7 +6,8 @@ speed of the CPU runtime against PyTorch fp32 and DeepSparse measured in one int
 For each run directory (or model directory) it exports ``RUN/artifact`` (``sparsify export``, default options)
 and benchmarks it into ``RUN/bench.json`` (``sparsify bench model``, methods: our runtime with its length
 configuration, the same without token dropping when there is one, PyTorch fp32 on the dense-equivalent weights,
-DeepSparse 1.8 on the same sparse weights in ONNX when installed), skipping either step when its file exists.
+DeepSparse 1.8 on the same sparse weights in ONNX when installed), skipping either step when its file exists
+(``--rebench`` measures again).
 A directory without ``metrics.json`` is evaluated on its task's validation split (``sparsify eval``). Prints a
 markdown table built with :func:`sparsify.explore.collect_runs` columns; ``--json`` saves the rows; ``--plot PNG``
 draws accuracy against the measured speedup (:func:`sparsify.explore.plot_accuracy_vs_speedup`).
@@ -23,7 +24,7 @@ COLUMNS = ("latency_b1_s128", "throughput_b32_sst2", "throughput_b32_s128")
 METHODS = ("sparsify", "sparsify_full", "torch_fp32", "deepsparse")
 
 
-def row_for(run: Path, *, threads: int, rounds: int, task: str, log) -> dict:
+def row_for(run: Path, *, threads: int, rounds: int, task: str, log, rebench: bool = False) -> dict:
     import yaml
 
     from sparsify.bench_model import run_benchmark
@@ -52,7 +53,7 @@ def row_for(run: Path, *, threads: int, rounds: int, task: str, log) -> dict:
         row["sparsity"] = sum(manifest["layers"][n]["sparsity"] * k for n, k in sizes.items()) / sum(sizes.values())
     row["length_config"] = (manifest.get("length_config") or {}).get("lengths")
     bench = run / "bench.json"
-    if not bench.is_file():
+    if rebench or not bench.is_file():
         log(f"{run}: benchmarking ({threads} threads, {rounds} rounds)")
         result = run_benchmark(str(artifact), threads=threads, rounds=rounds, methods=METHODS, cold_start=False,
                                log=lambda s: None)
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for every method (default 2)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved benchmark rounds (default 7)")
     parser.add_argument("--task", default="sst2", help="task of directories without metrics.json (default sst2)")
+    parser.add_argument("--rebench", action="store_true",
+                        help="benchmark again even where RUN/bench.json exists (after a runtime change)")
     parser.add_argument("--json", dest="json_path", help="write the rows here")
     parser.add_argument("--plot", help="save accuracy vs speedup (batch 32, SST-2 lengths) to this PNG")
     args = parser.parse_args(argv)
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
     def log(s):
         print(s, file=sys.stderr, flush=True)
 
-    rows = [row_for(Path(r), threads=args.threads, rounds=args.rounds, task=args.task, log=log) for r in args.runs]
+    rows = [row_for(Path(r), threads=args.threads, rounds=args.rounds, task=args.task, log=log, rebench=args.rebench)
+            for r in args.runs]
     print(markdown(rows))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=1, default=str) + "\n")

@@ -78,7 +78,11 @@ def artifact_summary(artifact_dir: str | Path) -> dict:
 
 def bench_summary(bench_json: str | Path, method: str = "sparsify") -> dict:
     """Measured speed of ``method`` per scenario from a ``sparsify bench model --json`` file: ``ms_S``,
-    ``speedup_S`` (over PyTorch fp32) and ``speedup_vs_deepsparse_S`` (when DeepSparse was measured)."""
+    ``speedup_S`` (over PyTorch fp32) and ``speedup_vs_deepsparse_S`` (when DeepSparse was measured): the median
+    of the per-round ratios, like the PyTorch one, when both methods carry their interleaved rounds
+    (``per_round_ms``), else the ratio of the medians."""
+    import numpy as np
+
     records = json.loads(Path(bench_json).read_text())["records"]
     by = {(r["scenario"], r["method"]): r for r in records}
     row = {}
@@ -89,7 +93,10 @@ def bench_summary(bench_json: str | Path, method: str = "sparsify") -> dict:
         row[f"speedup_{scenario}"] = r["speedup_vs_torch_fp32"]
         ds = by.get((scenario, "deepsparse"))
         if ds is not None:
-            row[f"speedup_vs_deepsparse_{scenario}"] = ds["median_ms"] / r["median_ms"]
+            a, b = ds.get("per_round_ms"), r.get("per_round_ms")
+            row[f"speedup_vs_deepsparse_{scenario}"] = (
+                float(np.median(np.asarray(a) / np.asarray(b))) if a and b and len(a) == len(b)
+                else ds["median_ms"] / r["median_ms"])
     return row
 
 

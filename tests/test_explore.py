@@ -82,6 +82,18 @@ def test_collect_runs_reads_a_sweep(sweep_root):
     assert list(df["ms_throughput_b32_sst2"]) == [10.0, 20.0]
     assert list(df["speedup_vs_deepsparse_throughput_b32_sst2"]) == pytest.approx([1.5, 1.5])
 
+    # with the interleaved rounds recorded, the DeepSparse ratio is their median (as the PyTorch one), not the
+    # ratio of the two medians (here 1.5 against 11 / 6)
+    bench = sweep_root / "techniques.0.final_sparsity=0.9" / "bench.json"
+    data = json.loads(bench.read_text())
+    rounds = {"sparsify": [4.0, 6.0, 10.0], "deepsparse": [12.0, 9.0, 11.0]}
+    for r in data["records"]:
+        if r["method"] in rounds:
+            r["per_round_ms"] = rounds[r["method"]]
+            r["median_ms"] = float(np.median(rounds[r["method"]]))
+    bench.write_text(json.dumps(data))
+    assert explore.bench_summary(bench)["speedup_vs_deepsparse_throughput_b32_sst2"] == pytest.approx(1.5)
+
     everything = explore.collect_runs(sweep_root, include_unfinished=True)
     assert list(everything["finished"]) == [True, True, False]
     assert np.isnan(everything["eval_accuracy"].iloc[2])

@@ -122,18 +122,14 @@ def _fq_row(x, t, scale, zero_point, qmin, qmax, out):
     """Row ``t`` of ``x`` fake-quantized (per-feature scale and zero point) into row ``t`` of ``out`` (another
     array: :func:`_fq_row_` works in place)."""
     for k in range(x.shape[1]):
-        q = np.rint(x[t, k] / scale[k]) + zero_point[k]
-        q = min(max(q, qmin), qmax)
-        out[t, k] = (q - zero_point[k]) * scale[k]
+        out[t, k] = _fq_value(x[t, k], scale[k], zero_point[k], qmin, qmax)
 
 
 @njit(**_EXACT)
 def _fq_row_(x, t, scale, zero_point, qmin, qmax):
     """Row ``t`` of ``x`` fake-quantized in place (see :func:`_ln_rows` for why a separate function)."""
     for k in range(x.shape[1]):
-        q = np.rint(x[t, k] / scale[k]) + zero_point[k]
-        q = min(max(q, qmin), qmax)
-        x[t, k] = (q - zero_point[k]) * scale[k]
+        x[t, k] = _fq_value(x[t, k], scale[k], zero_point[k], qmin, qmax)
 
 
 @njit(parallel=True, **_EXACT)

@@ -27,25 +27,11 @@ arguments; compiled lazily and cached on disk.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from .ops import _OPTS, _f32_1d, _f32_2d, _fq_value, _softmax_row, check_packed
+from .ops import _OPTS, _exp_nonpositive, _f32_1d, _f32_2d, _fq_value, _softmax_row, check_packed
 
 __all__ = ["attention"]
-
-
-@intrinsic
-def _bits_to_f32(typingctx, bits):
-    """The float32 whose IEEE bits are the int32 ``bits`` (a register bitcast, vectorizable)."""
-    if bits != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
 
 
 @njit(inline="always", **_OPTS)
@@ -106,18 +92,9 @@ def _softmax_columns(e, L, colmax, colsum):
     """Column-wise ``exp(e - colmax)`` in place over ``e[:L, :L]``; ``colsum`` = the column sums."""
     for j in range(L):
         colsum[j] = 0.0
-    log2e = np.float32(1.4426950408889634)
-    ln2 = np.float32(0.6931471805599453)
     for k in range(L):
         for j in range(L):
-            x = max(e[k, j] - colmax[j], np.float32(-87.0))
-            t = x * log2e
-            kf = np.floor(t + np.float32(0.5))
-            y = (t - kf) * ln2
-            p = np.float32(1.0) + y * (np.float32(1.0) + y * (np.float32(0.5) + y * (
-                np.float32(1.0 / 6.0) + y * (np.float32(1.0 / 24.0) + y * (
-                    np.float32(1.0 / 120.0) + y * np.float32(1.0 / 720.0))))))
-            v = p * _bits_to_f32(np.int32((kf + np.float32(127.0)) * np.float32(8388608.0)))
+            v = _exp_nonpositive(e[k, j] - colmax[j])
             e[k, j] = v
             colsum[j] += v
 
@@ -184,7 +161,7 @@ def _task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, quant,
 
 @njit(**_OPTS)
 def _task_first(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, quant, q_scale, q_zp, qmin, qmax,
-                row, ebits, acc):
+                row, acc):
     """Only the first query ([CLS]) of sequence ``task // n_heads``: one score row, one context row."""
     H = n_heads * d
     s = task // n_heads
@@ -199,7 +176,7 @@ def _task_first(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, 
         for k in range(d):
             v += qkv[st, qo + k] * qkv[st + j, ko + k]
         row[j] = v * scale
-    _softmax_row(row, L, ebits)
+    _softmax_row(row, L)
     if want_sig:
         for j in range(L):
             sig[h, st + j] = row[j]
@@ -225,14 +202,13 @@ def _attention(qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_o
     for s in range(lens.shape[0]):
         l_max = max(l_max, lens[s])
     for c in prange(n_chunks):
-        ebits = np.empty(l_max, np.int32)
         colmax = np.empty(l_max, np.float32)
         colsum = np.empty(l_max, np.float32)
         if first_only:
             acc = np.empty(d, np.float32)
             for task in range(c * n_tasks // n_chunks, (c + 1) * n_tasks // n_chunks):
                 _task_first(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, quant, q_scale, q_zp,
-                            qmin, qmax, colmax, ebits, acc)
+                            qmin, qmax, colmax, acc)
         else:
             qt = np.empty((d, l_max), np.float32)
             e = np.empty((l_max, l_max), np.float32)

@@ -14,7 +14,9 @@ dtypes, compiled lazily on first call and cached on disk (``cache=True``), never
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 __all__ = ["embed_layernorm", "layernorm_", "layernorm_quant_", "fake_quant", "linear64", "check_packed"]
 
@@ -74,28 +76,40 @@ def _embed_ln(ids, pos, types, word, wscale, posemb, typeemb, gamma, beta, eps, 
                     (c + 1) * T // n_chunks)
 
 
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits`` (a register bitcast, vectorizable)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", **_OPTS)
+def _exp_nonpositive(x):
+    """``exp(x)`` for float32 ``x <= 0`` (below -87 it flushes to about 1.6e-38): ``2**k`` set through the
+    float's bits times a degree-6 Taylor polynomial on ``|y| <= ln(2) / 2``, |rel err| < 2e-7; vectorizes."""
+    t = max(x, np.float32(-87.0)) * np.float32(1.4426950408889634)
+    k = np.floor(t + np.float32(0.5))
+    y = (t - k) * np.float32(0.6931471805599453)
+    p = np.float32(1.0) + y * (np.float32(1.0) + y * (np.float32(0.5) + y * (
+        np.float32(1.0 / 6.0) + y * (np.float32(1.0 / 24.0) + y * (
+            np.float32(1.0 / 120.0) + y * np.float32(1.0 / 720.0))))))
+    return p * _bits_to_f32(np.int32((k + np.float32(127.0)) * np.float32(8388608.0)))
+
+
 @njit(**_OPTS)
-def _softmax_row(row, n, ebits):
-    """In place over ``row[:n]``: a vectorizable exp (2^n * Taylor polynomial, |rel err| < 2e-7)."""
+def _softmax_row(row, n):
+    """Softmax in place over ``row[:n]``."""
     m = row[0]
     for j in range(1, n):
         m = max(m, row[j])
-    log2e = np.float32(1.4426950408889634)
-    ln2 = np.float32(0.6931471805599453)
-    for j in range(n):
-        x = max(row[j] - m, np.float32(-87.0))
-        t = x * log2e
-        k = np.floor(t + np.float32(0.5))
-        y = (t - k) * ln2
-        p = np.float32(1.0) + y * (np.float32(1.0) + y * (np.float32(0.5) + y * (
-            np.float32(1.0 / 6.0) + y * (np.float32(1.0 / 24.0) + y * (
-                np.float32(1.0 / 120.0) + y * np.float32(1.0 / 720.0))))))
-        row[j] = p
-        ebits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
-    scale = ebits.view(np.float32)
     s = np.float32(0.0)
     for j in range(n):
-        v = row[j] * scale[j]
+        v = _exp_nonpositive(row[j] - m)
         row[j] = v
         s += v
     inv = np.float32(1.0) / s

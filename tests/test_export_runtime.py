@@ -359,7 +359,7 @@ _POINTS = {
 }
 
 
-@pytest.mark.parametrize("block", [(4, 1), None], ids=["4x1", "dense"])
+@pytest.mark.parametrize("block", [(4, 1), (1, 4), (8, 1), None], ids=["4x1", "1x4", "8x1", "dense"])
 @pytest.mark.parametrize("case", list(_POINTS))
 def test_int8_activation_points_parity(tiny_model_dir, tmp_path, case, block):
     """Residual sums and LayerNorm outputs (per tensor, PEG groups with a permutation, float16) are quantized by

@@ -286,12 +286,18 @@ class BlockSparseMatrix:
         """A ``scipy.sparse.bsr_array`` of the float32 weight (int8 is dequantized; the bias is not included)."""
         import scipy.sparse as sp
 
+        return sp.bsr_array((self.dequantize().data, self.indices.copy(), self.indptr.copy()), shape=self.shape,
+                            blocksize=self.block)
+
+    def dequantize(self) -> "BlockSparseMatrix":
+        """A float32 copy with the per-output-channel scales folded into the values (``float32(code) * scale``,
+        the values the int8 codes stand for; no scales left); same blocks, same bias."""
         data = self.data.astype(np.float32)
         if self.scales is not None:
             br = self.block[0]
             rows = np.repeat(np.arange(self.shape[0] // br), np.diff(self.indptr))
             data *= self.scales.reshape(-1, br)[rows][:, :, None]
-        return sp.bsr_array((data, self.indices.copy(), self.indptr.copy()), shape=self.shape, blocksize=self.block)
+        return BlockSparseMatrix(self.shape, self.block, self.indptr, self.indices, data, None, self.bias)
 
     @classmethod
     def from_bsr(

@@ -96,6 +96,10 @@ def test_int8_quantization_bound():
     qq, s = quantize_per_channel(w)
     np.testing.assert_array_equal(s, q.scales)
     np.testing.assert_allclose(q.to_bsr().toarray(), deq)
+    f = q.dequantize()  # float32, scales folded in, same blocks and bias
+    assert f.dtype == np.float32 and f.scales is None and f.block == q.block
+    np.testing.assert_array_equal(f.to_dense(), deq)
+    np.testing.assert_array_equal(f.indices, q.indices)
     via_bsr = BlockSparseMatrix.from_bsr(BlockSparseMatrix.from_dense(w, (4, 1)).to_bsr(), dtype="int8")
     np.testing.assert_array_equal(via_bsr.data, q.data)
 

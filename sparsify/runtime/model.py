@@ -227,7 +227,7 @@ class SparseModel:
 
         def matrix(name: str) -> BlockSparseMatrix:
             m = stored_matrix(name)
-            return _dequantized(m) if m.dtype == np.int8 and int8_weights == "dequantize" else m
+            return m.dequantize() if m.dtype == np.int8 and int8_weights == "dequantize" else m
 
         def stored_matrix(name: str) -> BlockSparseMatrix:
             meta = layers_meta.get(name)
@@ -582,17 +582,6 @@ def _dense_int8(codes: np.ndarray, scales: np.ndarray, bias: np.ndarray):
     indptr = np.arange(nbr + 1, dtype=np.int64) * n_in
     indices = np.tile(np.arange(n_in, dtype=np.int64), nbr)
     return BlockSparseMatrix((n_out, n_in), (br, 1), indptr, indices, data, scales, bias)
-
-
-def _dequantized(m):
-    """An int8 block-sparse matrix as float32 with the per-output-channel scales folded into the values
-    (``float32(code) * scale``, the fake-quantized weight); same blocks, same bias."""
-    from sparsify.kernels.format import BlockSparseMatrix
-
-    br = m.block[0]
-    rows = np.repeat(np.arange(m.out_features // br), np.diff(m.indptr))
-    data = m.data.astype(np.float32) * m.scales.reshape(-1, br)[rows][:, :, None]
-    return BlockSparseMatrix(m.shape, m.block, m.indptr, m.indices, np.ascontiguousarray(data), None, m.bias)
 
 
 def _concat_rows(ms):

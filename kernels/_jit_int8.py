@@ -37,6 +37,8 @@ _V32B = _ir.VectorType(_I8, 32)
 _V16W = _ir.VectorType(_I16, 16)
 _V8D = _ir.VectorType(_I32, 8)
 _QPERM = (0, 2, 1, 3)  # 8-token quarter q of a 32-token group is stored at quarter _QPERM[q]
+G32 = 32  # tokens per group of the packed u7 tile (group-major: xg.flat[g*K*32 + k*32 + pos])
+_QPOS = np.array([_QPERM[t // 8] * 8 + t % 8 for t in range(32)], np.int64)  # pos(t) inside a group
 
 
 def _mask(idx):
@@ -70,7 +72,7 @@ def _i8_quad_loop(builder, xt_p, idx_p, qw_p, q0v, q1v, x_offv, w_offv, w_strv, 
     q4 = builder.mul(q, _ir.Constant(_I64, 4))
     for j in range(4):
         col = builder.sext(builder.load(builder.gep(idx_p, [builder.add(q4, _ir.Constant(_I64, j))])), _I64)
-        off = builder.add(builder.mul(col, _ir.Constant(_I64, T)), x_offv)
+        off = builder.add(builder.mul(col, _ir.Constant(_I64, G32)), x_offv)
         rows.append(builder.load(builder.bitcast(builder.gep(xt_b, [off]), _V32B.as_pointer()), align=1))
     mb = _mask(_unpack_masks(8, 16, bool(high)))
     ab = builder.bitcast(builder.shuffle_vector(rows[0], rows[1], mb), _V16W)
@@ -98,6 +100,7 @@ def _i8_quad_loop(builder, xt_p, idx_p, qw_p, q0v, q1v, x_offv, w_offv, w_strv, 
 def _i8_dequant(builder, accs, R, row0v, init_p, cs_p, bias_p):
     """accs back to natural token order, + init (the zero-point correction, exact in int32), then float32 scale
     and bias: returns ys[2r + h] = <8 x float> of tokens 8h..8h+7 of row r."""
+    fma = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
     ys = []
     for r in range(R):
         row = builder.add(row0v, _ir.Constant(_I64, r))
@@ -109,7 +112,7 @@ def _i8_dequant(builder, accs, R, row0v, init_p, cs_p, bias_p):
                   builder.shuffle_vector(a0, a1, _mask([4, 5, 6, 7, 12, 13, 14, 15])))
         for h in range(2):
             f = builder.sitofp(builder.add(halves[h], iv), _V8F)
-            ys.append(builder.fadd(builder.fmul(f, cv), bv))
+            ys.append(builder.call(fma, [f, cv, bv]))
     return ys
 
 
@@ -156,7 +159,8 @@ def _python_micro_i8_direct(high: int):
             s = np.zeros(16, np.int64) + int(init[row0 + r])
             for q in range(q0, q1):
                 for j in range(4):
-                    s += int(wf[w_off + q * w_stride + 4 * r + j]) * xf[int(qidx[4 * q + j]) * T + tok].astype(np.int64)
+                    xv = xf[int(qidx[4 * q + j]) * G32 + tok].astype(np.int64)
+                    s += int(wf[w_off + q * w_stride + 4 * r + j]) * xv
             y[r] = s.astype(np.int32).astype(np.float32) * cs[row0 + r] + bias[row0 + r]
         python_direct_finish(y, of, rf, o_off, n_out, nv, mode)
 
@@ -172,8 +176,8 @@ mkd8_hi = _make_micro_i8_direct(1)
 
 @_intrinsic
 def tr8q(typingctx, src, s_off, s_stride, dst, d_off, d_stride, inv_s, zp):
-    """8 x 8 transpose + u7 quantization: ``dst.flat[d_off + j*d_stride + i] = clip(floor(src.flat[s_off +
-    i*s_stride + j] * inv_s + 0.5) + zp, 0, 127)`` (src float32, dst uint8, 8-byte stores)."""
+    """8 x 8 transpose + u7 quantization: ``dst.flat[d_off + j*d_stride + i] = clip(rint(src.flat[s_off +
+    i*s_stride + j] * inv_s) + zp, 0, 127)`` (src float32, dst uint8, 8-byte stores; as ``_q7``)."""
     sig = _types.void(src, _types.int64, _types.int64, dst, _types.int64, _types.int64, _types.float32,
                       _types.float32)
 
@@ -183,12 +187,11 @@ def tr8q(typingctx, src, s_off, s_stride, dst, d_off, d_stride, inv_s, zp):
         _, so, ss, _, do, ds, inv_sv, zpv = args
         v1 = _ir.FunctionType(_V8F, [_V8F])
         v2 = _ir.FunctionType(_V8F, [_V8F, _V8F])
-        floor = _cgutils.get_or_insert_function(builder.module, v1, "llvm.floor.v8f32")
+        rint = _cgutils.get_or_insert_function(builder.module, v1, "llvm.rint.v8f32")
         vmax = _cgutils.get_or_insert_function(builder.module, v2, "llvm.maxnum.v8f32")
         vmin = _cgutils.get_or_insert_function(builder.module, v2, "llvm.minnum.v8f32")
         inv = _splat(builder, inv_sv, _V8F)
         zpb = _splat(builder, zpv, _V8F)
-        half = _ir.Constant(_V8F, [0.5] * 8)
         lo = _ir.Constant(_V8F, [0.0] * 8)
         hi = _ir.Constant(_V8F, [float(127)] * 8)
         rows = []
@@ -198,7 +201,7 @@ def tr8q(typingctx, src, s_off, s_stride, dst, d_off, d_stride, inv_s, zp):
         cols = _transpose8(builder, rows)
         v8b = _ir.VectorType(_I8, 8)
         for j in range(8):
-            v = builder.call(floor, [builder.fadd(builder.fmul(cols[j], inv), half)])
+            v = builder.call(rint, [builder.fmul(cols[j], inv)])
             v = builder.call(vmin, [builder.call(vmax, [builder.fadd(v, zpb), lo]), hi])
             b = builder.trunc(builder.fptosi(v, _V8D), v8b)
             off = builder.add(do, builder.mul(ds, _ir.Constant(_I64, j)))
@@ -208,12 +211,102 @@ def tr8q(typingctx, src, s_off, s_stride, dst, d_off, d_stride, inv_s, zp):
     return sig, codegen
 
 
+_U7_CAP = 32767.0  # x * inv_s is capped here before the int32 convert (above: 127 after saturation, as for 32767)
+
+
+def _make_q32(C: int):
+    """Intrinsic ``q32xC(src, s_off, s_stride, dst, d_off, inv_s, zp)`` (C = 8 or 16 input channels): u7-quantize
+    32 tokens x C channels into one 32-token group of the packed tile,
+    ``dst.flat[d_off + c*32 + pos(t)] = clip(rint(src.flat[s_off + t*s_stride + c] * inv_s) + zp, 0, 127)``
+    (src float32 token-major, dst uint8, pos as ``_QPERM``; C stores of 32 bytes).
+
+    Quantize first, transpose bytes after: per 8 values one multiply, a cap and ``vcvtps2dq`` (round half to even,
+    as torch's fake quantization) give 8 int32; ``vpackssdw`` / ``vpaddsw`` (zero point) / ``vpackuswb`` /
+    ``vpminub`` pack 4 tokens into 32 bytes, clamped to [0, 127] by the saturations; a byte shuffle per 128-bit
+    lane makes each dword one channel x 4 tokens, and an 8 x 8 dword transpose (rows taken in the ``_QPERM``
+    order) gives each channel's 32 bytes. About 0.9 instructions per value, against about 2 when every 8 x 8
+    float block was transposed first and quantized after (``tr8q``). C = 16 reads whole 64-byte lines of the 32
+    token rows: with K = 1536 / 3072 the rows (6 / 12 KB apart) fall into 1-2 L1 sets, and a half line left for a
+    second 8-channel pass was evicted before it (measured 2x slower; software prefetch of the next line did not
+    help). NaN gives 0."""
+
+    @_intrinsic
+    def q32(typingctx, src, s_off, s_stride, dst, d_off, inv_s, zp):
+        sig = _types.void(src, _types.int64, _types.int64, dst, _types.int64, _types.float32, _types.int64)
+
+        def codegen(context, builder, signature, args):
+            sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+            dp = builder.bitcast(context.make_array(signature.args[3])(context, builder, args[3]).data,
+                                 _I8.as_pointer())
+            _, so, ss, _, do, inv_sv, zpv = args
+            mod = builder.module
+            fn = _cgutils.get_or_insert_function
+            minps = fn(mod, _ir.FunctionType(_V8F, [_V8F, _V8F]), "llvm.x86.avx.min.ps.256")
+            cvt = fn(mod, _ir.FunctionType(_V8D, [_V8F]), "llvm.x86.avx.cvt.ps2dq.256")
+            packssdw = fn(mod, _ir.FunctionType(_V16W, [_V8D, _V8D]), "llvm.x86.avx2.packssdw")
+            packuswb = fn(mod, _ir.FunctionType(_V32B, [_V16W, _V16W]), "llvm.x86.avx2.packuswb")
+            addsat = fn(mod, _ir.FunctionType(_V16W, [_V16W, _V16W]), "llvm.sadd.sat.v16i16")
+            umin = fn(mod, _ir.FunctionType(_V32B, [_V32B, _V32B]), "llvm.umin.v32i8")
+            inv = _splat(builder, inv_sv, _V8F)
+            cap = _ir.Constant(_V8F, [_U7_CAP] * 8)
+            zp16 = _splat(builder, builder.trunc(zpv, _I16), _V16W)
+            q127 = _ir.Constant(_V32B, [127] * 32)
+            # byte (token i, channel c) of a lane of vpackuswb's result sits at 4 i + c; put it at 4 c + i
+            bmask = _mask([lane * 16 + 4 * i + c for lane in range(2) for c in range(4) for i in range(4)])
+            order = [2 * _QPERM[p // 2] + p % 2 for p in range(8)]  # dword p of a channel: token quad order[p]
+
+            def token(t, h):  # channels 8h .. 8h+7 of token t, as int32 (x86 minps(cap, NaN) is NaN -> 0)
+                off = builder.add(so, builder.add(builder.mul(ss, _ir.Constant(_I64, t)), _ir.Constant(_I64, 8 * h)))
+                v = builder.load(builder.bitcast(builder.gep(sp, [off]), _V8F.as_pointer()), align=4)
+                return builder.call(cvt, [builder.call(minps, [cap, builder.fmul(v, inv)])])
+
+            quads = [[] for _ in range(C // 8)]
+            for j in range(8):  # tokens 4j .. 4j+3
+                rows = [[token(4 * j + i, h) for h in range(C // 8)] for i in range(4)]
+                for h in range(C // 8):
+                    a, b, c, d = (rows[i][h] for i in range(4))
+                    ab = builder.call(addsat, [builder.call(packssdw, [a, b]), zp16])
+                    cd = builder.call(addsat, [builder.call(packssdw, [c, d]), zp16])
+                    v = builder.call(umin, [builder.call(packuswb, [ab, cd]), q127])
+                    v = builder.shuffle_vector(v, v, bmask)
+                    quads[h].append(builder.bitcast(v, _V8F))  # dword c = channel 8h + c x 4 tokens (bits only)
+            for h in range(C // 8):
+                cols = _transpose8(builder, [quads[h][order[p]] for p in range(8)])
+                for c in range(8):
+                    ptr = builder.gep(dp, [builder.add(do, _ir.Constant(_I64, 32 * (8 * h + c)))])
+                    builder.store(builder.bitcast(cols[c], _V32B), builder.bitcast(ptr, _V32B.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return q32
+
+
+def _python_q32(C: int):
+    """Pure-Python twin of ``_make_q32`` (NUMBA_DISABLE_JIT=1)."""
+
+    def q32(src, s_off, s_stride, dst, d_off, inv_s, zp):
+        sf, df = src.reshape(-1), dst.reshape(-1)
+        for t in range(32):
+            pos = _QPERM[t // 8] * 8 + t % 8
+            for c in range(C):
+                df[d_off + c * 32 + pos] = _q7(sf[s_off + t * s_stride + c], inv_s, zp)
+
+    return q32
+
+
+if _numba_config.DISABLE_JIT:
+    _make_q32 = _python_q32  # noqa: F811
+
+q32x8 = _make_q32(8)
+q32x16 = _make_q32(16)
+
+
 def _python_tr8q(src, s_off, s_stride, dst, d_off, d_stride, inv_s, zp):
     sf, df = src.reshape(-1), dst.reshape(-1)
     for i in range(8):
         for j in range(8):
-            q = np.floor(sf[s_off + i * s_stride + j] * inv_s + np.float32(0.5)) + zp
-            df[d_off + j * d_stride + i] = np.uint8(min(max(q, 0.0), 127.0))
+            df[d_off + j * d_stride + i] = _q7(sf[s_off + i * s_stride + j], inv_s, zp)
 
 
 if _numba_config.DISABLE_JIT:
@@ -292,6 +385,12 @@ def qparams(x, wscales, rowsum, qmax, cscales, init, res):
     for i in range(8 * n8, n):
         lo = min(lo, f[i])
         hi = max(hi, f[i])
+    return _finish_qparams(lo, hi, qmax, wscales, rowsum, cscales, init)
+
+
+@njit(**_OPTS)
+def _finish_qparams(lo, hi, qmax, wscales, rowsum, cscales, init):
+    """(scale, zero point) from min(x, 0) / max(x, 0), and ``cscales = scale * wscales``, ``init = -zp * rowsum``."""
     lo64 = np.float64(lo)
     hi64 = np.float64(hi)
     scale = np.float64(np.float32((hi64 - lo64) / qmax)) if hi64 > lo64 else 1.0
@@ -302,10 +401,47 @@ def qparams(x, wscales, rowsum, qmax, cscales, init, res):
     return scale, zp
 
 
+@njit(parallel=True, **_OPTS)
+def qparams_parallel(x, wscales, rowsum, qmax, cscales, init, res):
+    """``qparams`` with the min / max pass split over ``res.shape[0]`` workers (each its own row of res, 24
+    floats); the combination, the tail and the per-channel vectors as in qparams. res[0, 16] = 1.0 if an element
+    of the whole 8-float vectors is NaN or inf."""
+    f = x.reshape(-1)
+    n = f.shape[0]
+    n8 = n // 8
+    nw = res.shape[0]
+    for w in prange(nw):
+        a = w * n8 // nw
+        b = (w + 1) * n8 // nw
+        r = res[w]
+        r[16] = 0.0
+        for j in range(16):
+            r[j] = 0.0
+        if b > a:
+            vminmax8(f[8 * a:], b - a, r)
+    lo = np.float32(0.0)
+    hi = np.float32(0.0)
+    bad = 0.0
+    for w in range(nw):
+        bad = max(bad, res[w, 16])
+        for j in range(8):
+            lo = min(lo, res[w, j])
+            hi = max(hi, res[w, 8 + j])
+    res[0, 16] = bad
+    for i in range(8 * n8, n):
+        lo = min(lo, f[i])
+        hi = max(hi, f[i])
+    return _finish_qparams(lo, hi, qmax, wscales, rowsum, cscales, init)
+
+
 # ------------------------------------------------------------------------------------------ helpers
 @njit(inline="always", **_OPTS)
 def _q7(v, inv_s, zp):
-    q = np.floor(v * inv_s + np.float32(0.5)) + np.float32(zp)
+    """u7 of one value: ``clip(rint(v * inv_s) + zp, 0, 127)`` (round half to even; NaN -> 0), as ``q32x8``."""
+    y = v * inv_s
+    if not y >= np.float32(-32768.0):  # also NaN
+        return np.uint8(0)
+    q = np.rint(min(y, np.float32(_U7_CAP))) + np.float32(zp)
     return np.uint8(min(max(q, np.float32(0.0)), np.float32(127.0)))
 
 
@@ -332,6 +468,43 @@ def pack_tile_u8(x, t0, tn, inv_s, zp, xt, perm):
                 for i in range(8):
                     t = tb + i
                     xt[k, base + i] = _q7(x[t0 + t, k], inv_s, zp) if t < tn else zq
+
+
+@njit(**_OPTS)
+def pack_tile_u7g(x, t0, tn, inv_s, zp, xg):
+    """The avx2 kernel's tile, **group-major**: ``xg.flat[g*K*32 + k*32 + pos(t)] = u7(x[t0 + 32 g + t, k])`` for
+    the 32-token groups g that hold tokens (t < tn; zero point for the padding tokens of the last group), pos
+    swapping the middle quarters of the group (see the module docstring). A 16-token slab then reads 32 bytes per
+    input channel from ``K x 32 B`` (12 KB at K = 384, 24 KB at K = 768), where the channel-major ``xt[k, 0:64]``
+    spread the same reads over ``K x 64 B`` of cache lines. Full groups go through ``q32x16`` / ``q32x8``."""
+    K = x.shape[1]
+    kf = K - K % 8
+    zq = np.uint8(zp)
+    zf = np.float32(zp)
+    flat = xg.reshape(-1)
+    n_groups = (tn + G32 - 1) // G32
+    for g in range(n_groups):
+        gbase = g * K * G32
+        tg = g * G32
+        if tg + G32 <= tn:
+            k16 = K - K % 16
+            for kb in range(0, k16, 16):
+                q32x16(x, (t0 + tg) * K + kb, K, flat, gbase + kb * G32, inv_s, zp)
+            if k16 < kf:
+                q32x8(x, (t0 + tg) * K + k16, K, flat, gbase + k16 * G32, inv_s, zp)
+            for k in range(kf, K):
+                for t in range(G32):
+                    flat[gbase + k * G32 + _QPOS[t]] = _q7(x[t0 + tg + t, k], inv_s, zp)
+            continue
+        for t in range(G32):  # the last, partial group
+            pos = gbase + _QPOS[t]
+            if tg + t < tn:
+                xr = x[t0 + tg + t]
+                for k in range(K):
+                    flat[pos + k * G32] = _q7(xr[k], inv_s, zp)
+            else:
+                for k in range(K):
+                    flat[pos + k * G32] = zq
 
 
 @njit(**_OPTS)
@@ -415,8 +588,9 @@ def run_task_i8_direct(task, x, inv_s, zp, qptr, qidx, qw, br, init, cscales, bi
     calls fill adjacent 16-byte pieces of the same 16 rows of ``out`` (block rows outside touched 64 rows of
     ``out`` per block row: measured 1.10-1.2x slower at out = 1536-3072 wide)."""
     t0, tn, b0, b1 = task_range(task, x.shape[0], qptr.shape[0] - 1, chunk)
-    pack_tile_u8(x, t0, tn, inv_s, zp, xt, True)
+    pack_tile_u7g(x, t0, tn, inv_s, zp, xt)
     N = out.shape[1]
+    K = x.shape[1]
     for s0 in range(b0, b1, sub):
         s1 = min(b1, s0 + sub)
         for ts in range(0, tn, 16):  # slabs past the last token are skipped
@@ -429,10 +603,10 @@ def run_task_i8_direct(task, x, inv_s, zp, qptr, qidx, qw, br, init, cscales, bi
                 for rs in range(0, br, 4):
                     o0 = b * br + rs
                     if hi == 0:
-                        mkd8_lo(xt, qidx, qw, q0, q1, ts & ~31, rs * 4, br * 4, init, cscales, bias, o0, out,
+                        mkd8_lo(xt, qidx, qw, q0, q1, (ts >> 5) * K * G32, rs * 4, br * 4, init, cscales, bias, o0, out,
                                 o_base + o0, N, nv, residual, mode)
                     else:
-                        mkd8_hi(xt, qidx, qw, q0, q1, ts & ~31, rs * 4, br * 4, init, cscales, bias, o0, out,
+                        mkd8_hi(xt, qidx, qw, q0, q1, (ts >> 5) * K * G32, rs * 4, br * 4, init, cscales, bias, o0, out,
                                 o_base + o0, N, nv, residual, mode)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 768), (3072, 768), (768, 3072)]
 TOKENS = [128, 1024]
 SPARSITIES = [0.70, 0.80, 0.90, 0.95]
-ALL_METHODS = ["ours_fp32", "ours_int8w", "ours_int8", "torch_dense", "torch_csr", "deepsparse"]
+ALL_METHODS = ["ours_fp32", "ours_int8w", "ours_int8", "ours_int8_static", "torch_dense", "torch_csr", "deepsparse"]
 BASELINE = "torch_dense"
 
 
@@ -226,7 +226,7 @@ def _timer(fn: Callable[[], object]) -> Callable[[int], float]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .format import BlockSparseMatrix, format_block, parse_block
-    from .int8 import int8_backend, spmm_int8
+    from .int8 import int8_backend, quantize_activations, spmm_int8
     from .spmm import spmm
     from .threads import set_num_threads, threading_layer
 
@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             ds_note = f"deepsparse not measured ({type(e).__name__}: {e})"
 
     rng = np.random.default_rng(args.seed)
+    cal_rng = np.random.default_rng(args.seed + 1)  # its own stream: the problems do not depend on the methods
     records: list[Record] = []
     print(f"# sparsify bench kernels: block {format_block(block)} (out x in), threads {threads} "
           f"(numba {threading_layer()} + torch {torch.get_num_threads()}), rounds {rounds}, "
@@ -327,6 +328,18 @@ def main(argv: list[str] | None = None) -> int:
                             runs[meth] = _timer(lambda q8=q8: spmm_int8(x, q8, out=out))
                             notes[meth] = (f"int8 x int8 -> int32 ({int8_backend(q8)}), u7 activations per tensor "
                                            f"(dynamic), int8 weights per channel; max_abs_err {err:.2e}")
+                        elif meth == "ours_int8_static":
+                            # activation scale / zero point fixed beforehand (as a QAT-trained model carries them),
+                            # calibrated on another batch of the same distribution; values outside are clipped
+                            q8 = bsm.quantize()
+                            _, s_x, zp = quantize_activations(cal_rng.standard_normal((m, n_in)).astype(np.float32))
+                            spmm_int8(x, q8, out=out, x_scale=s_x, x_zero_point=zp)
+                            err = float(np.abs(out - ref).max())
+                            runs[meth] = _timer(lambda q8=q8, s_x=s_x, zp=zp: spmm_int8(x, q8, out=out, x_scale=s_x,
+                                                                                         x_zero_point=zp))
+                            notes[meth] = (f"int8 x int8 -> int32 ({int8_backend(q8)}), u7 activations per tensor "
+                                           f"(static, calibrated on another batch), int8 weights per channel; "
+                                           f"max_abs_err {err:.2e}")
                         elif meth == "deepsparse":
                             key = f"{n_out}x{n_in}-{m}-{sp}"
                             try:

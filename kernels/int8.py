@@ -2,7 +2,7 @@
 
 * **Weights**: int8, symmetric per output channel (``W[o, :] ~= w_scale[o] * Wq[o, :]``), as stored by an int8
   :class:`~sparsify.kernels.format.BlockSparseMatrix`; a float32 matrix is quantized once and cached on it.
-* **Activations**: quantized per tensor to **u7**, ``Xq = clip(round(X / s_x) + zp, 0, 127)`` with a zero point
+* **Activations**: quantized per tensor to **u7**, ``Xq = clip(rint(X / s_x) + zp, 0, 127)`` with a zero point
   (asymmetric: GELU outputs are mostly positive). Dynamic (from the min / max of ``X``, 0 included) unless
   ``x_scale`` and ``x_zero_point`` are given (static calibration, e.g. from QAT; values outside are clipped).
   Why 7 bits: ``vpmaddubsw`` multiplies u8 x s8 and adds adjacent pairs into a *saturating* int16; with
@@ -26,7 +26,9 @@ import threading
 import numpy as np
 
 from .format import BlockSparseMatrix
-from .spmm import _ACT, TILE_TOKENS, _cached_plan, _check_x, _counter, _flags, _output, gelu_reference
+from .spmm import (_ACT, TILE_TOKENS, _cached_plan, _check_x, _counter, _flags, _output, gelu_reference,
+                   zeros_aligned)
+from .threads import get_num_threads
 
 __all__ = ["spmm_int8", "quantize_activations", "reference_spmm_int8", "has_avx2", "int8_backend", "QMAX"]
 
@@ -68,25 +70,43 @@ def int8_backend(w: BlockSparseMatrix, backend: str = "auto") -> str:
 def quantize_activations(
     x: np.ndarray, scale: float | None = None, zero_point: int | None = None
 ) -> tuple[np.ndarray, float, int]:
-    """u7 per-tensor quantization: ``(q uint8 in [0, 127], scale, zero_point)`` with ``x ~= scale * (q - zp)``.
+    """u7 per-tensor quantization: ``(q uint8 in [0, 127], scale, zero_point)`` with ``x ~= scale * (q - zp)``,
+    ``q = clip(rint(x / scale) + zp, 0, 127)``: round half to even (as torch's fake quantization), NaN -> 0.
 
     Dynamic (``scale = (max(x, 0) - min(x, 0)) / 127``) unless both ``scale`` and ``zero_point`` are given."""
     x = np.asarray(x, dtype=np.float32)
     scale, zero_point = _act_params(x, scale, zero_point)
-    q = np.floor(x * np.float32(1.0 / scale) + np.float32(0.5)) + np.float32(zero_point)
-    return np.clip(q, 0, QMAX).astype(np.uint8), scale, zero_point
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = x * np.float32(1.0 / scale)
+        q = np.rint(np.minimum(y, np.float32(32767.0))) + np.float32(zero_point)  # round half to even
+        q = np.where(np.isnan(y), 0, np.clip(q, 0, QMAX))
+    return q.astype(np.uint8), scale, zero_point
+
+
+_LAST_STATIC = None  # ((types and values of x_scale, x_zero_point), checked result): a model reuses its pair
+
+
+def _check_static(scale, zero_point) -> tuple[float, int]:
+    scale = float(scale)
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"x_scale must be a positive finite float, got {scale}")
+    if isinstance(zero_point, bool) or int(zero_point) != zero_point or not 0 <= int(zero_point) <= QMAX:
+        raise ValueError(f"x_zero_point must be an int in [0, {QMAX}], got {zero_point!r}")
+    return np.float32(scale).item(), int(zero_point)
 
 
 def _act_params(x: np.ndarray, scale, zero_point) -> tuple[float, int]:
     if (scale is None) != (zero_point is None):
         raise ValueError("give both x_scale and x_zero_point, or neither (dynamic quantization)")
+    global _LAST_STATIC
     if scale is not None:
-        scale = float(scale)
-        if not np.isfinite(scale) or scale <= 0:
-            raise ValueError(f"x_scale must be a positive finite float, got {scale}")
-        if isinstance(zero_point, bool) or int(zero_point) != zero_point or not 0 <= int(zero_point) <= QMAX:
-            raise ValueError(f"x_zero_point must be an int in [0, {QMAX}], got {zero_point!r}")
-        return np.float32(scale).item(), int(zero_point)
+        key = (type(scale), scale, type(zero_point), zero_point)
+        last = _LAST_STATIC
+        if last is not None and last[0] == key:  # the same static pair as the previous call: already checked
+            return last[1]
+        result = _check_static(scale, zero_point)
+        _LAST_STATIC = (key, result)
+        return result
     if x.size == 0:
         return 1.0, 0
     lo, hi = x.min(), x.max()  # numpy's SIMD reductions (a numba loop measured 2-5x slower)
@@ -152,8 +172,8 @@ def _workspace(n_workers: int, k: int, rows: int):
         if len(cache) > 16:
             cache.clear()
         T = TILE_TOKENS
-        ws = cache[key] = (np.zeros((n_workers, k, T), np.uint8), np.zeros((n_workers, rows, T), np.int32),
-                           np.zeros((n_workers, rows, T), np.float32))
+        ws = cache[key] = (zeros_aligned((n_workers, k, T), np.uint8), zeros_aligned((n_workers, rows, T), np.int32),
+                           zeros_aligned((n_workers, rows, T), np.float32))
     return ws
 
 
@@ -169,6 +189,17 @@ def _vectors(n_out: int):
             cache.clear()
         v = cache[n_out] = (np.empty(n_out, np.float32), np.empty(n_out, np.int32), np.zeros(24, np.float32))
     return v
+
+
+_PARALLEL_MINMAX = 1 << 16  # values of x from which the dynamic min / max pass is split over the workers
+
+
+def _minmax_rows(n_workers: int) -> np.ndarray:
+    """Per-thread (n_workers, 24) float32 scratch of the parallel min / max pass."""
+    cache = getattr(_local, "minmax", None)
+    if cache is None or cache.shape[0] != n_workers:
+        cache = _local.minmax = np.zeros((n_workers, 24), np.float32)
+    return cache
 
 
 def spmm_int8(
@@ -216,12 +247,10 @@ def _run(x, w, kind, activation, residual, out, s_x, zp):
         from . import _jit_int8
 
         _J = _jit_int8
-    import numba
-
     prep = _prepared(w)
     q = prep["q"]
     M = x.shape[0]
-    n_threads = numba.get_num_threads()
+    n_threads = get_num_threads()
 
     def build():
         br = q.block[0]
@@ -240,13 +269,21 @@ def _run(x, w, kind, activation, residual, out, s_x, zp):
     xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, sub_rows if kind != "avx2" else br)
     cscales, init, res16 = _vectors(q.out_features)
     if s_x is None:  # dynamic: min / max, scale, zero point and the per-channel vectors in one jitted call
-        s_x, zp = _J.qparams(x, q.scales, prep["rowsum"], QMAX, cscales, init, res16)
+        if n_workers > 1 and x.size >= _PARALLEL_MINMAX:
+            res = _minmax_rows(n_workers)
+            s_x, zp = _J.qparams_parallel(x, q.scales, prep["rowsum"], QMAX, cscales, init, res)
+            bad = res[0, 16] != 0.0
+        else:
+            s_x, zp = _J.qparams(x, q.scales, prep["rowsum"], QMAX, cscales, init, res16)
+            bad = res16[16] != 0.0
         tail = x.reshape(-1)[x.size - x.size % 8:]
-        if res16[16] != 0.0 or (tail.size and not np.isfinite(tail).all()):
+        if bad or (tail.size and not np.isfinite(tail).all()):
             raise ValueError("x contains NaN or inf")
-    else:
-        np.multiply(q.scales, np.float32(s_x), out=cscales)
-        np.multiply(prep["rowsum"], np.int32(-zp), out=init)
+    else:  # static: the per-channel vectors depend on (s_x, zp) only, kept for the last pair seen
+        static = prep.get("static")
+        if static is None or static[0] != (s_x, zp):
+            static = prep["static"] = ((s_x, zp), q.scales * np.float32(s_x), prep["rowsum"] * np.int32(-zp))
+        cscales, init = static[1], static[2]
     resid = residual if residual is not None else _EMPTY2
     inv_s = np.float32(1.0 / s_x)
     if kind == "avx2":

@@ -391,3 +391,48 @@ def test_launch_plans_are_bounded_and_their_eviction_keeps_the_padded_weights():
             padded = m._cache[("padded", spmm_module._PAD)]
         assert len(m._cache["plans"]) <= spmm_module._MAX_PLANS
     assert m._cache[("padded", spmm_module._PAD)] is padded  # never rebuilt
+
+
+def test_workspaces_start_on_cache_lines():
+    """The packed tiles are read in 32 / 64-byte pieces: every per-worker workspace row starts a cache line,
+    whatever numpy's allocator returns (it promises 16 bytes)."""
+    from sparsify.kernels import int8 as int8_mod
+    from sparsify.kernels import spmm as spmm_mod
+    from sparsify.kernels.int8 import spmm_int8
+
+    for shape, dtype in [((3, 7), np.float32), ((2, 49152), np.float32), ((1, 1536, 64), np.uint8), ((5,), np.int64)]:
+        for _ in range(4):
+            a = spmm_mod.zeros_aligned(shape, dtype)
+            assert a.ctypes.data % 64 == 0 and a.shape == shape and a.dtype == dtype and not a.any()
+    rng = np.random.default_rng(3)
+    for n_in in (24, 384, 1544):
+        m = BlockSparseMatrix.from_dense(rng.standard_normal((16, n_in)).astype(np.float32), (4, 1))
+        x = rng.standard_normal((70, n_in)).astype(np.float32)
+        spmm(x, m, threads=2 if (os.cpu_count() or 1) > 1 else 1)
+        spmm(x, m.quantize())
+        spmm_int8(x, m)
+        for ws in (spmm_mod._local.xs, spmm_mod._local.wide):
+            assert all(ws[w].ctypes.data % 64 == 0 for w in range(ws.shape[0]))
+        for xt, _, _ in int8_mod._local.ws.values():
+            assert all(xt[w].ctypes.data % 64 == 0 for w in range(xt.shape[0]))
+
+
+def test_thread_setting_is_read_back_after_every_change():
+    """``threads.get_num_threads`` (a direct read once numba's pool is up) follows set_num_threads, the
+    ``num_threads`` context and numba's own setter, and the plan of a call uses it."""
+    import numba
+
+    from sparsify.kernels import threads
+
+    top = min(2, int(numba.config.NUMBA_NUM_THREADS))
+    threads.set_num_threads(top)
+    assert threads.get_num_threads() == top
+    with threads.num_threads(1):
+        assert threads.get_num_threads() == 1
+        m = BlockSparseMatrix.from_dense(np.ones((8, 16), np.float32), (4, 1))
+        spmm(np.ones((200, 16), np.float32), m)
+        assert ("direct", 200, 1) in m._cache["plans"]
+    assert threads.get_num_threads() == top
+    numba.set_num_threads(1)
+    assert threads.get_num_threads() == 1
+    threads.set_num_threads(top)

@@ -281,3 +281,55 @@ def test_nonfinite_activations_rejected(where, bad):
     x.reshape(-1)[where] = bad
     with pytest.raises(ValueError, match="NaN or inf"):
         spmm_int8(x, w)
+
+
+@pytest.mark.parametrize("tokens, n_in", [(64, 40), (40, 21), (1, 8), (96, 384)])
+def test_packed_tiles_equal_quantize_activations(tokens, n_in):
+    """Both packers (the avx2 kernel's group-major ``pack_tile_u7g`` with its ``q32x8`` vector path, and the
+    portable ``pack_tile_u8``) write exactly ``quantize_activations``: ties x = (n + 1/2) * s round half to even,
+    values past the u7 range (and past int16 / int32 after scaling) clip, NaN gives 0, odd channel counts and
+    partial 32-token groups take the scalar path, padding tokens hold the zero point."""
+    from sparsify.kernels import _jit_int8 as J
+
+    rng = np.random.default_rng(11)
+    s, zp = 0.25, 60
+    x = (rng.integers(-300, 300, (tokens, n_in)) * (s / 2)).astype(np.float32)  # half of the values are ties
+    x.flat[:: 7] = rng.standard_normal(x.size)[:: 7].astype(np.float32) * 40
+    x.flat[3:: 29] = np.float32(1e12)
+    x.flat[5:: 31] = np.float32(-1e12)
+    x.flat[9:: 37] = np.nan
+    x.flat[1:3], x.flat[4] = (np.float32(1e12), np.float32(-1e12)), np.nan
+    expected, _, _ = quantize_activations(x, s, zp)
+    assert expected[np.isnan(x)].max() == 0 and set(np.unique(expected[x == 1e12])) == {127}
+    inv_s = np.float32(1.0 / s)
+    pos = np.array([J._QPERM[t // 8] * 8 + t % 8 for t in range(32)])
+    for t0 in range(0, tokens, 64):
+        tn = min(64, tokens - t0)
+        xg = np.full((n_in, 64), 255, np.uint8)
+        J.pack_tile_u7g(x, t0, tn, inv_s, zp, xg)
+        flat = xg.reshape(-1)
+        for t in range(-(-tn // 32) * 32):
+            got = flat[(t // 32) * n_in * 32 + np.arange(n_in) * 32 + pos[t % 32]]
+            np.testing.assert_array_equal(got, expected[t0 + t] if t < tn else np.full(n_in, zp, np.uint8))
+        xt = np.full((n_in, 64), 255, np.uint8)
+        J.pack_tile_u8(x, t0, tn, inv_s, zp, xt, False)
+        np.testing.assert_array_equal(xt[:, :tn], expected[t0:t0 + tn].T)
+        assert (xt[:, tn:] == zp).all()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores")
+def test_parallel_dynamic_minmax_equals_serial_and_rejects_nan():
+    """From 2**16 values on, the dynamic min / max pass is split over the workers: same scale, zero point and
+    result as one thread, and a NaN / inf in either worker's share (or in the ragged tail) is still rejected."""
+    rng = np.random.default_rng(12)
+    m = BlockSparseMatrix.from_dense(random_block_weight(rng, 64, 261, (4, 1), 0.3), (4, 1), dtype="int8")
+    x = rng.standard_normal((300, 261)).astype(np.float32)  # 78,300 values: 9,787 vectors of 8 and a tail of 4
+    x[250, 7] = 9.0  # the max sits in the second worker's share
+    y2 = spmm_int8(x, m, threads=2)
+    np.testing.assert_array_equal(y2, spmm_int8(x, m, threads=1))
+    check(y2, x, m)
+    for where in (5, x.size // 2 + 3, x.size - 1):
+        bad = x.copy()
+        bad.flat[where] = np.inf if where % 2 else np.nan
+        with pytest.raises(ValueError, match="NaN or inf"):
+            spmm_int8(bad, m, threads=2)

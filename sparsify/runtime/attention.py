@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.spmm import empty_aligned
+from ..kernels.threads import get_num_threads
 from .ops import _OPTS, _exp_nonpositive, _f32_1d, _f32_2d, _fq_value, _softmax_row, check_packed
 
 __all__ = ["attention"]
@@ -221,9 +223,7 @@ _NO_QUANT = np.ones(1, np.float32)
 
 def _task_chunks(n_tasks: int) -> int:
     """Chunks of (sequence, head) tasks: a few per thread, for balance when sequence lengths differ."""
-    import numba
-
-    return max(1, min(n_tasks, 4 * numba.get_num_threads()))
+    return max(1, min(n_tasks, 4 * get_num_threads()))
 
 
 def attention(qkv: np.ndarray, starts: np.ndarray, lens: np.ndarray, n_heads: int, *,
@@ -255,7 +255,7 @@ def attention(qkv: np.ndarray, starts: np.ndarray, lens: np.ndarray, n_heads: in
         if not np.all(q_scale > 0):
             raise ValueError("activation scales must be positive")
         qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-    ctx = np.empty((starts.shape[0] if first_query_only else T, H), np.float32)
+    ctx = empty_aligned((starts.shape[0] if first_query_only else T, H), np.float32)
     sig = np.empty((n_heads, T) if significance else (1, 1), np.float32)
     if T:
         n_tasks = starts.shape[0] * n_heads

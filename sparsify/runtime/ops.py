@@ -18,6 +18,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from ..kernels.spmm import empty_aligned
+from ..kernels.threads import get_num_threads
+
 __all__ = ["embed_layernorm", "layernorm_", "layernorm_quant_", "fake_quant", "linear64", "check_packed"]
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -238,11 +241,9 @@ def _chunks(rows: int, cols: int) -> int:
     """Row chunks for the parallel loops: a few per thread (measured faster than one); one (no second thread
     woken) under 2**18 values, where waking the pool cost more than it saved (2 threads, 128 tokens: layer norm
     with its quantization 85 us in 8 chunks against 58 us in one, fake quantization of 128 x 1536 52 against 43)."""
-    import numba
-
     if rows * cols < _SERIAL_ELEMENTS:
         return 1
-    return max(1, min(4 * numba.get_num_threads(), rows // 16))
+    return max(1, min(4 * get_num_threads(), rows // 16))
 
 
 def layernorm_(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
@@ -281,7 +282,7 @@ def layernorm_quant_(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: fl
     _f32_1d("beta", beta, n)
     args_in, args_out, args_next = (_quant_args(nm, q, n) for nm, q in (("input", q_in), ("output", q_out),
                                                                          ("next", q_next)))
-    nxt = np.empty_like(x) if q_next is not None else x
+    nxt = empty_aligned(x.shape, np.float32) if q_next is not None else x
     if x.shape[0]:
         _ln_quant(x, gamma, beta, np.float32(eps), *args_in, *args_out, *args_next, nxt, _chunks(*x.shape))
     return x, nxt
@@ -312,7 +313,7 @@ def embed_layernorm(ids, positions, token_types, word, pos, typ, gamma, beta, ep
             raise ValueError(f"{name} must be int64 of shape ({n},)")
         if n and (a.min() < 0 or a.max() >= limit):
             raise ValueError(f"{name} out of range [0, {limit}): min {a.min()}, max {a.max()}")
-    out = np.empty((n, H), np.float32)
+    out = empty_aligned((n, H), np.float32)
     if n:
         _embed_ln(ids, positions, token_types, word, word_scales, pos, typ, gamma, beta, np.float32(eps), out,
                   _chunks(n, H))
@@ -335,7 +336,7 @@ def fake_quant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: i
         raise ValueError("activation scales must be positive")
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
     if out is None:
-        out = np.empty_like(x)
+        out = empty_aligned(x.shape, np.float32)
     else:
         _f32_2d("out", out, n)
         if out.shape != x.shape:
@@ -359,9 +360,7 @@ def linear64(x: np.ndarray, w: np.ndarray, b: np.ndarray, *, tanh: bool = False)
         raise ValueError(f"linear64: x {x.shape}, w {w.shape} and b {b.shape} do not fit x @ w.T + b")
     out = np.empty((x.shape[0], w.shape[0]), np.float64)
     if x.shape[0]:
-        import numba
-
-        _linear64(x, w, b, bool(tanh), out, max(1, min(numba.get_num_threads(), x.shape[0])))
+        _linear64(x, w, b, bool(tanh), out, max(1, min(get_num_threads(), x.shape[0])))
     return out
 
 

@@ -481,10 +481,12 @@ def _gelu_ir(builder, v, module):
     return builder.call(fma, [half_v, erf, half_v])
 
 
-def direct_finish(builder, ys, out_p, res_p, o_offv, n_outv, nvv, modev):
-    """Finish a 4 rows x 16 tokens register tile ``ys[r * 2 + v]`` (<8 x float>, tokens 8v..8v+7 of row r):
-    GELU if ``mode & 1``, 4 x 8 transposes, and for tokens ``t < nv`` a 16-byte store of the 4 rows to
-    ``out.flat[o_off + t * n_out]`` (plus ``residual`` at the same offset if ``mode & 2``)."""
+def direct_finish(builder, ys, out_p, res_p, o_offv, n_outv, nvv, modev, tokens=tuple(range(16))):
+    """Finish a 4 rows x 16 tokens register tile ``ys[r * 2 + v]`` (<8 x float>; element e holds token
+    ``tokens[8v + e]`` of row r, in order unless the caller's accumulators hold them permuted): GELU if
+    ``mode & 1``, 4 x 8 transposes, and for tokens ``t < nv`` a 16-byte store of the 4 rows to
+    ``out.flat[o_off + t * n_out]`` (plus ``residual`` at the same offset if ``mode & 2``). A full slab without
+    residual (the common case) takes 16 plain stores; otherwise each token tests ``t < nv`` and the residual."""
     R, V = 4, 2
     fn = builder.function
     mod = builder.module
@@ -525,21 +527,38 @@ def direct_finish(builder, ys, out_p, res_p, o_offv, n_outv, nvv, modev):
                                                                    [4, 5, 6, 7])))
         cols += halves  # tokens 8v + 0..7
     has_res = builder.icmp_signed("!=", builder.and_(modev, _ir.Constant(_I64, 2)), _ir.Constant(_I64, 0))
-    for t in range(S16):
-        st = fn.append_basic_block(f"mkd_st{t}")
-        nxt = fn.append_basic_block(f"mkd_nx{t}")
+    full = builder.and_(builder.icmp_signed("==", nvv, _ir.Constant(_I64, S16)), builder.not_(has_res))
+    plain_bb = fn.append_basic_block("mkd_plain")
+    each_bb = fn.append_basic_block("mkd_each")
+    done_bb = fn.append_basic_block("mkd_done")
+    builder.cbranch(full, plain_bb, each_bb)
+
+    def ptr_of(base_p, t):
+        off = builder.add(o_offv, builder.mul(n_outv, _ir.Constant(_I64, t)))
+        return builder.bitcast(builder.gep(base_p, [off]), _F4.as_pointer())
+
+    builder.position_at_end(plain_bb)
+    for c in range(S16):
+        builder.store(cols[c], ptr_of(out_p, tokens[c]), align=4)
+    builder.branch(done_bb)
+    builder.position_at_end(each_bb)
+    for c in range(S16):
+        t = tokens[c]
+        st = fn.append_basic_block(f"mkd_st{c}")
+        nxt = fn.append_basic_block(f"mkd_nx{c}")
         builder.cbranch(builder.icmp_signed("<", _ir.Constant(_I64, t), nvv), st, nxt)
         builder.position_at_end(st)
-        off = builder.add(o_offv, builder.mul(n_outv, _ir.Constant(_I64, t)))
-        optr = builder.bitcast(builder.gep(out_p, [off]), _F4.as_pointer())
+        optr = ptr_of(out_p, t)
         with builder.if_else(has_res) as (then, otherwise):
             with then:
-                rv = builder.load(builder.bitcast(builder.gep(res_p, [off]), _F4.as_pointer()), align=4)
-                builder.store(builder.fadd(cols[t], rv), optr, align=4)
+                rv = builder.load(ptr_of(res_p, t), align=4)
+                builder.store(builder.fadd(cols[c], rv), optr, align=4)
             with otherwise:
-                builder.store(cols[t], optr, align=4)
+                builder.store(cols[c], optr, align=4)
         builder.branch(nxt)
         builder.position_at_end(nxt)
+    builder.branch(done_bb)
+    builder.position_at_end(done_bb)
 
 
 def _make_direct_f32(C: int):

@@ -97,9 +97,13 @@ def _i8_quad_loop(builder, xt_p, idx_p, qw_p, q0v, q1v, x_offv, w_offv, w_strv, 
     return accs
 
 
+_ACC_TOKENS = (0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15)  # token of each int32 lane of accs[2r], accs[2r+1]
+
+
 def _i8_dequant(builder, accs, R, row0v, init_p, cs_p, bias_p):
-    """accs back to natural token order, + init (the zero-point correction, exact in int32), then float32 scale
-    and bias: returns ys[2r + h] = <8 x float> of tokens 8h..8h+7 of row r."""
+    """accs + init (the zero-point correction, exact in int32), then float32 scale and bias: returns
+    ys[2r + h] = <8 x float> of row r, lanes holding tokens ``_ACC_TOKENS[8h:8h + 8]`` (no shuffle back to token
+    order: the finish stores each token where it belongs)."""
     fma = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
     ys = []
     for r in range(R):
@@ -107,11 +111,8 @@ def _i8_dequant(builder, accs, R, row0v, init_p, cs_p, bias_p):
         iv = _splat(builder, builder.load(builder.gep(init_p, [row])), _V8D)
         cv = _splat(builder, builder.load(builder.gep(cs_p, [row])), _V8F)
         bv = _splat(builder, builder.load(builder.gep(bias_p, [row])), _V8F)
-        a0, a1 = accs[2 * r], accs[2 * r + 1]
-        halves = (builder.shuffle_vector(a0, a1, _mask([0, 1, 2, 3, 8, 9, 10, 11])),
-                  builder.shuffle_vector(a0, a1, _mask([4, 5, 6, 7, 12, 13, 14, 15])))
-        for h in range(2):
-            f = builder.sitofp(builder.add(halves[h], iv), _V8F)
+        for h in range(2):  # left in the accumulators' token order, _ACC_TOKENS: direct_finish stores by it
+            f = builder.sitofp(builder.add(accs[2 * r + h], iv), _V8F)
             ys.append(builder.call(fma, [f, cv, bv]))
     return ys
 
@@ -138,7 +139,7 @@ def _make_micro_i8_direct(high: int):
             accs = _i8_quad_loop(builder, ptr(0), ptr(1), ptr(2), args[3], args[4], args[5], args[6], args[7], 4,
                                  high)
             ys = _i8_dequant(builder, accs, 4, args[11], ptr(8), ptr(9), ptr(10))
-            direct_finish(builder, ys, ptr(12), ptr(16), args[13], args[14], args[15], args[17])
+            direct_finish(builder, ys, ptr(12), ptr(16), args[13], args[14], args[15], args[17], _ACC_TOKENS)
             return context.get_dummy_value()
 
         return sig, codegen

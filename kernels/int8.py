@@ -26,8 +26,8 @@ import threading
 import numpy as np
 
 from .format import BlockSparseMatrix
-from .spmm import (_ACT, TILE_TOKENS, _cached_plan, _check_x, _counter, _flags, _output, gelu_reference,
-                   zeros_aligned)
+from .spmm import (_ACT, _NO_PLANS, TILE_TOKENS, _cached_plan, _check_x, _counter, _flags, _output,
+                   gelu_reference, zeros_aligned)
 from .threads import get_num_threads
 
 __all__ = ["spmm_int8", "quantize_activations", "reference_spmm_int8", "has_avx2", "int8_backend", "QMAX"]
@@ -241,6 +241,31 @@ def spmm_int8(
     return _run(x, w, kind, activation, residual, out, s_x if static else None, zp if static else None)
 
 
+def _int8_plan(w: BlockSparseMatrix, prep: dict, M: int, n_threads: int) -> tuple:
+    """(block rows per block, block rows per task, tasks, workers, accumulator rows (portable), block rows per
+    quad sub-chunk (avx2)) for ``w`` on M tokens with n_threads."""
+    q = prep["q"]
+    br = q.block[0]
+    nbr = q.out_features // br
+    n_tiles = -(-M // TILE_TOKENS)
+    # A task = (tile, chunk of block rows); rows are split only as far as needed to give every thread the same
+    # number of tasks, so a tile is packed as few times as possible. Inside a task, sub-chunks of _ACC_ROWS rows
+    # keep the accumulators in L2.
+    n_chunks = min(nbr, n_threads // math.gcd(n_tiles, n_threads))
+    chunk = -(-nbr // n_chunks)
+    n_tasks = n_tiles * -(-nbr // chunk)
+    sub_rows = max(br, min(chunk * br, _ACC_ROWS // br * br))
+    qsub = 1
+    if "qptr" in prep and q.in_features <= 1024:
+        # Block rows whose quads take about _QUAD_BYTES, reused by the 4 slabs of a tile (slabs outside the block
+        # rows: the stores of consecutive calls stay in the same 16 rows of out, 1.07-1.22x faster at out = 1536 /
+        # 3072 wide). With K > 1024 the u7 tile leaves L1, and one block row at a time (its X lines re-read from
+        # L1 by the 4 slabs) was 1.0-1.05x faster (1 thread, CPU time).
+        per_row = max(1.0, len(prep["qidx"]) / 4 / max(1, len(prep["qptr"]) - 1)) * (16 + 4 * br)
+        qsub = max(1, int(_QUAD_BYTES // per_row))
+    return br, chunk, n_tasks, min(n_threads, n_tasks), sub_rows, qsub
+
+
 def _run(x, w, kind, activation, residual, out, s_x, zp):
     global _J
     if _J is None:
@@ -251,24 +276,14 @@ def _run(x, w, kind, activation, residual, out, s_x, zp):
     q = prep["q"]
     M = x.shape[0]
     n_threads = get_num_threads()
-
-    def build():
-        br = q.block[0]
-        nbr = q.out_features // br
-        n_tiles = -(-M // TILE_TOKENS)
-        # A task = (tile, chunk of block rows); rows are split only as far as needed to give every thread the same
-        # number of tasks, so a tile is packed as few times as possible. Inside a task, sub-chunks of _ACC_ROWS
-        # rows keep the accumulators in L2.
-        n_chunks = min(nbr, n_threads // math.gcd(n_tiles, n_threads))
-        chunk = -(-nbr // n_chunks)
-        n_tasks = n_tiles * -(-nbr // chunk)
-        sub_rows = max(br, min(chunk * br, _ACC_ROWS // br * br))
-        return br, chunk, n_tasks, min(n_threads, n_tasks), sub_rows
-
-    br, chunk, n_tasks, n_workers, sub_rows = _cached_plan(w, ("int8", M, n_threads), build)
+    key = ("int8", M, n_threads)
+    plan = w._cache.get("plans", _NO_PLANS).get(key)
+    if plan is None:
+        plan = _cached_plan(w, key, lambda: _int8_plan(w, prep, M, n_threads))
+    br, chunk, n_tasks, n_workers, sub_rows, qsub = plan
     xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, sub_rows if kind != "avx2" else br)
-    cscales, init, res16 = _vectors(q.out_features)
     if s_x is None:  # dynamic: min / max, scale, zero point and the per-channel vectors in one jitted call
+        cscales, init, res16 = _vectors(q.out_features)
         if n_workers > 1 and x.size >= _PARALLEL_MINMAX:
             res = _minmax_rows(n_workers)
             s_x, zp = _J.qparams_parallel(x, q.scales, prep["rowsum"], QMAX, cscales, init, res)
@@ -279,27 +294,18 @@ def _run(x, w, kind, activation, residual, out, s_x, zp):
         tail = x.reshape(-1)[x.size - x.size % 8:]
         if bad or (tail.size and not np.isfinite(tail).all()):
             raise ValueError("x contains NaN or inf")
-    else:  # static: the per-channel vectors depend on (s_x, zp) only, kept for the last pair seen
+        inv_s = np.float32(1.0 / s_x)
+    else:  # static: 1 / s_x and the per-channel vectors depend on (s_x, zp) only, kept for the last pair seen
         static = prep.get("static")
         if static is None or static[0] != (s_x, zp):
-            static = prep["static"] = ((s_x, zp), q.scales * np.float32(s_x), prep["rowsum"] * np.int32(-zp))
-        cscales, init = static[1], static[2]
+            static = prep["static"] = ((s_x, zp), q.scales * np.float32(s_x), prep["rowsum"] * np.int32(-zp),
+                                       np.float32(1.0 / s_x))
+        _, cscales, init, inv_s = static
     resid = residual if residual is not None else _EMPTY2
-    inv_s = np.float32(1.0 / s_x)
     if kind == "avx2":
-        mode = _ACT[activation] | (2 if residual is not None else 0)
         fn = _J.spmm_i8_direct if n_workers > 1 else _J.spmm_i8_direct_serial
-        qsub = w._cache.get(("int8sub", _QUAD_BYTES))
-        if qsub is None:
-            # Block rows whose quads take about _QUAD_BYTES, reused by the 4 slabs of a tile (slabs outside the
-            # block rows: the stores of consecutive calls stay in the same 16 rows of out, 1.07-1.22x faster at
-            # out = 1536 / 3072 wide). With K > 1024 the u7 tile leaves L1, and one block row at a time (sub =
-            # 1: its X lines re-read from L1 by the 4 slabs) was 1.0-1.05x faster (1 thread, CPU time).
-            per_row = max(1.0, len(prep["qidx"]) / 4 / max(1, len(prep["qptr"]) - 1)) * (16 + 4 * br)
-            qsub = 1 if q.in_features > 1024 else max(1, int(_QUAD_BYTES // per_row))
-            w._cache[("int8sub", _QUAD_BYTES)] = qsub
-        fn(x, inv_s, zp, prep["qptr"], prep["qidx"], prep["qw"], br, init, cscales, prep["bias"], resid, out, mode,
-           chunk, qsub, n_tasks, xt_ws, _counter())
+        fn(x, inv_s, zp, prep["qptr"], prep["qidx"], prep["qw"], br, init, cscales, prep["bias"], resid, out,
+           _ACT[activation] | (0 if residual is None else 2), chunk, qsub, n_tasks, xt_ws, _counter())
     else:
         flags = _flags((1, w.bias is not None, _ACT[activation], residual is not None))
         _J.spmm_i8_portable(x, inv_s, zp, q.indptr, q.indices, q.data, prep["rowsum"], cscales, prep["bias"],

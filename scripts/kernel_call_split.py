@@ -60,16 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         out = np.empty((M, n_out), np.float32)
         S.spmm(x, m, out=out)
         I.spmm_int8(x, m, out=out, x_scale=s_x, x_zero_point=zp)
-        tile, chunk, sub, n_tasks, n_workers, scales, bias, wide = m._cache["plans"][("direct", M, args.threads)]
-        xs_ws = S._direct_workspace(n_workers, tile * n_in)
+        f32, ip, ix, data, scales, bias, tile, chunk, sub, n_tasks, n_workers, xs_size, wide = \
+            m._cache["plans"][("direct", M, args.threads)]
+        xs_ws = S._direct_workspace(n_workers, xs_size)
         w_ws = S._widen_workspace(n_workers, wide)
-        ip, ix, data = S._padded(m)
         prep = I._prepared(m)
-        br, chunk8, n_tasks8, n_workers8, sub_rows = m._cache["plans"][("int8", M, args.threads)]
+        br, chunk8, n_tasks8, n_workers8, sub_rows, qsub = m._cache["plans"][("int8", M, args.threads)]
         xt_ws = I._workspace(n_workers8, n_in, br)[0]
-        qsub = m._cache[("int8sub", I._QUAD_BYTES)]
-        _, cs, init = prep["static"]
-        f32 = J.spmm_direct if n_workers > 1 else J.spmm_direct_serial
+        _, cs, init, _ = prep["static"]
         i8 = J8.spmm_i8_direct if n_workers8 > 1 else J8.spmm_i8_direct_serial
         inv_s = np.float32(1.0 / s_x)
         xg = S.zeros_aligned((n_in, 64), np.uint8)

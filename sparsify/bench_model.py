@@ -21,6 +21,7 @@ until its first prediction; numba's disk cache warm) and peak memory (max RSS) a
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import subprocess
@@ -179,7 +180,7 @@ class _DeepSparse(WorkerProcess):
 def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bool = False,
                   methods: tuple[str, ...] = METHODS, deepsparse_python: str | None = None,
                   sst2_batches: int = 8, cold_start: bool = True, int8_weights: str = "dequantize",
-                  log=print) -> dict:
+                  settle: float = 0.1, log=print) -> dict:
     import torch
 
     from sparsify.export import export_onnx
@@ -222,6 +223,7 @@ def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bo
             if py is None:
                 raise RuntimeError("no interpreter with deepsparse (--deepsparse-python)")
             ds = _DeepSparse(py, threads)
+            atexit.register(ds.close)  # also if the run fails while the worker is paused (stopped)
             notes.append(f"deepsparse {ds.version} via {py}")
         except Exception as e:
             notes.append(f"deepsparse skipped ({type(e).__name__}: {e})")
@@ -298,7 +300,12 @@ def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bo
                 except Exception as e:
                     notes.append(f"deepsparse {s} skipped: {e}")
                     continue
-                fn = (lambda keys=keys: sum(ds.call(cmd="time", key=k, n=1)["ms"] for k in keys) / 1e3)
+                def fn(keys=keys):  # the worker runs only during its own turn (see WorkerProcess.pause)
+                    ds.resume()
+                    try:
+                        return sum(ds.call(cmd="time", key=k, n=1)["ms"] for k in keys) / 1e3
+                    finally:
+                        ds.pause()
             runners.setdefault(s, {})[meth] = fn
 
     # parity of the runtime with the dense torch model on the SST-2 batches (full length)
@@ -314,12 +321,15 @@ def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bo
                   if sm.manifest.get("quantized") else "")}
 
     rounds = 2 if quick else rounds
+    if ds is not None:
+        ds.pause()
     per: dict[tuple[str, str], list[float]] = {}
     for s in SCENARIOS:
         order = list(runners[s])
         for r in range(rounds):
             for meth in order[r % len(order):] + order[:r % len(order)]:
                 fn = runners[s][meth]
+                time.sleep(settle)  # the previous method's thread pool stops spinning
                 fn()  # warm-up
                 t = time.perf_counter()
                 inner = fn()
@@ -414,7 +424,12 @@ def main(argv: list[str] | None = None) -> int:
                              "memory)")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip the cold-start measurement (a fresh process to its first prediction)")
+    parser.add_argument("--settle", type=float, default=0.1,
+                        help="seconds of pause before each method's turn, so that the previous method's spinning "
+                        "thread pool is idle (default 0.1)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.settle <= 10.0:
+        parser.error(f"--settle must be in [0, 10] seconds, got {args.settle}")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]
     try:
@@ -425,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_benchmark(args.artifact, threads=args.threads, rounds=args.rounds, quick=args.quick,
                                methods=methods, deepsparse_python=args.deepsparse_python,
                                sst2_batches=args.sst2_batches, cold_start=not args.no_cold_start,
-                               int8_weights=args.int8_weights, log=lambda s: print(s, file=sys.stderr))
+                               int8_weights=args.int8_weights, settle=args.settle,
+                               log=lambda s: print(s, file=sys.stderr))
     except SparsifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -521,3 +521,13 @@ def test_bench_quick_smoke(artifact, tmp_path, capsys):
         assert r["median_ms"] > 0 and r["items_per_s"] > 0 and r["speedup_vs_torch_fp32"] > 0
     assert res["parity"]["argmax_agreement"] == 1.0
     assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_settle_must_be_a_sane_pause(artifact, capsys):
+    from sparsify.bench_model import main as bench_main
+
+    for bad in ("-1", "11"):
+        with pytest.raises(SystemExit) as e:
+            bench_main([str(artifact), "--quick", "--settle", bad])
+        assert e.value.code == 2
+        assert "--settle must be in [0, 10]" in capsys.readouterr().err

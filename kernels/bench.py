@@ -187,8 +187,18 @@ class _DeepSparse:
             paths[name] = os.path.join(self.tmp, f"{key}-{name}.npy")
             np.save(paths[name], arr)
         if self.proc is not None:
+            self.proc.resume()
             self.proc.call(cmd="load", key=key, threads=self.threads, **paths)
-            return lambda n: self.proc.call(cmd="time", key=key, n=n)["ms"]
+            self.proc.pause()
+
+            def timed(n: int) -> float:  # the worker runs only during its own turn (see WorkerProcess.pause)
+                self.proc.resume()
+                try:
+                    return self.proc.call(cmd="time", key=key, n=n)["ms"]
+                finally:
+                    self.proc.pause()
+
+            return timed
         # In-process: reuse the worker's model builder through its protocol-free path.
         import onnx
         from onnx import TensorProto, helper, numpy_helper
@@ -218,7 +228,9 @@ class _DeepSparse:
 
     def drop(self, key: str) -> None:
         if self.proc is not None:
+            self.proc.resume()
             self.proc.call(cmd="drop", key=key)
+            self.proc.pause()
 
     def close(self) -> None:
         if self.proc is not None:

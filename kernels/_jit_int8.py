@@ -7,10 +7,11 @@ and widens with ``vpmaddwd(., 1)`` (pairs of int16 summed into int32). With u7 a
 
 Layout (4x1-family blocks, ``rows % 4 == 0`` and ``cols == 1``): the non-zero blocks of each block row are taken
 four at a time (a *quad*, padded with zero weights); an int32 lane holds one token and the four bytes of the
-quad's four input channels. The packed X tile ``xt[k, :]`` holds 64 u8 tokens of input channel ``k``; inside
-each group of 32 tokens the middle two 8-byte quarters are swapped, so that ``vpunpcklbw``/``vpunpckhbw`` (which
-work per 128-bit lane) followed by ``vpunpcklwd``/``vpunpckhwd`` give tokens ``0-3|8-11`` and ``4-7|12-15`` of a
-16-token slab (``lo``) or of the next one (``hi``). The quad's weights for an output row are 4 contiguous bytes
+quad's four input channels. The packed X tile is group-major, ``xg[g, k, 0:32]``: the 32 u8 tokens of group
+``g`` for input channel ``k``, the middle two 8-byte quarters swapped, so that ``vpunpcklbw``/``vpunpckhbw``
+(which work per 128-bit lane) followed by ``vpunpcklwd``/``vpunpckhwd`` give tokens ``0-3|8-11`` and
+``4-7|12-15`` of a 16-token slab (``lo``) or of the next one (``hi``). (The portable path keeps the channel-major
+``xt[k, 0:64]`` of :func:`pack_tile_u8`.) The quad's weights for an output row are 4 contiguous bytes
 (one ``vpbroadcastd``). 4 rows x 16 tokens = 8 int32 ymm accumulators stay in registers for a whole block row.
 
 Nothing is compiled at import; everything is ``cache=True``.
@@ -149,12 +150,10 @@ def _make_micro_i8_direct(high: int):
 
 def _python_micro_i8_direct(high: int):
     """Pure-Python twin of ``_make_micro_i8_direct`` (NUMBA_DISABLE_JIT=1)."""
-    pos = np.array([_QPERM[t // 8] * 8 + t % 8 for t in range(32)])
-
     def mkd(xt, qidx, qw, q0, q1, x_off, w_off, w_stride, init, cs, bias, row0, out, o_off, n_out, nv, residual,
             mode):
         xf, wf, of, rf = xt.reshape(-1), qw.reshape(-1), out.reshape(-1), residual.reshape(-1)
-        tok = pos[16 * high:16 * high + 16] + x_off
+        tok = _QPOS[16 * high:16 * high + 16] + x_off
         y = np.zeros((4, S16), np.float32)
         for r in range(4):
             s = np.zeros(16, np.int64) + int(init[row0 + r])
@@ -289,9 +288,8 @@ def _python_q32(C: int):
     def q32(src, s_off, s_stride, dst, d_off, inv_s, zp):
         sf, df = src.reshape(-1), dst.reshape(-1)
         for t in range(32):
-            pos = _QPERM[t // 8] * 8 + t % 8
             for c in range(C):
-                df[d_off + c * 32 + pos] = _q7(sf[s_off + t * s_stride + c], inv_s, zp)
+                df[d_off + c * 32 + _QPOS[t]] = _q7(sf[s_off + t * s_stride + c], inv_s, zp)
 
     return q32
 
@@ -447,28 +445,26 @@ def _q7(v, inv_s, zp):
 
 
 @njit(**_OPTS)
-def pack_tile_u8(x, t0, tn, inv_s, zp, xt, perm):
-    """xt[k, pos(t)] = u7(x[t0 + t, k]) for t < tn (pos swaps the middle quarters of each 32-token group when
-    ``perm``), zero-point for the padding tokens. x float32 (tokens, K), xt uint8 (>= K, 64)."""
+def pack_tile_u8(x, t0, tn, inv_s, zp, xt):
+    """The portable path's tile, channel-major: xt[k, t] = u7(x[t0 + t, k]) for t < tn, zero-point for the
+    padding tokens. x float32 (tokens, K), xt uint8 (>= K, 64)."""
     K = x.shape[1]
     tf = tn - tn % 8
     kf = K - K % 8
     zq = np.uint8(zp)
     zf = np.float32(zp)
     for tb in range(0, T, 8):
-        qd = (tb >> 3) & 3
-        base = (tb & ~31) + (((qd & 1) << 1) | (qd >> 1)) * 8 if perm else tb
         if tb < tf:
             for kb in range(0, kf, 8):
-                tr8q(x, (t0 + tb) * K + kb, K, xt, kb * T + base, T, inv_s, zf)
+                tr8q(x, (t0 + tb) * K + kb, K, xt, kb * T + tb, T, inv_s, zf)
             for k in range(kf, K):
                 for i in range(8):
-                    xt[k, base + i] = _q7(x[t0 + tb + i, k], inv_s, zp)
+                    xt[k, tb + i] = _q7(x[t0 + tb + i, k], inv_s, zp)
         else:
             for k in range(K):
                 for i in range(8):
                     t = tb + i
-                    xt[k, base + i] = _q7(x[t0 + t, k], inv_s, zp) if t < tn else zq
+                    xt[k, t] = _q7(x[t0 + t, k], inv_s, zp) if t < tn else zq
 
 
 @njit(**_OPTS)
@@ -481,7 +477,6 @@ def pack_tile_u7g(x, t0, tn, inv_s, zp, xg):
     K = x.shape[1]
     kf = K - K % 8
     zq = np.uint8(zp)
-    zf = np.float32(zp)
     flat = xg.reshape(-1)
     n_groups = (tn + G32 - 1) // G32
     for g in range(n_groups):
@@ -547,7 +542,7 @@ def run_task_i8_portable(task, x, inv_s, zp, indptr, indices, data, rowsum, csca
     br = data.shape[1]
     bc = data.shape[2]
     t0, tn, b0, b1 = task_range(task, x.shape[0], indptr.shape[0] - 1, chunk)
-    pack_tile_u8(x, t0, tn, inv_s, zp, xt, False)
+    pack_tile_u8(x, t0, tn, inv_s, zp, xt)
     sub = iacc.shape[0] // br
     for s0 in range(b0, b1, sub):
         s1 = min(b1, s0 + sub)
@@ -598,16 +593,17 @@ def run_task_i8_direct(task, x, inv_s, zp, qptr, qidx, qw, br, init, cscales, bi
             nv = min(S16, tn - ts)
             o_base = (t0 + ts) * N
             hi = (ts >> 4) & 1
+            x_off = (ts >> 5) * K * G32  # the slab's 32-token group in the packed tile
             for b in range(s0, s1):
                 q0 = qptr[b]
                 q1 = qptr[b + 1]
                 for rs in range(0, br, 4):
                     o0 = b * br + rs
                     if hi == 0:
-                        mkd8_lo(xt, qidx, qw, q0, q1, (ts >> 5) * K * G32, rs * 4, br * 4, init, cscales, bias, o0, out,
+                        mkd8_lo(xt, qidx, qw, q0, q1, x_off, rs * 4, br * 4, init, cscales, bias, o0, out,
                                 o_base + o0, N, nv, residual, mode)
                     else:
-                        mkd8_hi(xt, qidx, qw, q0, q1, (ts >> 5) * K * G32, rs * 4, br * 4, init, cscales, bias, o0, out,
+                        mkd8_hi(xt, qidx, qw, q0, q1, x_off, rs * 4, br * 4, init, cscales, bias, o0, out,
                                 o_base + o0, N, nv, residual, mode)
 
 

@@ -26,8 +26,8 @@ import threading
 import numpy as np
 
 from .format import BlockSparseMatrix
-from .spmm import (_ACT, _NO_PLANS, TILE_TOKENS, _cached_plan, _check_x, _counter, _flags, _output,
-                   gelu_reference, zeros_aligned)
+from .spmm import (_ACT, TILE_TOKENS, _cached_plan, _check_x, _counter, _flags, _output, gelu_reference,
+                   zeros_aligned)
 from .threads import get_num_threads
 
 __all__ = ["spmm_int8", "quantize_activations", "reference_spmm_int8", "has_avx2", "int8_backend", "QMAX"]
@@ -276,11 +276,8 @@ def _run(x, w, kind, activation, residual, out, s_x, zp):
     q = prep["q"]
     M = x.shape[0]
     n_threads = get_num_threads()
-    key = ("int8", M, n_threads)
-    plan = w._cache.get("plans", _NO_PLANS).get(key)
-    if plan is None:
-        plan = _cached_plan(w, key, lambda: _int8_plan(w, prep, M, n_threads))
-    br, chunk, n_tasks, n_workers, sub_rows, qsub = plan
+    br, chunk, n_tasks, n_workers, sub_rows, qsub = _cached_plan(w, ("int8", M, n_threads), _int8_plan, w, prep, M,
+                                                                 n_threads)
     xt_ws, iacc_ws, facc_ws = _workspace(n_workers, q.in_features, sub_rows if kind != "avx2" else br)
     if s_x is None:  # dynamic: min / max, scale, zero point and the per-channel vectors in one jitted call
         cscales, init, res16 = _vectors(q.out_features)

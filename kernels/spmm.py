@@ -334,18 +334,19 @@ def _widen_workspace(n_workers: int, size: int) -> np.ndarray:
 
 
 _MAX_PLANS = 64  # per matrix; a length-adaptive runtime sees a new token count on almost every call
+_NO_PLANS: dict = {}  # read-only stand-in for a matrix without plans yet
 
 
-def _cached_plan(w: BlockSparseMatrix, key: tuple, build):
-    """The launch plan of ``w`` for ``key`` (path, tokens, threads), built by ``build()`` once. Plans live in their
-    own bounded table inside ``w._cache``, so evicting them never drops the padded or int8 copies of the weights
-    cached beside them."""
-    plans = w._cache.setdefault("plans", {})
-    plan = plans.get(key)
+def _cached_plan(w: BlockSparseMatrix, key: tuple, build, *args):
+    """The launch plan of ``w`` for ``key`` (path, tokens, threads), built by ``build(*args)`` once. Plans live in
+    their own bounded table inside ``w._cache``, so evicting them never drops the padded or int8 copies of the
+    weights cached beside them. A hit is two dictionary lookups (this runs on every kernel call)."""
+    plan = w._cache.get("plans", _NO_PLANS).get(key)
     if plan is None:
+        plans = w._cache.setdefault("plans", {})
         if len(plans) >= _MAX_PLANS:
             plans.clear()
-        plan = plans[key] = build()
+        plan = plans[key] = build(*args)
     return plan
 
 
@@ -379,18 +380,12 @@ def _direct_plan(w: BlockSparseMatrix, M: int, n_threads: int) -> tuple:
             w.bias if w.bias is not None else zeros, tile, chunk, sub, n_tasks, n_workers, tile * w.in_features, wide)
 
 
-_NO_PLANS: dict = {}
-
-
 def _run_direct(x, w, activation, residual, out):
     """The (4k) x 1 path: one plan lookup, the per-thread workspaces, the jitted call (the Python part of a call
     is 3-6 us, a tenth of a 384 x 384 product over 128 tokens on 2 threads)."""
     M = x.shape[0]
     n_threads = get_num_threads()
-    key = ("direct", M, n_threads)
-    plan = w._cache.get("plans", _NO_PLANS).get(key)
-    if plan is None:
-        plan = _cached_plan(w, key, lambda: _direct_plan(w, M, n_threads))
+    plan = _cached_plan(w, ("direct", M, n_threads), _direct_plan, w, M, n_threads)
     fn, indptr, indices, data, scales, bias, tile, chunk, sub, n_tasks, n_workers, xs_size, wide = plan
     fn(x, indptr, indices, data, scales, bias, residual if residual is not None else _EMPTY2, out,
        _ACT[activation] | (0 if residual is None else 2), tile, chunk, sub, n_tasks,

@@ -312,7 +312,7 @@ def test_packed_tiles_equal_quantize_activations(tokens, n_in):
             got = flat[(t // 32) * n_in * 32 + np.arange(n_in) * 32 + pos[t % 32]]
             np.testing.assert_array_equal(got, expected[t0 + t] if t < tn else np.full(n_in, zp, np.uint8))
         xt = np.full((n_in, 64), 255, np.uint8)
-        J.pack_tile_u8(x, t0, tn, inv_s, zp, xt, False)
+        J.pack_tile_u8(x, t0, tn, inv_s, zp, xt)
         np.testing.assert_array_equal(xt[:, :tn], expected[t0:t0 + tn].T)
         assert (xt[:, tn:] == zp).all()
 

@@ -218,6 +218,8 @@ def _attention(qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, first_o
             for task in range(c * n_tasks // n_chunks, (c + 1) * n_tasks // n_chunks):
                 _task(task, qkv, starts, lens, n_heads, d, scale, ctx, sig, want_sig, quant, q_scale, q_zp, qmin,
                       qmax, qt, e, ct, colmax, colsum)
+
+
 _NO_QUANT = np.ones(1, np.float32)
 
 

@@ -353,29 +353,38 @@ def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bo
             "rounds": len(ms), "batch": int(B), "seq_len": seq if s != "throughput_b32_sst2" else "real",
             "threads": threads, "per_round_ms": [round(v, 3) for v in ms],
         })
-    cold = {}
-    if cold_start:
-        hf_dir = tmp / "hf"
-        for kind in (("sparsify",) if quick else ("sparsify", "torch_fp32")):
-            path = artifact
-            if kind == "torch_fp32":
-                model.save_pretrained(str(hf_dir))
-                for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-                    if (Path(artifact) / f).is_file():
-                        (hf_dir / f).write_bytes((Path(artifact) / f).read_bytes())
-                path = str(hf_dir)
-            try:
-                res = subprocess.run([sys.executable, "-c", _COLD, kind, str(path), str(threads), str(seq),
-                                      int8_weights],
-                                     capture_output=True, text=True, timeout=600)
-                cold[kind] = json.loads(res.stdout.strip().splitlines()[-1])
-            except Exception as e:
-                cold[kind] = {"error": f"{type(e).__name__}: {(getattr(e, 'stderr', '') or str(e))[-300:]}"}
+    cold = _cold_starts(artifact, model, tmp, threads, seq, int8_weights, quick) if cold_start else {}
     if ds is not None:
         ds.close()
     return {"artifact": str(artifact), "threads": threads, "rounds": rounds, "records": records,
             "cold_start": cold, "parity": parity, "notes": notes,
             "length_config": sm.length_config, "int8_weights": int8_weights, "cpu_count": os.cpu_count()}
+
+
+def _cold_starts(artifact, model, tmp: Path, threads: int, seq: int, int8_weights: str, quick: bool) -> dict:
+    """A fresh process to its first prediction, for our runtime and (unless quick) PyTorch on the same weights."""
+    cold = {}
+    for kind in (("sparsify",) if quick else ("sparsify", "torch_fp32")):
+        path = Path(artifact)
+        if kind == "torch_fp32":
+            path = tmp / "hf"
+            model.save_pretrained(str(path))
+            for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+                if (Path(artifact) / f).is_file():
+                    (path / f).write_bytes((Path(artifact) / f).read_bytes())
+        try:
+            # cwd: a neutral folder, so that the measured process imports what an installed user's would
+            res = subprocess.run([sys.executable, "-c", _COLD, kind, str(path.resolve()), str(threads), str(seq),
+                                  int8_weights], capture_output=True, text=True, timeout=600, cwd=tmp)
+        except subprocess.TimeoutExpired:
+            cold[kind] = {"error": "timed out after 600 s"}
+            continue
+        lines = res.stdout.strip().splitlines()
+        if res.returncode != 0 or not lines:
+            cold[kind] = {"error": f"exit {res.returncode}: {res.stderr.strip()[-300:] or 'no output'}"}
+            continue
+        cold[kind] = json.loads(lines[-1])
+    return cold
 
 
 def format_table(result: dict) -> str:

@@ -531,3 +531,17 @@ def test_bench_settle_must_be_a_sane_pause(artifact, capsys):
             bench_main([str(artifact), "--quick", "--settle", bad])
         assert e.value.code == 2
         assert "--settle must be in [0, 10]" in capsys.readouterr().err
+
+
+def test_cold_start_measures_both_engines(artifact, tmp_path, monkeypatch):
+    """A fresh process to its first prediction, ours and PyTorch's (the torch one once failed with an IndexError)."""
+    from sparsify.bench_model import _cold_starts, dense_torch_model
+    from sparsify.runtime import SparseModel
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # as a user starting the bench in the repository root
+    model = dense_torch_model(SparseModel.from_pretrained(artifact, threads=1))
+    cold = _cold_starts(artifact, model, tmp_path, threads=1, seq=16, int8_weights="dequantize", quick=False)
+    assert set(cold) == {"sparsify", "torch_fp32"}
+    for kind, c in cold.items():
+        assert "error" not in c, (kind, c)
+        assert 0 < c["load_s"] < c["cold_start_s"] and c["peak_rss_mb"] > 0

@@ -114,7 +114,12 @@ class TrainingConfig(Config):
     eval_batch_size: int = Field(128, ge=1, description="Examples per process per evaluation batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0, le=1.0, description="Peak AdamW learning rate.")
-    lr_schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    lr_schedule: Literal["linear", "cosine", "constant", "rewind"] = Field(
+        "linear", description="Decay after warmup. rewind (needs a pruning technique): the rate restarts at the peak "
+        "at every mask update and decays linearly to rewind_floor x peak by the next one, then from the peak to 0 "
+        "over the recovery after the last update (oBERT's sawtooth).")
+    rewind_floor: float = Field(0.1, ge=0.0, le=1.0, description="lr_schedule: rewind: the rate at the end of "
+                                "each pruning interval, as a fraction of the peak.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warmup as a fraction of the optimizer steps.")
     warmup_steps: int | None = Field(None, ge=0, description="Overrides warmup_ratio.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and norms).")
@@ -129,6 +134,10 @@ class TrainingConfig(Config):
     select_best: bool = Field(False, description="Final model = best evaluation, not the last step.")
     metric_for_best: str | None = Field(None, description="Default: the task's main metric.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    eval_on_mask_update: bool = Field(False, description="Also evaluate right after every pruning mask update "
+                                      "(the damage of each update before recovery).")
+    fit_samples: int = Field(0, ge=0, description="At the end, evaluate on this many training examples too "
+                             "(accuracy and, with a teacher, agreement with it: underfit or overfit?).")
 
     @model_validator(mode="after")
     def _check_length(self):
@@ -355,6 +364,9 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
                 check(recipe)
             except FieldError as e:
                 raise source.error(("techniques", i) + e.field, str(e)) from None
+    if recipe.training.lr_schedule == "rewind" and recipe.technique("pruning") is None:
+        raise source.error(("training", "lr_schedule"), "rewind restarts the learning rate at every pruning mask "
+                           "update: it needs a pruning technique (with its window); use linear, cosine or constant")
     object.__setattr__(recipe, "_source", source)
     return recipe
 

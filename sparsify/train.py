@@ -7,8 +7,8 @@ directory is created. Then the loop runs; each compression technique is called e
 
     loss = distiller.loss(...)          the loss terms (distillation)
     loss = lengthdrop.loss(...)         + sub-models at sampled lengths, distilled from the full model
-    pruner.mask_gradients()             after backward, before the optimizer step
-    optimizer.step(); pruner.step()     masks applied right after every optimizer step
+    pruner.mask_gradients()             after backward, before the optimizer step (taylor scores accumulate here)
+    optimizer.step(); pruner.step()     masks applied right after every optimizer step (obs updates the weights)
     quantizer.step()                    fake quantization on from its start step, observers frozen after warm-up
 
 A quantization recipe with ``mode: ptq`` trains nothing: the observers are calibrated on training batches and
@@ -38,6 +38,7 @@ from sparsify.evaluation import evaluate
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
 from sparsify.recipe import Recipe, recipe_error
+from sparsify.schedules import rewind_schedule
 from sparsify.techniques import TECHNIQUES
 
 
@@ -165,9 +166,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         total_steps = 0  # post-training quantization: calibration instead of training
 
     # each technique checks itself against the models; a problem is reported against its recipe key
-    if pruner is not None:
+    if pruner is not None:  # taylor / obs scores read calibration batches: the same examples on every process
+        calibration = calibration_batches(data.train, collate, pruner.config.calibration_samples, tc.batch_size,
+                                          seed=tc.seed)
         with _blame(recipe, "pruning"):
-            pruner.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+            pruner.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps, calibration=calibration)
     if distiller is not None:
         with _blame(recipe, "distillation"):
             distiller.prepare(model, teacher, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
@@ -201,7 +204,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         groups.append({"params": quantizer.parameters(), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=tc.learning_rate, eps=tc.adam_epsilon)
     warmup = tc.warmup_steps if tc.warmup_steps is not None else round(tc.warmup_ratio * total_steps)
-    scheduler = get_scheduler(tc.lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    if tc.lr_schedule == "rewind":  # restarts at every mask update, then decays to 0 over the recovery
+        scheduler = rewind_schedule(optimizer, updates=pruner.update_steps() if pruner is not None else [],
+                                    total=total_steps, warmup=warmup, floor=tc.rewind_floor)
+    else:
+        scheduler = get_scheduler(tc.lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     plain_model = accelerator.unwrap_model(model)
 
@@ -303,7 +310,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                 running_loss, running_terms, micro = 0.0, {}, 0
             if logs:
                 accelerator.log(logs, step=step)
-            if tc.eval_every is not None and step % tc.eval_every == 0 and step != total_steps:
+            due = tc.eval_every is not None and step % tc.eval_every == 0
+            if tc.eval_on_mask_update and logs.get("sparsity/mask_updated"):
+                due = True  # the damage of this mask update, before any recovery
+            if due and step != total_steps:
                 metrics = run_eval(step)
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if tc.save_every is not None and step % tc.save_every == 0 and step != total_steps:
@@ -345,6 +355,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             accelerator.print(f"int8 conversion vs fake quantization: {parity['label_agreement']:.2%} of "
                               f"{parity['examples']} eval labels agree, largest logit difference "
                               f"{parity['max_abs_logit_diff']:.3g}")
+    fit = None
+    if tc.fit_samples:  # how well the final model fits training data (and its teacher) against dev: under/overfit
+        fit = train_fit(model, teacher, data.train, collate, tc.fit_samples, tc.eval_batch_size, seed=tc.seed,
+                        device=accelerator.device)
+        accelerator.print("fit on " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in fit.items()))
     if accelerator.is_main_process:
         summary = {
             "task": task,
@@ -361,6 +377,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         }
         if parity is not None:
             summary["conversion_parity"] = parity
+        if fit is not None:
+            summary["train_fit"] = fit
+        if pruner is not None:
+            summary["mask_update_seconds"] = [round(v, 3) for v in pruner.update_seconds]
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     if pruner is not None and accelerator.is_main_process:
         # measured from the zeros of the saved model, not remembered from the masks
@@ -378,6 +398,51 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     accelerator.end_training()
     accelerator.print(f"done: {best_metric} {chosen.get(best_metric, float('nan')):.4f} in {elapsed:.0f} s -> {run_dir}")
     return run_dir
+
+
+def _sample(n_examples: int, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    return torch.randperm(n_examples, generator=g)[:min(n, n_examples)].sort().values.tolist()
+
+
+def calibration_batches(dataset, collate, n: int, batch_size: int, seed: int):
+    """A function returning ``n`` training examples (a fixed random sample) as batches, the same on every
+    process and every call: what taylor / obs pruning scores read."""
+    chosen = _sample(len(dataset), n, seed)
+
+    def batches():
+        for a in range(0, len(chosen), batch_size):
+            yield collate([dataset[i] for i in chosen[a:a + batch_size]])
+
+    return batches
+
+
+@torch.no_grad()
+def train_fit(model, teacher, dataset, collate, n: int, batch_size: int, seed: int, device) -> dict:
+    """Accuracy on ``n`` training examples (a fixed random sample) and, with a teacher, the agreement of the
+    argmax with the teacher's and the teacher's own accuracy there: a student far better on training data than on
+    dev overfits (augmentation may help); one that also disagrees with its teacher on training data underfits."""
+    was_training = model.training
+    model.eval()
+    hits = agree = teacher_hits = total = 0
+    for batch in calibration_batches(dataset, collate, n, batch_size, seed)():
+        inputs = {k: v.to(device) for k, v in batch.items() if k not in ("idx", "labels")}
+        labels = batch["labels"].to(device)
+        if labels.dim() != 1 or labels.is_floating_point():
+            return {}  # regression: no argmax to compare
+        pred = model(**inputs).logits.argmax(-1)
+        hits += int((pred == labels).sum())
+        total += len(labels)
+        if teacher is not None:
+            t_dev = next(teacher.parameters()).device
+            t_pred = teacher(**{k: v.to(t_dev) for k, v in inputs.items()}).logits.argmax(-1).to(device)
+            agree += int((pred == t_pred).sum())
+            teacher_hits += int((t_pred == labels).sum())
+    model.train(was_training)
+    fit = {"examples": total, "train_accuracy": hits / max(1, total)}
+    if teacher is not None:
+        fit.update(teacher_agreement=agree / max(1, total), teacher_train_accuracy=teacher_hits / max(1, total))
+    return fit
 
 
 def _reset_accelerate_state(mixed_precision: str) -> None:

@@ -539,3 +539,142 @@ def test_report_cli_on_model_and_run_dirs(tmp_path, capsys):
     assert sparsity.main([str(tmp_path / "nowhere")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert sparsity.main([str(tmp_path / "run"), "--block", "4"]) == 2
+
+
+# -- scores: taylor and obs ----------------------------------------------------------------------------------------
+
+
+def calibration(n_batches=2, seed=5):
+    """Labelled calibration batches for the tiny model (the same on every call)."""
+    def batches():
+        for i in range(n_batches):
+            x, y = batch(seed + i)
+            yield {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y}
+    return batches
+
+
+def test_obs_prune_is_the_exact_least_squares_solution():
+    from sparsify.techniques.pruning import scores as S
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 6, generator=g)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    h = x.T @ x
+    keep = torch.ones(8, 6, dtype=torch.bool)
+    keep[:, 2] = False
+    got = S.obs_prune(w, keep, h, damping=0.01)
+    hd = S._damped(h, 0.01)
+    k = torch.tensor([0, 1, 3, 4, 5])
+    exact = w.double() @ hd[:, k] @ torch.linalg.inv(hd[k][:, k])
+    assert torch.equal(got[:, 2], torch.zeros(8))
+    torch.testing.assert_close(got[:, k].double(), exact, rtol=1e-5, atol=1e-5)
+    # the OBS form of the same update: w <- w - w_c H^-1[c, :] / [H^-1]_cc
+    hinv = torch.linalg.inv(hd)
+    obs = w.double() - w.double()[:, 2:3] * hinv[2:3, :] / hinv[2, 2]
+    torch.testing.assert_close(got.double(), obs, rtol=1e-5, atol=1e-5)
+
+
+def test_obs_prune_beats_plain_masking_and_keeps_zeros():
+    from sparsify.techniques.pruning import scores as S
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 32, generator=g)
+    x = torch.randn(400, 32, generator=g, dtype=torch.float64) @ torch.randn(32, 32, generator=g, dtype=torch.float64)
+    h = x.T @ x
+    hinv = torch.diag(S.inverse_hessian(h, 0.01))
+    sal = S.obs_saliency(w, hinv, (4, 1))  # (4, 32)
+    keep_blocks = sal > sal.flatten().kthvalue(64).values  # half of the 128 blocks
+    keep = sparsity.expand_blocks(keep_blocks, (4, 1))
+    new = S.obs_prune(w, keep, h, damping=0.01)
+    err = lambda v: float(((v.double() - w.double()) @ x.T).pow(2).sum())  # noqa: E731
+    assert torch.all(new[~keep] == 0) and bool((new[keep] != 0).all())
+    assert err(new) < 0.6 * err(w * keep)
+    for r in range(16):  # the optimum for the mask: no row can do better (normal equations hold on its kept columns)
+        k = keep[r].nonzero().flatten()
+        grad = ((new[r].double() - w[r].double()) @ S._damped(h, 0.01))[k]
+        assert float(grad.abs().max()) < 1e-6 * float(h.diag().max())
+
+
+def test_obs_pruner_one_shot_hits_the_target_and_lowers_the_output_error():
+    def output_error(score):
+        model = tiny_bert(3)
+        reference = copy.deepcopy(model)
+        pruner = BlockPruner(PruningConfig(block="4x1", final_sparsity=0.75, start_step=0, end_step=0, score=score))
+        pruner.prepare(model, total_steps=4, calibration=calibration(4))
+        x, _ = batch(9)
+        with torch.no_grad():
+            got = model.bert(input_ids=x).last_hidden_state
+            ref = reference.bert(input_ids=x).last_hidden_state
+        assert all(abs(v - 0.75) < 1e-6 for v in measured(model).values() if v > 0)
+        assert pruner.finished(0) and len(pruner.update_seconds) == 1
+        return float((got - ref).pow(2).mean())
+
+    assert output_error("obs") < output_error("l2")
+
+
+def test_obs_needs_calibration_and_column_blocks():
+    with pytest.raises(FieldError, match="calibration"):
+        make_pruner(tiny_bert(), score="obs")
+    pruner = BlockPruner(PruningConfig(block="1x4", final_sparsity=0.5, end_step=4, score="obs"))
+    with pytest.raises(FieldError, match="one input column"):
+        pruner.prepare(tiny_bert(), total_steps=8, calibration=calibration())
+
+
+def test_taylor_score_is_the_moving_average_of_weight_times_grad():
+    model = tiny_bert(4)
+    pruner = make_pruner(model, score="taylor", taylor_momentum=0.5, start_step=4, end_step=8, update_every=2,
+                         total_steps=10)
+    name = "bert.encoder.layer.0.attention.self.query"
+    layer = dict(model.named_modules())[name]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x, y = batch()
+    expected = None
+    for step in (1, 2, 3):  # the window opens update_every (2) steps before start_step (4): steps 2 and 3 count
+        model(input_ids=x, labels=y).loss.backward()
+        contribution = (layer.weight.detach() * layer.weight.grad).abs()
+        pruner.mask_gradients()
+        if step >= 2:
+            expected = contribution if expected is None else 0.5 * expected + contribution
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step(step, optimizer)
+    torch.testing.assert_close(pruner.taylor[name], expected)
+    state = pruner.state_dict()
+    fresh = make_pruner(tiny_bert(4), score="taylor", taylor_momentum=0.5, start_step=4, end_step=8,
+                        update_every=2, total_steps=10)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.taylor[name], pruner.taylor[name]) and fresh.steps_done == 3
+
+
+def test_taylor_one_shot_takes_gradients_from_calibration_and_leaves_none_behind():
+    model = tiny_bert(5)
+    pruner = BlockPruner(PruningConfig(block="4x1", final_sparsity=0.5, start_step=0, end_step=0, score="taylor"))
+    pruner.prepare(model, total_steps=4, calibration=calibration())
+    assert set(pruner.taylor) == set(pruner.layers)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(abs(v - 0.5) < 1e-6 for v in measured(model).values() if v > 0)
+    with pytest.raises(SparsifyError, match="calibration"):
+        BlockPruner(PruningConfig(block="4x1", final_sparsity=0.5, start_step=0, end_step=0,
+                                  score="taylor")).prepare(tiny_bert(5), total_steps=4)
+
+
+@pytest.mark.parametrize("score", ["taylor", "obs"])
+def test_global_scope_with_second_order_and_taylor_scores(score):
+    model = tiny_bert(6)
+    pruner = BlockPruner(PruningConfig(block="4x1", final_sparsity=0.6, start_step=0, end_step=0, score=score,
+                                       scope="global", min_sparsity=0.3, max_sparsity=0.9))
+    pruner.prepare(model, total_steps=4, calibration=calibration())
+    per_layer = [v for n, v in measured(model).items() if "encoder" in n]
+    assert min(per_layer) >= 0.3 - 1e-6 and max(per_layer) <= 0.9 + 1e-6
+    report = pruner.finalize()
+    assert abs(report["total"]["sparsity"] - 0.6) < 0.01 and report["total"]["follows_block"]
+
+
+def test_update_steps_list_every_mask_update():
+    pruner = make_pruner(tiny_bert(), start_step=2, end_step=9, update_every=3, total_steps=12)
+    assert pruner.update_steps() == [2, 5, 8, 9]
+    one_shot = make_pruner(tiny_bert(), start_step=0, end_step=0, total_steps=12)
+    assert one_shot.update_steps() == [0]
+    big_first = make_pruner(tiny_bert(), initial_sparsity=0.5, start_step=0, end_step=6, update_every=3,
+                            total_steps=12)
+    assert big_first.update_steps() == [0, 3, 6]

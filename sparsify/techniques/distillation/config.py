@@ -56,11 +56,13 @@ class LogitsTerm(Config):
 
 class HiddenTerm(Config):
     """MSE between the hidden states of mapped layers, through a learned linear projection of the student's
-    hidden states when the hidden sizes differ."""
+    hidden states when the hidden sizes differ; with ``normalize``, ||s - t||^2 / ||t||^2 per layer."""
 
     weight: float = 1.0
     layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer; default: uniform.")
     include_embeddings: bool = Field(False, description="Also match the embedding outputs.")
+    normalize: bool = Field(False, description="Divide each layer's squared error by the squared norm of the "
+                            "teacher's hidden states there (SquareHead): every layer counts alike, whatever its scale.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -130,7 +132,8 @@ class DistillationConfig(Config):
     """Teacher-student distillation: the task loss plus weighted distillation terms.
 
     total = task_weight x task loss (when labels are given) + sum of weight x term over the enabled terms.
-    The teacher itself is the recipe's ``teacher`` section.
+    ``task_weight: 0`` trains on the teacher's soft targets only (the labels are then not read). The teacher
+    itself is the recipe's ``teacher`` section.
     """
 
     kind: Literal["distillation"] = "distillation"
@@ -140,6 +143,9 @@ class DistillationConfig(Config):
     attention: AttentionTerm | None = None
     minilm: MiniLMTerm | None = None
     minilmv2: MiniLMv2Term | None = None
+    keep_teacher_head: bool = Field(
+        False, description="Copy the teacher's classification head (pooler and classifier) into the student and "
+        "freeze it: the student learns to produce the features the teacher's head reads.")
     cache_teacher: bool = Field(
         False,
         description="Compute the teacher's outputs once per example (keyed by the batch's 'idx') and reuse them "

@@ -152,6 +152,9 @@ class Distiller:
                     module = parts_list[layer][0][part]
                     self._hooks.append(module.register_forward_hook(self._hook(role, f"{part}.{layer}")))
 
+        if cfg.keep_teacher_head:
+            copy_head(student, teacher)
+
         # learned projections from the student's hidden size to the teacher's, when they differ
         self.projections = nn.ModuleDict()
         hs, ht = _hidden_size(student), _hidden_size(teacher)
@@ -236,7 +239,7 @@ class Distiller:
                 if name in self.projections:
                     projection = self.projections[name]
                     hs = projection(hs.to(projection.weight.dtype))
-                values.append(losses.hidden_mse(hs, ht, mask))
+                values.append(losses.hidden_mse(hs, ht, mask, normalize=c.normalize))
             terms["distill/hidden"] = torch.stack(values).mean()
             total = total + c.weight * terms["distill/hidden"]
         if c := cfg.enabled("attention"):
@@ -387,6 +390,29 @@ class Distiller:
         for store in self._captured.values():
             store.clear()
         self._cache.clear()
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """The classification head's parameters: everything outside the base model (``classifier.*``), plus the
+    base model's pooler."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return [n for n, _ in model.named_parameters()
+            if not n.startswith(f"{prefix}.") or n.startswith(f"{prefix}.pooler.")]
+
+
+@torch.no_grad()
+def copy_head(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """keep_teacher_head: the teacher's head weights into the student, frozen there. Returns the names."""
+    names = head_parameter_names(student)
+    s_params, t_params = dict(student.named_parameters()), dict(teacher.named_parameters())
+    for name in names:
+        if name not in t_params or t_params[name].shape != s_params[name].shape:
+            found = "absent" if name not in t_params else f"of shape {tuple(t_params[name].shape)}"
+            raise FieldError("keep_teacher_head", f"the student's head parameter {name} "
+                             f"{tuple(s_params[name].shape)} is {found} in the teacher: the heads must match")
+        s_params[name].copy_(t_params[name].to(s_params[name].device, s_params[name].dtype))
+        s_params[name].requires_grad_(False)
+    return names
 
 
 def _check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer=None, teacher_tokenizer=None) -> None:

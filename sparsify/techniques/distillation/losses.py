@@ -45,14 +45,18 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 
     return per_row.mean()
 
 
-def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """Mean squared error over the real tokens and the hidden units; ``student`` already projected to the
-    teacher's hidden size."""
+    teacher's hidden size. ``normalize``: the squared error divided by the teacher's squared norm over the same
+    tokens (SquareHead), a relative error that does not depend on the layer's scale."""
     s, t = _f32(student), _f32(teacher)
     if s.shape != t.shape:
         raise ValueError(f"student hidden states {tuple(s.shape)} and teacher's {tuple(t.shape)} differ in shape")
     m = mask.to(s.dtype).unsqueeze(-1)
-    return ((s - t).pow(2) * m).sum() / (m.sum().clamp(min=1) * s.shape[-1])
+    err = ((s - t).pow(2) * m).sum()
+    if normalize:
+        return err / (t.pow(2) * m).sum().clamp(min=1e-12)
+    return err / (m.sum().clamp(min=1) * s.shape[-1])
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -6,6 +6,7 @@
       start_step: 0
       end_step: 1200             # or start_epoch / end_epoch
       update_every: 50
+      score: l2                  # l1 | l2 (magnitude), taylor (moving average of |W * grad|), obs (layer-wise OBS)
       overrides:
         - {pattern: 'attention\\.', final_sparsity: 0.8}
 
@@ -106,8 +107,25 @@ class PruningOverride(Config):
         return None if self.block is None else parse_block(self.block)
 
 
+class ObsConfig(Config):
+    """Layer-wise Optimal Brain Surgeon for (r x 1) blocks (score: obs): every selected Linear layer's input
+    Hessian H = X^T X is accumulated on calibration batches (``calibration_samples`` training
+    examples, the same on every process: ``calibration_samples``), a block of rows R in input column c scores
+    sum_{r in R} w_rc^2 / [H^-1]_cc, and after each mask update the kept weights of every row get the closed-form
+    OBS correction for its whole pruned set (least squares on the calibration inputs)."""
+
+    damping: float = Field(0.01, gt=0.0, le=1.0, description="Added to H's diagonal, as a fraction of its mean.")
+    update_weights: bool = Field(True, description="Apply the OBS correction to the kept weights (else: scores "
+                                 "only).")
+
+
 class PruningConfig(Config):
-    """Block-wise gradual magnitude pruning (Zhu & Gupta 2017, cubic schedule), counted in optimizer steps."""
+    """Block-wise gradual pruning (Zhu & Gupta 2017, cubic schedule), counted in optimizer steps.
+
+    Scores: ``l1`` / ``l2`` (block magnitude), ``taylor`` (a moving average of |W * grad| summed per block,
+    updated after every backward pass from ``taylor_from_step`` on: Molchanov et al., Intel Neural Compressor's
+    snip_momentum) and ``obs`` (second order, layer-wise, with a closed-form update of the kept weights: see
+    ``obs``). ``scope: global`` ranks the blocks of all layers together (within min/max_sparsity per layer)."""
 
     kind: Literal["pruning"] = "pruning"
     block: str | None = Field(
@@ -115,7 +133,17 @@ class PruningConfig(Config):
         description="rows x cols of the weight as stored, (out_features, in_features): 4x1 = 4 output channels x 1 "
         "input channel; 1x1 = unstructured. Also [4, 1]. None/'auto': inferred from the starting model's zeros.",
     )
-    score: Literal["l2", "l1"] = Field("l2", description="Block score: L2 or L1 norm of the block's weights.")
+    score: Literal["l2", "l1", "taylor", "obs"] = Field(
+        "l2", description="Block score: l2 / l1 norm of the block's weights; taylor: moving average of |W * grad| "
+        "per block; obs: layer-wise Optimal Brain Surgeon (with the update of the kept weights).")
+    taylor_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="score: taylor: score <- momentum x score + "
+                                   "|W * grad| after every backward pass.")
+    taylor_from_step: int | None = Field(None, ge=0, description="score: taylor: first optimizer step whose "
+                                         "gradients enter the score (default: update_every steps before start_step).")
+    obs: ObsConfig = Field(default_factory=ObsConfig, description="score: obs: damping and weight update.")
+    calibration_samples: int = Field(256, ge=1, description="score: obs (and taylor when a mask update comes "
+                                     "before the first gradient): training examples, a fixed random sample, whose "
+                                     "Linear inputs / gradients are used.")
     scope: Literal["layer", "global"] = Field(
         "layer", description="layer: every layer reaches its target; global: one ranking across layers."
     )

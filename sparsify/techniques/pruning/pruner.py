@@ -1,11 +1,12 @@
-"""Block-wise gradual magnitude pruning, used like an optimizer by the training loop.
+"""Block-wise gradual pruning, used like an optimizer by the training loop.
 
     pruner = BlockPruner(config)
-    pruner.prepare(model, steps_per_epoch=spe, total_steps=total)   # plain (unwrapped) model
+    pruner.prepare(model, steps_per_epoch=spe, total_steps=total,  # plain (unwrapped) model
+                   calibration=batches)                             # taylor / obs: a function returning batches
     for batch in loader:
         loss = model(**batch).loss; accelerator.backward(loss)
         if accelerator.sync_gradients:
-            pruner.mask_gradients()                 # before optimizer.step()
+            pruner.mask_gradients()                 # before optimizer.step() (taylor: accumulates |W * grad|)
             accelerator.clip_grad_norm_(...)
             optimizer.step(); scheduler.step(); optimizer.zero_grad()
             step += 1
@@ -18,6 +19,13 @@ schedule of Zhu & Gupta (2017) between ``start_step`` and ``end_step`` (optimize
 ``update_every`` steps and exactly at ``end_step``; after that the masks are fixed. At ``end_step`` the sparsity
 measured from the weights is checked against the target. Mask computation is deterministic (stable sort,
 ties broken by layer order and block index), so processes holding identical weights compute identical masks.
+
+Scores (``config.score``, functions in :mod:`sparsify.techniques.pruning.scores`): ``l1`` / ``l2`` magnitude;
+``taylor``, a moving average of |W * grad| accumulated in :meth:`BlockPruner.mask_gradients` (from the
+calibration batches when a mask update comes before any gradient, e.g. one-shot at step 0); ``obs``, the
+layer-wise OBS cost from H = X^T X of each layer's inputs on the calibration batches, after which the kept
+weights get the closed-form OBS correction. Calibration batches are the same on every process, so the masks and
+weights stay identical across processes.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +50,7 @@ from sparsify.sparsity import (
     zero_blocks,
 )
 from sparsify.layers import select_layers
+from sparsify.techniques.pruning import scores as S
 from sparsify.techniques.pruning.config import ORIENTATION, PruningConfig, describe_block
 
 log = logging.getLogger(__name__)
@@ -105,13 +115,29 @@ class BlockPruner:
         self.end_step: int | None = None if config.uses_epochs else config.end_step
         self.last_update: int | None = None
         self.reached_end = False
+        self.steps_done = 0  # optimizer steps seen by step(): the next backward pass belongs to steps_done + 1
+        self.taylor: dict[str, torch.Tensor] = {}  # score: taylor, the accumulated |W * grad| per layer
+        self.calibration = None  # function returning the calibration batches (taylor before gradients, obs)
+        self.model: nn.Module | None = None
+        self.update_seconds: list[float] = []  # wall time of each mask update (obs: Hessians + OBS passes)
+        self._hinv_diag: dict[str, torch.Tensor] = {}
+        self._energy: dict[str, float] = {}
 
     # -- setup ------------------------------------------------------------------------------------------------
 
-    def prepare(self, model: nn.Module, *, steps_per_epoch: int | None = None, total_steps: int | None = None) -> None:
+    def prepare(self, model: nn.Module, *, steps_per_epoch: int | None = None, total_steps: int | None = None,
+                calibration=None) -> None:
         """Select the layers, validate the config against the model, resolve epochs to steps, take the masks
-        of an already-sparse model from its zeros, and apply the step-0 masks when the window starts at 0."""
+        of an already-sparse model from its zeros, and apply the step-0 masks when the window starts at 0.
+
+        ``calibration``: a function returning an iterable of batches (dicts of tensors with ``input_ids``,
+        ``attention_mask`` and, for taylor, ``labels``), identical on every process; required by ``score: obs``,
+        and by ``score: taylor`` when a mask update comes before the first gradient."""
         cfg = self.config
+        if cfg.score == "obs" and calibration is None:
+            raise FieldError("score", "score: obs needs calibration batches (the trainer passes the first "
+                                      "obs.calibration_samples training examples): none were given")
+        self.calibration, self.model = calibration, model
         end_field = "end_epoch" if cfg.uses_epochs else "end_step"
         if cfg.uses_epochs and not steps_per_epoch:
             raise FieldError(end_field, "the window is given in epochs, but steps_per_epoch is unknown")
@@ -138,6 +164,9 @@ class BlockPruner:
                         block, field = ov.block_shape, ("overrides", i, "block")
                     break
             w = module.weight
+            if cfg.score == "obs" and block[1] != 1:
+                raise FieldError(field, f"score: obs needs blocks of one input column (r x 1 {ORIENTATION}); layer "
+                                        f"{name} has block {describe_block(block)}")
             if not divides(w.shape, block):
                 raise FieldError(
                     field,
@@ -235,6 +264,18 @@ class BlockPruner:
         final = self.layers[name].final
         return self._schedule(step, min(self.config.initial_sparsity, final), final)
 
+    def update_steps(self) -> list[int]:
+        """The optimizer steps at which the masks are updated (the learning rate restarts there with
+        ``training.lr_schedule: rewind``): start_step, every update_every steps after it, and end_step."""
+        if self.end_step is None:
+            raise RuntimeError("the pruning window is in epochs: call prepare() first")
+        steps = list(range(self.start_step, self.end_step + 1, self.config.update_every))
+        if not steps or steps[-1] != self.end_step:
+            steps.append(self.end_step)
+        if self.start_step == 0 and not (self.end_step == 0 or self.config.initial_sparsity > 0):
+            steps = [s for s in steps if s > 0] or [self.end_step]  # the target is 0 at step 0: no update there
+        return steps
+
     def _due(self, step: int) -> bool:
         if self.start_step <= step <= self.end_step:
             return (step - self.start_step) % self.config.update_every == 0 or step == self.end_step
@@ -249,11 +290,23 @@ class BlockPruner:
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
-        """Zero the gradients of pruned weights; call after backward, before ``optimizer.step()``."""
+        """Zero the gradients of pruned weights; call after backward, before ``optimizer.step()``. With
+        ``score: taylor`` inside the scoring window, first add |W * grad| to the moving average."""
+        accumulate = self._taylor_window(self.steps_done + 1)
         for l in self.layers.values():
             g = l.weight.grad
             if g is not None:
+                if accumulate:
+                    self.taylor[l.name] = S.accumulate_taylor(self.taylor.get(l.name), l.weight, g,
+                                                              self.config.taylor_momentum)
                 g.masked_fill_(~self._mask_on(l, g.device), 0)
+
+    def _taylor_window(self, step: int) -> bool:
+        cfg = self.config
+        if cfg.score != "taylor" or self.end_step is None:
+            return False
+        first = cfg.taylor_from_step if cfg.taylor_from_step is not None else self.start_step - cfg.update_every
+        return max(first, 0) <= step <= self.end_step
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -265,6 +318,7 @@ class BlockPruner:
         """Call right after ``optimizer.step()`` with the new optimizer-step count. Updates the masks when due,
         resets the optimizer state of pruned entries, applies the masks, and at ``end_step`` checks the measured
         sparsity against the target. Returns scalars for logging."""
+        self.steps_done = step
         updated = self._due(step)
         if updated:
             self._update_masks(step, optimizer)
@@ -294,20 +348,76 @@ class BlockPruner:
         return l.mask
 
     def _scores(self, l: _Layer, normalize: bool) -> torch.Tensor:
-        """Block scores, flattened; pruned blocks score -inf so that they stay pruned."""
-        r, c = l.block
-        o, i = l.weight.shape
-        w = l.weight.detach().float().reshape(o // r, r, i // c, c)
-        if self.config.score == "l2":
-            s = w.square().sum(dim=(1, 3)).sqrt()
+        """Block scores, flattened; pruned blocks score -inf so that they stay pruned. ``normalize`` (global
+        scope): per weight, and for obs relative to the layer's output energy, so that layers rank together."""
+        cfg = self.config
+        w = l.weight.detach()
+        if cfg.score in ("l1", "l2"):
+            s = S.magnitude(w, l.block, cfg.score)
             if normalize:
-                s = s / math.sqrt(r * c)
+                s = s / (math.sqrt(l.block_numel) if cfg.score == "l2" else l.block_numel)
+        elif cfg.score == "taylor":
+            s = S.taylor(self.taylor[l.name].to(w.device), l.block)
+            if normalize:
+                s = s / l.block_numel
         else:
-            s = w.abs().sum(dim=(1, 3))
+            s = S.obs_saliency(w, self._hinv_diag[l.name], l.block).float()
             if normalize:
-                s = s / (r * c)
+                s = s / (l.block_numel * self._energy[l.name])
+        s = s.reshape(-1).float()
         kept = l.kept_blocks().to(s.device)
-        return torch.where(kept, s.reshape(-1), torch.full_like(s.reshape(-1), -math.inf))
+        return torch.where(kept, s, torch.full_like(s, -math.inf))
+
+    # -- calibration ------------------------------------------------------------------------------------------
+
+    def _calibration_forward(self, backward: bool, before=None) -> None:
+        """Run the model over the calibration batches (eval mode: no dropout), optionally with backward on the
+        task loss; ``before(batch)`` is called before each forward pass."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            for batch in self.calibration():
+                inputs = {k: v.to(device) for k, v in batch.items() if k != "idx"}
+                if backward and "labels" not in inputs:
+                    raise SparsifyError("pruning: score: taylor needs labelled calibration batches")
+                if before is not None:
+                    before(inputs)
+                with torch.set_grad_enabled(backward):
+                    out = model(**inputs)
+                    if backward:
+                        out.loss.backward()
+        finally:
+            model.train(was_training)
+
+    def _calibrate_taylor(self) -> None:
+        """|W * grad| summed over the calibration batches, for layers with no accumulated score yet."""
+        if self.calibration is None:
+            raise SparsifyError("pruning: score: taylor has no gradients yet at this mask update and no calibration "
+                                "batches to take them from")
+        missing = [l for l in self.layers.values() if l.name not in self.taylor]
+        self._calibration_forward(backward=True)  # called between optimizer steps: no gradient is pending
+        for l in missing:
+            g = l.weight.grad
+            self.taylor[l.name] = S.accumulate_taylor(None, l.weight, g if g is not None else torch.zeros_like(l.weight),
+                                                      1.0)
+        for p in self.model.parameters():  # the calibration gradients must not reach the optimizer
+            p.grad = None
+
+    def _calibrate_obs(self) -> dict[str, torch.Tensor]:
+        """H = X^T X of every pruned layer's inputs on the calibration batches (float64, CPU)."""
+        collector = S.HessianCollector({l.name: l.module for l in self.layers.values()})
+        with collector:
+            self._calibration_forward(backward=False, before=lambda b: collector.set_mask(b.get("attention_mask")))
+        missing = [n for n in self.layers if n not in collector.hessians]
+        if missing:
+            raise SparsifyError(f"pruning: score: obs saw no input of layer {missing[0]} on the calibration batches")
+        d = self.config.obs.damping
+        hessians = collector.hessians
+        self._hinv_diag = {n: torch.diag(S.inverse_hessian(h, d)) for n, h in hessians.items()}
+        self._energy = {n: S.output_energy(self.layers[n].weight, h) for n, h in hessians.items()}
+        return hessians
 
     def _prune_lowest(self, l: _Layer, scores: torch.Tensor, k: int) -> None:
         order = torch.sort(scores, stable=True).indices
@@ -318,8 +428,40 @@ class BlockPruner:
         l.mask = expand_blocks(kept.reshape(o // r, i // c), l.block).contiguous().to(l.weight.device) & \
             self._mask_on(l, l.weight.device)
 
-    @torch.no_grad()
     def _update_masks(self, step: int, optimizer) -> None:
+        started = time.perf_counter()
+        hessians = None
+        if self.config.score == "taylor" and len(self.taylor) < len(self.layers):
+            self._calibrate_taylor()
+        elif self.config.score == "obs":
+            hessians = self._calibrate_obs()
+        before = {n: l.mask.clone() for n, l in self.layers.items()} if hessians is not None else {}
+        self._choose_masks(step)
+        if hessians is not None and self.config.obs.update_weights:
+            self._obs_update(hessians, before)
+        self._hinv_diag, self._energy = {}, {}
+        self.apply_masks()
+        if optimizer is not None:
+            self._reset_optimizer_state(optimizer)
+        self.last_update = step
+        self.update_seconds.append(time.perf_counter() - started)
+        if step >= self.end_step:
+            self.reached_end = True
+            self._check_end(step)
+
+    @torch.no_grad()
+    def _obs_update(self, hessians: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> None:
+        """The closed-form OBS correction of the kept weights of every layer whose mask changed."""
+        cfg = self.config.obs
+        for name, l in self.layers.items():
+            mask = self._mask_on(l, l.weight.device)
+            if torch.equal(mask, before[name].to(mask.device)):
+                continue
+            new = S.obs_prune(l.weight, mask, hessians[name], cfg.damping)
+            l.weight.copy_(new.to(l.weight.dtype))
+
+    @torch.no_grad()
+    def _choose_masks(self, step: int) -> None:
         cfg = self.config
         targets = self._layer_targets(step)
         shared = [l for l in self.layers.values() if cfg.scope == "global" and not l.pinned]
@@ -331,13 +473,6 @@ class BlockPruner:
             self._prune_lowest(l, scores, max(_round(targets[l.name] * l.num_blocks), already))
         if shared:
             self._update_global(shared, self.target_at(step))
-        self.apply_masks()
-        if optimizer is not None:
-            self._reset_optimizer_state(optimizer)
-        self.last_update = step
-        if step >= self.end_step:
-            self.reached_end = True
-            self._check_end(step)
 
     def _update_global(self, layers: list[_Layer], target: float) -> None:
         cfg = self.config
@@ -445,6 +580,9 @@ class BlockPruner:
             "reached_end": self.reached_end,
             "blocks": {n: f"{l.block[0]}x{l.block[1]}" for n, l in self.layers.items()},
             "masks": {n: l.mask.detach().cpu().clone() for n, l in self.layers.items()},
+            "steps_done": self.steps_done,
+            "taylor": {n: t.detach().cpu().clone() for n, t in self.taylor.items()},
+            "update_seconds": list(self.update_seconds),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -474,6 +612,10 @@ class BlockPruner:
                 log.warning("pruning: the checkpoint's %s was %s, now %s", key, state[key], getattr(self, key))
         self.last_update = state.get("last_update")
         self.reached_end = bool(state.get("reached_end", False))
+        self.steps_done = int(state.get("steps_done", self.last_update or 0))
+        self.taylor = {canonical_name(n): t.to(self.layers[canonical_name(n)].weight.device).float().clone()
+                       for n, t in _flatten(state.get("taylor", {})).items() if canonical_name(n) in self.layers}
+        self.update_seconds = list(state.get("update_seconds", []))
         self.apply_masks()
 
     def finalize(self, model: nn.Module | None = None) -> dict:

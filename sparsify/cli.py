@@ -9,6 +9,7 @@
     sparsify predict ARTIFACT --text "..." | --file texts.txt
     sparsify bench kernels [...] | sparsify bench model ARTIFACT [...]
     sparsify sweep RECIPE --grid key.path=v1,v2 [--grid ...] [--set ...] [--dry-run]
+    sparsify sensitivity MODEL --task sst2 --block 4x1 --sparsities 0.5,0.7,0.9 --score l2,taylor,obs
 
 A user mistake prints one line starting with ``error:`` and exits with status 2; no traceback.
 """
@@ -32,6 +33,7 @@ DELEGATED = {
     "predict": ("sparsify.predict", "predict with an exported artifact on CPU"),
     "bench": ("sparsify.bench", "benchmarks: 'sparsify bench kernels ...', 'sparsify bench model ARTIFACT ...'"),
     "sweep": ("sparsify.sweep", "train one recipe over a grid of --set values (runs, resumes or skips each point)"),
+    "sensitivity": ("sparsify.sensitivity", "one-shot pruning scans (scores x scopes x sparsities) on a task's dev split"),
 }
 
 

@@ -563,3 +563,43 @@ def test_config_import_is_lean():
     code = ("import sys; from sparsify.techniques.distillation import DistillationConfig; "
             "DistillationConfig(logits={}); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- SquareHead normalisation, soft targets only, the teacher's head -----------------------------------------------
+
+
+def test_normalized_hidden_mse_is_the_relative_error_over_real_tokens():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    real = mask.bool()
+    expected = ((s - t)[real] ** 2).sum() / (t[real] ** 2).sum()
+    assert losses.hidden_mse(s, t, mask, normalize=True).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses.hidden_mse(3 * s, 3 * t, mask, normalize=True).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses.hidden_mse(3 * s, 3 * t, mask).item() == pytest.approx(9 * losses.hidden_mse(s, t, mask).item(),
+                                                                          rel=1e-5)
+
+
+def test_soft_targets_only_ignore_the_labels():
+    teacher, student = bert(), bert(seed=1)
+    distiller = prepared(teacher, student, task_weight=0.0, logits={"weight": 1.0}, hidden={"normalize": True})
+    batch = make_batch()
+    loss, terms = step(distiller, student, batch)
+    flipped = dict(batch, labels=(batch["labels"] + 1) % 3)
+    loss2, _ = step(distiller, student, flipped)
+    assert "distill/task" not in terms and loss.item() == pytest.approx(loss2.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(terms["distill/logits"] + terms["distill/hidden"], rel=1e-5)
+
+
+def test_keep_teacher_head_copies_and_freezes_pooler_and_classifier():
+    teacher, student = bert(seed=0), bert(seed=1)
+    prepared(teacher, student, keep_teacher_head=True, logits={"weight": 1.0})
+    t = dict(teacher.named_parameters())
+    head = {n: p for n, p in student.named_parameters() if n.startswith(("classifier.", "bert.pooler."))}
+    assert len(head) == 4
+    for name, p in head.items():
+        assert torch.equal(p, t[name]) and not p.requires_grad
+    assert all(p.requires_grad for n, p in student.named_parameters() if n not in head)
+    with pytest.raises(FieldError, match="heads must match") as e:
+        prepared(bert(hidden=64, heads=4), bert(seed=1), keep_teacher_head=True, logits={"weight": 1.0})
+    assert e.value.field == ("keep_teacher_head",)

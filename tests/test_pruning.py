@@ -678,3 +678,26 @@ def test_update_steps_list_every_mask_update():
     big_first = make_pruner(tiny_bert(), initial_sparsity=0.5, start_step=0, end_step=6, update_every=3,
                             total_steps=12)
     assert big_first.update_steps() == [0, 3, 6]
+
+
+def test_sensitivity_scan_cli(tiny_model_dir, toy_data, tmp_path, capsys):
+    from sparsify.cli import main as cli_main
+
+    out = tmp_path / "scan.json"
+    code = cli_main(["sensitivity", str(tiny_model_dir), "--train-file", str(toy_data["train"]), "--validation-file",
+                     str(toy_data["validation"]), "--max-length", "32", "--sparsities", "0.5,0.75",
+                     "--score", "l2,taylor,obs", "--scope", "layer,global", "--layer-types",
+                     "--calibration-samples", "32", "--json", str(out), "--plot", str(tmp_path / "scan.png"),
+                     "--threads", "1"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    plain = [r for r in result["records"] if "layer_type" not in r]
+    assert len(plain) == 3 * 2 * 2 and len(result["records"]) == len(plain) + 4 * 3 * 2
+    for r in plain:
+        assert abs(r["sparsity"] - r["target"]) < 0.02 and r["follows_block"] and 0.0 <= r["accuracy"] <= 1.0
+    qkv = next(r for r in result["records"] if r.get("layer_type") == "attention_qkv")
+    assert all((v > 0) == ("attention.self" in n) for n, v in qkv["per_layer"].items())
+    assert (tmp_path / "scan.png").stat().st_size > 0
+    assert "one-shot pruning, 4x1 (out x in)" in capsys.readouterr().out
+    assert cli_main(["sensitivity", str(tiny_model_dir), "--score", "magnitude"]) == 2
+    assert "choose from l1, l2, taylor, obs" in capsys.readouterr().err

@@ -234,3 +234,51 @@ def test_bf16_mixed_precision_run(make_recipe):
     assert metrics["optimizer_steps"] == 3 and metrics["metrics"]["loss"] == metrics["metrics"]["loss"]  # not NaN
     weights = load_file(output_dir(recipe) / "model" / "model.safetensors")
     assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay fp32
+
+
+SCORED_PRUNING = {
+    "taylor+rewind": {"training": {"lr_schedule": "rewind", "rewind_floor": 0.2},
+                      "techniques": [{"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "initial_sparsity": 0.25,
+                                      "start_step": 0, "end_step": 6, "update_every": 3, "score": "taylor"}]},
+    "obs+global": {"techniques": [{"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 2,
+                                   "end_step": 6, "update_every": 2, "score": "obs", "scope": "global",
+                                   "calibration_samples": 24}]},
+}
+
+
+@pytest.mark.parametrize("variant", list(SCORED_PRUNING))
+def test_scored_pruning_runs_resume_to_the_same_weights(make_recipe, monkeypatch, variant):
+    sections = {"training": {"steps": 10, "save_every": 4, "warmup_steps": 1, "eval_on_mask_update": True,
+                             "fit_samples": 32, **SCORED_PRUNING[variant].get("training", {})},
+                "techniques": SCORED_PRUNING[variant]["techniques"]}
+    full = make_recipe(**sections)
+    assert run_cli("train", full) == 0
+    expected = load_file(output_dir(full) / "model" / "model.safetensors")
+    metrics = json.loads((output_dir(full) / "metrics.json").read_text())
+    evaluated = [e["step"] for e in metrics["evals"]]
+    updates = [0, 3, 6] if variant.startswith("taylor") else [2, 4, 6]
+    assert [s for s in updates if s > 0] == [s for s in evaluated if s < 10]  # an evaluation after every update
+    assert len(metrics["mask_update_seconds"]) == len(updates)
+    assert set(metrics["train_fit"]) == {"examples", "train_accuracy"} and metrics["train_fit"]["examples"] == 32
+    report = json.loads((output_dir(full) / "sparsity.json").read_text())
+    assert report["total"]["follows_block"] and abs(report["total"]["sparsity"] - 0.5) < 0.01
+
+    killed = make_recipe(**sections)
+    import sparsify.train as train_module
+
+    original = train_module.write_checkpoint
+
+    def write_then_die(run_dir, step, **kwargs):
+        out = original(run_dir, step, **kwargs)
+        if step == 4:
+            raise Killed
+        return out
+
+    monkeypatch.setattr(train_module, "write_checkpoint", write_then_die)
+    with pytest.raises(Killed):
+        run_cli("train", killed)
+    monkeypatch.setattr(train_module, "write_checkpoint", original)
+    assert run_cli("train", killed, "--resume") == 0
+    resumed = load_file(output_dir(killed) / "model" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name

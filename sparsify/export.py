@@ -578,8 +578,14 @@ def dense_equivalent_model(model_dir: Path, quant: dict | None, *, int8_embeddin
     from sparsify.modeling import load_classifier
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    n = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
-    model = load_classifier(str(model_dir), num_labels=n)
+    auto = _auto_class(model_dir, config)
+    if auto is None:
+        n = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
+        model = load_classifier(str(model_dir), num_labels=n)
+    else:  # token classification, question answering, bare encoder: the checkpoint's own class
+        import transformers
+
+        model = getattr(transformers, auto).from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     if quant:
         modules = dict(model.named_modules())
@@ -600,6 +606,31 @@ def dense_equivalent_model(model_dir: Path, quant: dict | None, *, int8_embeddin
             codes, scales = _quantize_rows(table.detach().numpy())
             table.copy_(torch.from_numpy(codes.astype(np.float32) * scales[:, None]))
     return model
+
+
+_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _auto_class(model_dir: Path, config: dict) -> str | None:
+    """The transformers Auto class of a checkpoint whose head is not sequence classification (None when it is)."""
+    names = config.get("architectures") or []
+    for suffix, auto in (("ForTokenClassification", "AutoModelForTokenClassification"),
+                         ("ForQuestionAnswering", "AutoModelForQuestionAnswering")):
+        if any(n.endswith(suffix) for n in names):
+            return auto
+    if (model_dir / "modules.json").is_file() or any(n.endswith("Model") for n in names):
+        return "AutoModel"
+    return None
+
+
+def _copy_sentence_transformers(model_dir: Path, out: Path) -> None:
+    """A sentence-transformers model's own files (pipeline, pooling, settings) next to the exported encoder."""
+    for f in _ST_FILES:
+        if (model_dir / f).is_file():
+            shutil.copyfile(model_dir / f, out / f)
+    for sub in model_dir.glob("[0-9]_*"):
+        if sub.is_dir():
+            shutil.copytree(sub, out / sub.name, dirs_exist_ok=True)
 
 
 def export_onnx(model, path: Path, *, opset: int = 17, seq_len: int = 16) -> Path:
@@ -683,6 +714,9 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
         manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings, trained_int8)
         summary["manifest"] = manifest
     else:
+        if format == "onnx" and _auto_class(model_dir, _read_json(model_dir / "config.json")) is not None:
+            raise SparsifyError(f"{model_dir}: --format onnx writes sequence classifiers (output 'logits') only; use "
+                                "--format sparsify or hf for token classification, question answering and embeddings")
         out.mkdir(parents=True, exist_ok=True)
         model = dense_equivalent_model(model_dir, quant, int8_embeddings=trained_int8)
         if format == "hf":
@@ -692,6 +726,7 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
             load_tokenizer(str(model_dir)).save_pretrained(str(out))
             if (model_dir / "length_config.json").is_file():
                 shutil.copyfile(model_dir / "length_config.json", out / "length_config.json")
+            _copy_sentence_transformers(model_dir, out)
         else:
             export_onnx(model, out / "model.onnx")
             _copy_tokenizer(model_dir, out)

@@ -8,7 +8,9 @@
                         when quantized); the quantized residual sums / LayerNorm outputs as ``POINT.scale`` /
                         ``POINT.zero_point``; the word embeddings float32, or int8 with one scale per row
                         (``...word_embeddings.scales``); everything else float32
-    sparsify.json       the manifest: format and version, architecture, per-layer block shape (rows x cols,
+    sparsify.json       the manifest: format and version, architecture (the config in BERT's key names, see
+                        :mod:`sparsify.runtime.arch`), head (sequence / token classification, question
+                        answering, embeddings) and sentence-transformers pooling, per-layer block shape (rows x cols,
                         out x in) / sparsity / dtype / quantization parameters, the quantized activations
                         (``activations``), the embedding storage, length configuration, task and label names,
                         size and sha256 of every file

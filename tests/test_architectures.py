@@ -49,7 +49,6 @@ ARCH_ROWS = {
 AUTO = {"sequence-classification": "AutoModelForSequenceClassification",
         "token-classification": "AutoModelForTokenClassification",
         "question-answering": "AutoModelForQuestionAnswering", "embeddings": "AutoModel"}
-MEASURED: dict[str, float] = {}
 
 
 def test_table_covers_every_architecture_and_head():
@@ -86,34 +85,9 @@ def _prune(model, arch: str, fmt: str) -> None:
                 mod.weight.mul_(3.0 * keep.repeat_interleave(4, 0).to(mod.weight.dtype))
 
 
-def _fake_quant(model, arch: str, batch) -> dict:
-    """A QAT-convert()-like dict for the encoder Linears (int8 weights per channel, uint8 inputs per tensor) and
-    the same quantization applied to ``model`` in place (dequantized weights, fake-quant input hooks)."""
-    from sparsify.kernels.format import quantize_per_channel
-
-    lin = _encoder_linears(model, arch)
-    ranges, hooks = {}, []
-    for n, m in lin.items():
-        hooks.append(m.register_forward_pre_hook(
-            lambda mod, args, n=n: ranges.__setitem__(n, (min(0.0, float(args[0].min())), float(args[0].max())))))
-    with torch.no_grad():
-        model(**batch)
-    for h in hooks:
-        h.remove()
-    conv = {}
-    for n, m in lin.items():
-        q, s = quantize_per_channel(m.weight.detach().numpy())
-        lo, hi = ranges[n]
-        scale = (hi - lo) / 255.0
-        zp = float(np.rint(-lo / scale))
-        conv[n] = {"weight_int8": q, "weight_scale": s, "bias": m.bias.detach().numpy(), "input_scale": scale,
-                   "input_zero_point": zp, "input_groups": 1, "input_permutation": None, "bits": 8}
-        with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
-        m.register_forward_pre_hook(
-            lambda mod, args, scale=scale, zp=zp: ((torch.clamp(torch.round(args[0] / scale) + zp, 0, 255) - zp)
-                                                   * scale,))
-    return conv
+def _dim(transformer) -> int:
+    get = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+    return get()
 
 
 def _inputs(tok, arch: str, head: str):
@@ -125,7 +99,7 @@ def _inputs(tok, arch: str, head: str):
     return texts, batch
 
 
-def _build(arch: str, head: str, fmt: str, tiny_model_dir: Path, tmp: Path):
+def _build(arch: str, head: str, fmt: str, tiny_model_dir: Path, tmp: Path, fake_quantize=None):
     """(artifact directory, reference model, reference callable on a tokenized batch, tokenizer, st model)."""
     import transformers
 
@@ -142,12 +116,13 @@ def _build(arch: str, head: str, fmt: str, tiny_model_dir: Path, tmp: Path):
 
         mode = ARCH_ROWS[arch][2]
         tr = models.Transformer(str(src), max_seq_length=48)
-        st = SentenceTransformer(modules=[tr, models.Pooling(tr.get_word_embedding_dimension(), pooling_mode=mode),
+        st = SentenceTransformer(modules=[tr, models.Pooling(_dim(tr), pooling_mode=mode),
                                           models.Normalize()], device="cpu")
         src = tmp / "st"
         st.save(str(src))
         model = st[0].auto_model.eval()
-    conv = _fake_quant(model, arch, _inputs(tok, arch, head)[1]) if fmt.startswith("int8") else None
+    conv = fake_quantize(model, _encoder_linears(model, arch), _inputs(tok, arch, head)[1]) if \
+        fmt.startswith("int8") else None
     export(src, tmp / "artifact", quantized=conv)
     return tmp / "artifact", model, tok, st
 
@@ -155,8 +130,8 @@ def _build(arch: str, head: str, fmt: str, tiny_model_dir: Path, tmp: Path):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("head", list(AUTO))
 @pytest.mark.parametrize("arch", list(ARCH_ROWS))
-def test_parity(arch, head, fmt, tiny_model_dir, tmp_path):
-    art, model, tok, st = _build(arch, head, fmt, tiny_model_dir, tmp_path)
+def test_parity(arch, head, fmt, tiny_model_dir, tmp_path, fake_quantize):
+    art, model, tok, st = _build(arch, head, fmt, tiny_model_dir, tmp_path, fake_quantize)
     manifest = json.loads((art / MANIFEST).read_text())
     assert manifest["head"] == head and manifest["architecture"]["model_type"] == arch
     layers = manifest["layers"].values()
@@ -183,7 +158,6 @@ def test_parity(arch, head, fmt, tiny_model_dir, tmp_path):
         assert np.all(got[~real] == 0)  # padding positions
         got, ref = got[real], ref[real]
     diff = float(np.abs(got - ref).max())
-    MEASURED[f"{arch}/{head}/{fmt}"] = diff
     print(f"\n{arch:12s} {head:24s} {fmt:12s} max |diff| {diff:.2e} (max |ref| {np.abs(ref).max():.2f})")
     assert np.abs(ref).max() > (0.1 if head == "embeddings" else 0.5)  # a meaningful comparison
     assert diff <= BOUND[fmt]

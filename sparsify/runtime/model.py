@@ -14,6 +14,12 @@ call; GELU fused into the intermediate layer; the residual add fused into the ou
 :mod:`sparsify.runtime.ops`. At the last layer only the [CLS] rows are needed after attention, so attention runs
 only for the [CLS] query and the feed-forward block only on the [CLS] rows (exact for classification).
 
+Architectures and heads: the parameter names of BERT / MiniLM, RoBERTa / XLM-R, ELECTRA and DistilBERT come from
+one map (:mod:`sparsify.runtime.arch`), so every model runs the same forward pass. The head is the manifest's:
+sequence classification (the architecture's head on the first token), token classification and question answering
+(one Linear on every token, at full length; :meth:`SparseModel.answer` decodes spans back to character offsets),
+or embeddings (the sentence-transformers pooling, :meth:`SparseModel.embed`, which any artifact can also run).
+
 Quantized artifacts: int8 weights (block-sparse, or dense with every block kept; dequantized to float32 once at
 load by default, ``int8_weights="keep"`` to hold the codes) run with float32 activations that are fake-quantized
 exactly where the trained model's quantizer did it, in the same order: the input of every quantized Linear, the
@@ -182,7 +188,7 @@ class _Layer:
 
 
 class SparseModel:
-    """A BERT-style sequence classifier from a sparsify artifact, on CPU (numpy in, numpy out)."""
+    """A BERT-style encoder with its head from a sparsify artifact, on CPU (numpy in, numpy out)."""
 
     def __init__(self, path: Path, manifest: dict, tensors: dict[str, np.ndarray], threads: int | None,
                  length_config: Any = "default", int8_weights: str = "dequantize"):

@@ -451,9 +451,11 @@ def _length_config(model_dir: Path, n_layers: int) -> dict | None:
 
 def _labels(src: _Source) -> list[str]:
     """Label names of a classification head (none for QA and embeddings)."""
+    from sparsify.runtime.arch import TOKEN_HEAD
+
     if src.head not in ("sequence-classification", "token-classification"):
         return []
-    last = src.arch.sequence_head[-1][0] if src.head == "sequence-classification" else "classifier"
+    last = src.arch.sequence_head[-1][0] if src.head == "sequence-classification" else TOKEN_HEAD
     id2label = src.config.get("id2label") or {}
     n_labels = int(src.state[last + ".weight"].shape[0]) if last + ".weight" in src.state else len(id2label)
     return [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(n_labels)]

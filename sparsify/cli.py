@@ -7,6 +7,7 @@
     sparsify search RUN_DIR --budget 0.5
     sparsify export RUN_OR_MODEL_DIR -o OUT [--format sparsify|hf|onnx]
     sparsify predict ARTIFACT --text "..." | --file texts.txt
+    sparsify embed ARTIFACT --file texts.txt -o embeddings.npy
     sparsify bench kernels [...] | sparsify bench model ARTIFACT [...]
     sparsify sweep RECIPE --grid key.path=v1,v2 [--grid ...] [--set ...] [--dry-run]
     sparsify sensitivity MODEL --task sst2 --block 4x1 --sparsities 0.5,0.7,0.9 --score l2,taylor,obs
@@ -31,6 +32,7 @@ DELEGATED = {
     "search": ("sparsify.techniques.length_adaptive.search", "search length configurations under a FLOPs budget"),
     "export": ("sparsify.export", "export a run or model as a compressed artifact (or --format hf / onnx)"),
     "predict": ("sparsify.predict", "predict with an exported artifact on CPU"),
+    "embed": ("sparsify.embed", "sentence embeddings of texts with an exported artifact on CPU (.npy)"),
     "bench": ("sparsify.bench", "benchmarks: 'sparsify bench kernels ...', 'sparsify bench model ARTIFACT ...'"),
     "sweep": ("sparsify.sweep", "train one recipe over a grid of --set values (runs, resumes or skips each point)"),
     "sensitivity": ("sparsify.sensitivity", "one-shot pruning scans (scores x scopes x sparsities) on a task's dev split"),

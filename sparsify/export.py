@@ -8,7 +8,9 @@
                         when quantized); the quantized residual sums / LayerNorm outputs as ``POINT.scale`` /
                         ``POINT.zero_point``; the word embeddings float32, or int8 with one scale per row
                         (``...word_embeddings.scales``); everything else float32
-    sparsify.json       the manifest: format and version, architecture, per-layer block shape (rows x cols,
+    sparsify.json       the manifest: format and version, architecture (the config in BERT's key names, see
+                        :mod:`sparsify.runtime.arch`), head (sequence / token classification, question
+                        answering, embeddings) and sentence-transformers pooling, per-layer block shape (rows x cols,
                         out x in) / sparsity / dtype / quantization parameters, the quantized activations
                         (``activations``), the embedding storage, length configuration, task and label names,
                         size and sha256 of every file
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -53,8 +54,6 @@ __all__ = ["export", "main", "FORMATS"]
 
 FORMATS = ("sparsify", "hf", "onnx")
 DENSE_BELOW = 0.05  # block sparsity under which a layer is stored dense
-_LINEAR = re.compile(r"^(.*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
-                     r"intermediate\.dense|output\.dense))\.weight$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 _FAST_BLOCKS = ((4, 1), (8, 1), (16, 1), (1, 1), (1, 4))
 
@@ -63,6 +62,8 @@ _FAST_BLOCKS = ((4, 1), (8, 1), (16, 1), (1, 1), (1, 4))
 def _resolve(path: str | Path) -> tuple[Path, Path | None]:
     """(model directory, run directory or None)."""
     p = Path(path)
+    if not p.exists() and _is_hub_id(str(path)):
+        p = _hub_snapshot(str(path))
     if not p.exists():
         raise SparsifyError(f"{p}: no such file or directory (give a run directory or a model directory)")
     if (p / "recipe.yaml").is_file() and (p / "model").is_dir():
@@ -70,6 +71,22 @@ def _resolve(path: str | Path) -> tuple[Path, Path | None]:
     if (p / "config.json").is_file():
         return p, None
     raise SparsifyError(f"{p}: neither a model directory (config.json) nor a run directory (recipe.yaml + model/)")
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub model (downloaded, or from the cache when HF_HUB_OFFLINE=1)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as e:  # not on the hub, not in the cache, offline...
+        raise SparsifyError(f"{repo_id}: not a local directory, and the hub model cannot be loaded "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _task_of(run_dir: Path | None) -> str | None:
@@ -183,27 +200,27 @@ def _activation_quant(scale, zero_point, groups, perm, bits: int, signed: bool, 
 
 
 # The activations the runtime can quantize besides Linear inputs: the residual sum entering each encoder
-# LayerNorm (its input) and the LayerNorm's output, as the quantizer's hooks do (point name -> kind).
-_POINT = re.compile(r"^(.*encoder\.layer\.\d+\.(?:attention\.output|output)\.LayerNorm)\.(input|output)$")
+# LayerNorm (its input) and the LayerNorm's output, as the quantizer's hooks do (point suffix -> kind).
 _POINT_KIND = {"input": "residual sum (LayerNorm input)", "output": "LayerNorm output"}
 
 
-def _activation_points(acts: dict[str, dict], hidden: int, state: dict) -> tuple[dict, dict]:
+def _activation_points(acts: dict[str, dict], hidden: int, norms: list[str]) -> tuple[dict, dict]:
     """Manifest entries and tensors (``POINT.scale`` / ``POINT.zero_point``) of the quantized residual sums and
-    LayerNorm outputs."""
+    LayerNorm outputs; ``norms``: the encoder layers' LayerNorm module names."""
     meta, tensors = {}, {}
+    known = set(norms)
     for name, p in sorted(acts.items()):
-        m = _POINT.match(name)
-        if m is None or m.group(1) + ".weight" not in state:
+        norm, _, kind = name.rpartition(".")
+        if norm not in known or kind not in _POINT_KIND:
             raise SparsifyError(f"activation quantization for {name!r}: the runtime replays only the inputs and "
-                                "outputs of the encoder layers' LayerNorms (<base>.encoder.layer.N.attention.output."
-                                "LayerNorm / .output.LayerNorm)")
+                                "outputs of the encoder layers' LayerNorms (e.g. <base>.encoder.layer.N.attention."
+                                "output.LayerNorm.input / .output)")
         aq = _activation_quant(p.get("scale"), p.get("zero_point"), p.get("groups"), p.get("permutation"),
                                int(p.get("bits", 8)), bool(p.get("signed", False)), hidden, name)
         if aq is None:
             continue
         scale, zp, desc = aq
-        desc = {"point": _POINT_KIND[m.group(2)], **desc}
+        desc = {"point": _POINT_KIND[kind], **desc}
         if scale is not None:
             tensors[name + ".scale"], tensors[name + ".zero_point"] = scale, zp
         meta[name] = desc
@@ -242,92 +259,249 @@ def _infer_block(w: np.ndarray, preferred: tuple[int, int] | None) -> tuple[tupl
     return (block, sparsity) if sparsity >= DENSE_BELOW else (None, sparsity)
 
 
+class _Source:
+    """A model directory read for packing: its config reduced to BERT's names, its architecture map, its
+    encoder prefix and Linear weights, its head and (sentence-transformers models) its pooling."""
+
+    def __init__(self, model_dir: Path):
+        from sparsify.runtime import arch as A
+        from sparsify.sparsity import load_report_weights
+
+        self.config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        model_type = self.config.get("model_type")
+        self.arch = A.architecture(model_type)
+        if self.arch is None:
+            raise SparsifyError(f"{model_dir}: model_type {model_type!r}: the sparsify artifact supports "
+                                f"{A.supported()}; use --format hf or onnx for others")
+        self.canon = A.canonical_config(self.config)
+        if self.canon.get("hidden_act", "gelu") != "gelu":
+            raise SparsifyError(f"{model_dir}: hidden_act {self.canon['hidden_act']!r}: the runtime supports gelu only")
+        if self.canon.get("position_embedding_type", "absolute") != "absolute":
+            raise SparsifyError(f"{model_dir}: position_embedding_type {self.canon['position_embedding_type']!r}: "
+                                "the runtime supports absolute position embeddings only")
+        self.state = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                      for k, v in load_report_weights(model_dir).items()}
+        self.prefix = self.arch.prefix_in(self.state)
+        if self.prefix is None:
+            raise SparsifyError(f"{model_dir}: no {model_type} encoder weights found (expected "
+                                f"{self.arch.base}.{self.arch.embeddings['word']}.weight)")
+        n_layers = int(self.canon["num_hidden_layers"])
+        self.linears: dict[str, np.ndarray] = {}
+        for i in range(n_layers):
+            for name in A.layer_linears(self.arch, self.prefix, i).values():
+                if name + ".weight" not in self.state:
+                    raise SparsifyError(f"{model_dir}: encoder weight {name}.weight missing")
+                self.linears[name] = self.state[name + ".weight"]
+        self.norms = [n for i in range(n_layers) for n in A.layer_norms(self.arch, self.prefix, i)]
+        self.pooling = _pooling(model_dir)
+        self.head = _detect_head(model_dir, self.config, self.state, self.arch, self.prefix, self.pooling)
+
+
+def _pooling(model_dir: Path) -> dict | None:
+    """The sentence-transformers pipeline of ``modules.json`` (Transformer -> Pooling -> Normalize) as
+    ``{"modes", "normalize", "max_seq_length", "source"}``; None for a model without modules.json."""
+    from sparsify.runtime.arch import POOLING_MODES
+
+    mpath = model_dir / "modules.json"
+    if not mpath.is_file():
+        return None
+    modules = _read_json(mpath)
+    if not isinstance(modules, list):
+        raise SparsifyError(f"{mpath}: expected a list of modules")
+    out: dict[str, Any] = {"modes": None, "normalize": False, "max_seq_length": None, "source": "modules.json"}
+    for m in modules:
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        path = model_dir / str(m.get("path", ""))
+        if kind == "Transformer":
+            if path.resolve() != model_dir.resolve():
+                raise SparsifyError(f"{mpath}: the Transformer module lives in {m.get('path')!r}; export that folder")
+            sbert = model_dir / "sentence_bert_config.json"
+            if sbert.is_file():
+                out["max_seq_length"] = _read_json(sbert).get("max_seq_length")
+        elif kind == "Pooling":
+            out["modes"] = _pooling_modes(_read_json(path / "config.json"), path / "config.json")
+            out["source"] = f"modules.json, {m.get('path')}/config.json"
+        elif kind == "Normalize":
+            out["normalize"] = True
+        else:
+            raise SparsifyError(f"{mpath}: module {m.get('type')!r} is not supported by the runtime (Transformer, "
+                                "Pooling, Normalize)")
+    if not out["modes"]:
+        raise SparsifyError(f"{mpath}: no Pooling module with a pooling mode ({', '.join(POOLING_MODES)})")
+    return out
+
+
+def _pooling_modes(cfg: dict, where: Path) -> list[str]:
+    """The pooling modes of a sentence-transformers Pooling config, in the order the library concatenates
+    them: ``pooling_mode`` (a name or a list) or the older ``pooling_mode_*`` flags."""
+    from sparsify.runtime.arch import POOLING_MODES
+
+    legacy = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+              "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+              "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+    modes = cfg.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in legacy.items() if cfg.get(key)] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    bad = [m for m in modes if m not in POOLING_MODES]
+    if bad:
+        raise SparsifyError(f"{where}: pooling mode {', '.join(map(str, bad))}: the runtime pools with "
+                            f"{', '.join(POOLING_MODES)} only")
+    return modes
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SparsifyError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _detect_head(model_dir: Path, config: dict, state: dict, arch, prefix: str, pooling: dict | None) -> str:
+    """Which of :data:`sparsify.runtime.arch.HEADS` the model carries."""
+    from sparsify.runtime.arch import HEADS, QA_HEAD, TOKEN_HEAD
+
+    names = config.get("architectures") or []
+    if pooling is not None or prefix == "":
+        return "embeddings"
+    if QA_HEAD + ".weight" in state:
+        return "question-answering"
+    if any(n.endswith("ForTokenClassification") for n in names) and TOKEN_HEAD + ".weight" in state:
+        return "token-classification"
+    needed = [n for n, _ in arch.sequence_head if n not in arch.optional_head]
+    if all(n + ".weight" in state for n in needed):
+        return "sequence-classification"
+    raise SparsifyError(f"{model_dir}: head {', '.join(names) or '(unknown)'} is not supported by the artifact; "
+                        f"supported heads: {', '.join(HEADS)} (a bare encoder or sentence-transformers model gives "
+                        "embeddings)")
+
+
+def _pack_linear(name: str, w: np.ndarray, bias: np.ndarray, q: dict | None,
+                 preferred: tuple[int, int] | None) -> tuple[dict[str, np.ndarray], dict]:
+    """One encoder Linear layer: its tensors (block-sparse or dense, int8 where quantized) and manifest entry."""
+    from sparsify.kernels.format import BlockSparseMatrix, format_block
+
+    tensors: dict[str, np.ndarray] = {}
+    if q is not None and q.get("weight_int8") is not None:
+        qw = np.asarray(q["weight_int8"]).astype(np.int8)
+        scale = np.asarray(q["weight_scale"], np.float32).ravel()
+        if qw.shape != w.shape or scale.shape != (w.shape[0],):
+            raise SparsifyError(f"{name}: weight_int8 {qw.shape} / weight_scale {scale.shape} do not match the "
+                                f"weight {w.shape}")
+        if q.get("bias") is not None:
+            bias = np.asarray(q["bias"], np.float32)
+        # the pattern comes from the float weight (rounding to int8 adds stray zeros) and from the int8 one
+        w_eff = np.where((w != 0) | (qw != 0), np.float32(1), np.float32(0))
+    else:
+        qw, scale, w_eff = None, None, w
+    block, sparsity = _infer_block(np.ascontiguousarray(w_eff), preferred)
+    meta: dict[str, Any] = {"shape": list(w.shape), "block": None if block is None else format_block(block),
+                            "block_shape": None if block is None else list(block),
+                            "block_orientation": "rows x cols (out x in)",
+                            "sparsity": round(float(((w if qw is None else qw) == 0).mean()), 6),
+                            "block_sparsity": round(sparsity, 6), "dtype": "float32", "quantization": None}
+    if block is None:
+        if qw is not None:  # dense layer: int8 codes + per-output-channel scales
+            tensors[name + ".weight"] = np.ascontiguousarray(qw, np.int8)
+            tensors[name + ".scales"] = np.ascontiguousarray(scale, np.float32)
+            meta["dtype"] = "int8"
+        else:
+            tensors[name + ".weight"] = np.ascontiguousarray(w, np.float32)
+    else:
+        if qw is not None:
+            br, bc = block
+            keep = (w_eff.reshape(w.shape[0] // br, br, w.shape[1] // bc, bc) != 0).any(axis=(1, 3))
+            m = BlockSparseMatrix.from_dense(qw.astype(np.float32), block, mask=keep)
+            m = BlockSparseMatrix(m.shape, m.block, m.indptr, m.indices, m.data.astype(np.int8), scale, None)
+        else:
+            m = BlockSparseMatrix.from_dense(w, block)
+        tensors[name + ".indptr"], tensors[name + ".indices"], tensors[name + ".data"] = m.indptr, m.indices, m.data
+        if m.scales is not None:
+            tensors[name + ".scales"] = m.scales
+        meta.update(nnz_blocks=m.nnz_blocks, dtype=str(m.dtype))
+    tensors[name + ".bias"] = np.ascontiguousarray(bias, np.float32)
+    if q is not None:
+        qdesc: dict[str, Any] = {"bits": int(q.get("bits", 8))}
+        if qw is not None:
+            qdesc["weight"] = "int8, symmetric, per output channel"
+        iq = _input_quant(q, w.shape[1], name)
+        if iq is not None:
+            s_in, z_in, qdesc["input"] = iq
+            if s_in is not None:
+                tensors[name + ".input_scale"], tensors[name + ".input_zero_point"] = s_in, z_in
+        meta["quantization"] = qdesc
+    return tensors, meta
+
+
+def _length_config(model_dir: Path, n_layers: int) -> dict | None:
+    from sparsify.runtime.model import parse_length_config
+
+    lpath = model_dir / "length_config.json"
+    if not lpath.is_file():
+        return None
+    raw = _read_json(lpath)
+    if isinstance(raw, dict) and raw.get("format") == "sparsify.length_config":
+        # the file the trainer and the search write: its "kind" says ratio or absolute; the rest is metadata
+        raw = {"length_config": raw.get("length_config"),
+               "unit": {"ratio": "ratio", "absolute": "tokens"}.get(raw.get("kind"))}
+    lengths = parse_length_config(raw, n_layers)
+    return {"lengths": lengths, "unit": "ratio" if isinstance(lengths[0], float) else "tokens",
+            "source": "length_config.json"}
+
+
+def _labels(src: _Source) -> list[str]:
+    """Label names of a classification head (none for QA and embeddings)."""
+    from sparsify.runtime.arch import TOKEN_HEAD
+
+    if src.head not in ("sequence-classification", "token-classification"):
+        return []
+    last = src.arch.sequence_head[-1][0] if src.head == "sequence-classification" else TOKEN_HEAD
+    id2label = src.config.get("id2label") or {}
+    n_labels = int(src.state[last + ".weight"].shape[0]) if last + ".weight" in src.state else len(id2label)
+    return [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(n_labels)]
+
+
+def _max_length(src: _Source, out: Path) -> int:
+    """The longest input: the sentence-transformers max_seq_length, else the tokenizer's model_max_length,
+    capped at the usable positions (RoBERTa's start after pad_token_id + 1)."""
+    positions = int(src.canon["max_position_embeddings"])
+    if src.arch.padding_positions:
+        positions -= int(src.canon.get("pad_token_id") or 0) + 1
+    want = (src.pooling or {}).get("max_seq_length")
+    if not want and (out / "tokenizer_config.json").is_file():
+        want = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8")).get("model_max_length")
+    return int(min(want, positions)) if isinstance(want, (int, float)) and want > 0 else positions
+
+
 def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict | None, acts: dict | None = None,
                    embeddings: str = "auto", trained_int8_embeddings: bool = False) -> dict:
     import torch
 
-    from sparsify.kernels.format import BlockSparseMatrix, format_block
-    from sparsify.runtime.model import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, parse_length_config, sha256_file
-    from sparsify.sparsity import infer_block_shape, load_report_weights
+    from sparsify.runtime.model import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256_file
+    from sparsify.sparsity import infer_block_shape
 
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") != "bert":
-        raise SparsifyError(f"{model_dir}: model_type {config.get('model_type')!r}: the sparsify artifact supports "
-                            "BERT-family encoders (BERT, MiniLM); use --format hf or onnx for others")
-    state = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-             for k, v in load_report_weights(model_dir).items()}
+    src = _Source(model_dir)
+    state, linears, prefix = src.state, src.linears, src.prefix
     dense_bytes = sum(int(np.prod(v.shape)) * 4 for k, v in state.items() if not k.endswith("position_ids"))
-    linears = {m.group(1): state[k] for k in state if (m := _LINEAR.match(k))}
-    if not linears:
-        raise SparsifyError(f"{model_dir}: no BERT encoder Linear weights found")
-    prefix = next(iter(linears)).split("encoder.layer.")[0]
     preferred = infer_block_shape({k: torch.from_numpy(v) for k, v in linears.items()})
-    tensors: dict[str, np.ndarray] = {}
-    layers: dict[str, dict] = {}
     quant = quant or {}
     unknown = sorted(set(quant) - set(linears))
     if unknown:
         raise SparsifyError(f"quantization parameters for unknown modules: {', '.join(unknown[:5])}")
+    tensors: dict[str, np.ndarray] = {}
+    layers: dict[str, dict] = {}
     for name, w in linears.items():
         bias = state.get(name + ".bias")
-        if bias is None:
-            bias = np.zeros(w.shape[0], np.float32)
-        q = quant.get(name)
-        if q is not None and q.get("weight_int8") is not None:
-            qw = np.asarray(q["weight_int8"]).astype(np.int8)
-            scale = np.asarray(q["weight_scale"], np.float32).ravel()
-            if qw.shape != w.shape or scale.shape != (w.shape[0],):
-                raise SparsifyError(f"{name}: weight_int8 {qw.shape} / weight_scale {scale.shape} do not match the "
-                                    f"weight {w.shape}")
-            if q.get("bias") is not None:
-                bias = np.asarray(q["bias"], np.float32)
-            # the pattern comes from the float weight (rounding to int8 adds stray zeros) and from the int8 one
-            w_eff = np.where((w != 0) | (qw != 0), np.float32(1), np.float32(0))
-        else:
-            qw, scale, w_eff = None, None, w
-        block, sparsity = _infer_block(np.ascontiguousarray(w_eff), preferred)
-        meta: dict[str, Any] = {"shape": list(w.shape), "block": None if block is None else format_block(block),
-                                "block_shape": None if block is None else list(block),
-                                "block_orientation": "rows x cols (out x in)",
-                                "sparsity": round(float(((w if qw is None else qw) == 0).mean()), 6),
-                                "block_sparsity": round(sparsity, 6), "dtype": "float32", "quantization": None}
-        if block is None:
-            if qw is not None:  # dense layer: int8 codes + per-output-channel scales
-                tensors[name + ".weight"] = np.ascontiguousarray(qw, np.int8)
-                tensors[name + ".scales"] = np.ascontiguousarray(scale, np.float32)
-                meta["dtype"] = "int8"
-            else:
-                tensors[name + ".weight"] = np.ascontiguousarray(w, np.float32)
-        else:
-            if qw is not None:
-                br, bc = block
-                keep = (w_eff.reshape(w.shape[0] // br, br, w.shape[1] // bc, bc) != 0).any(axis=(1, 3))
-                m = BlockSparseMatrix.from_dense(qw.astype(np.float32), block, mask=keep)
-                m = BlockSparseMatrix(m.shape, m.block, m.indptr, m.indices, m.data.astype(np.int8), scale, None)
-            else:
-                m = BlockSparseMatrix.from_dense(w, block)
-            tensors[name + ".indptr"], tensors[name + ".indices"], tensors[name + ".data"] = m.indptr, m.indices, m.data
-            if m.scales is not None:
-                tensors[name + ".scales"] = m.scales
-            meta.update(nnz_blocks=m.nnz_blocks, dtype=str(m.dtype))
-        tensors[name + ".bias"] = np.ascontiguousarray(bias, np.float32)
-        if q is not None:
-            qdesc: dict[str, Any] = {"bits": int(q.get("bits", 8))}
-            if qw is not None:
-                qdesc["weight"] = "int8, symmetric, per output channel"
-            iq = _input_quant(q, w.shape[1], name)
-            if iq is not None:
-                s_in, z_in, qdesc["input"] = iq
-                if s_in is not None:
-                    tensors[name + ".input_scale"], tensors[name + ".input_zero_point"] = s_in, z_in
-            meta["quantization"] = qdesc
-        layers[name] = meta
-    act_meta, act_tensors = _activation_points(acts or {}, int(config["hidden_size"]), state)
+        layer_tensors, layers[name] = _pack_linear(name, w, np.zeros(w.shape[0], np.float32) if bias is None else bias,
+                                                   quant.get(name), preferred)
+        tensors.update(layer_tensors)
+    act_meta, act_tensors = _activation_points(acts or {}, int(src.canon["hidden_size"]), src.norms)
     tensors.update(act_tensors)
-    word_key = f"{prefix}embeddings.word_embeddings.weight"
+    word_key = f"{prefix}{src.arch.embeddings['word']}.weight"
     word_int8 = embeddings == "int8" or (embeddings == "auto" and trained_int8_embeddings)
+    packed = {n + s for n in linears for s in (".weight", ".bias")}
     for k, v in state.items():
-        if k.endswith("position_ids") or _LINEAR.match(k) or (k.endswith(".bias") and k[:-5] in linears):
+        if k.endswith("position_ids") or k in packed:
             continue
         if k == word_key and word_int8:  # int8 rows + one scale per row, dequantized at lookup
             tensors[k], tensors[k[:-len("weight")] + "scales"] = _quantize_rows(np.asarray(v, np.float32))
@@ -338,49 +512,27 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
 
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     tok_files = _copy_tokenizer(model_dir, out)
-    length_config = None
-    lpath = model_dir / "length_config.json"
-    if lpath.is_file():
-        try:
-            raw = json.loads(lpath.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise SparsifyError(f"{lpath}: not valid JSON ({e})") from None
-        if isinstance(raw, dict) and raw.get("format") == "sparsify.length_config":
-            # the file the trainer and the search write: its "kind" says ratio or absolute; the rest is metadata
-            raw = {"length_config": raw.get("length_config"),
-                   "unit": {"ratio": "ratio", "absolute": "tokens"}.get(raw.get("kind"))}
-        lengths = parse_length_config(raw, int(config["num_hidden_layers"]))
-        length_config = {"lengths": lengths, "unit": "ratio" if isinstance(lengths[0], float) else "tokens",
-                         "source": "length_config.json"}
-    id2label = config.get("id2label") or {}
-    n_labels = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else len(id2label)
-    labels = [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(n_labels)]
-    arch_keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "intermediate_size", "hidden_act", "layer_norm_eps", "max_position_embeddings", "type_vocab_size",
-                 "vocab_size", "position_embedding_type", "pad_token_id")
-    tok_cfg = {}
-    if (out / "tokenizer_config.json").is_file():
-        tok_cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    mml = tok_cfg.get("model_max_length")
-    max_length = int(min(mml, config["max_position_embeddings"])) if isinstance(mml, (int, float)) and mml > 0 else \
-        int(config["max_position_embeddings"])
-    files = {}
-    for f in [WEIGHTS, *tok_files]:
-        files[f] = {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size}
+    files = {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in [WEIGHTS, *tok_files]}
     weight_bytes = files[WEIGHTS]["bytes"]
-    total_sparse = [m for m in layers.values() if m["block"]]
+    sparse_layers = [m for m in layers.values() if m["block"]]
+    pooling = src.pooling
+    if pooling is None and src.head == "embeddings":
+        pooling = {"modes": ["mean"], "normalize": False, "max_seq_length": None,
+                   "source": "default: no modules.json / 1_Pooling/config.json"}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_by": _version(),
         "source": str(run_dir or model_dir),
-        "architecture": {k: config[k] for k in arch_keys if k in config},
+        "architecture": src.canon,
         "prefix": prefix,
+        "head": src.head,
+        "pooling": pooling,
         "task": _task_of(run_dir),
-        "labels": labels,
-        "problem_type": config.get("problem_type"),
-        "max_length": max_length,
-        "length_config": length_config,
+        "labels": _labels(src),
+        "problem_type": src.config.get("problem_type"),
+        "max_length": _max_length(src, out),
+        "length_config": _length_config(model_dir, int(src.canon["num_hidden_layers"])),
         "quantized": bool(quant),
         "activations": act_meta,
         "embeddings": {"word": "int8, symmetric, one scale per row (word_embeddings.scales)" if word_int8
@@ -390,8 +542,8 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
         "files": files,
         "size": {"weights_bytes": weight_bytes, "dense_fp32_bytes": dense_bytes,
                  "ratio": round(weight_bytes / dense_bytes, 4)},
-        "summary": {"sparse_layers": len(total_sparse), "dense_layers": len(layers) - len(total_sparse),
-                    "blocks": sorted({m["block"] for m in total_sparse})},
+        "summary": {"sparse_layers": len(sparse_layers), "dense_layers": len(layers) - len(sparse_layers),
+                    "blocks": sorted({m["block"] for m in sparse_layers})},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return manifest
@@ -430,8 +582,14 @@ def dense_equivalent_model(model_dir: Path, quant: dict | None, *, int8_embeddin
     from sparsify.modeling import load_classifier
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    n = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
-    model = load_classifier(str(model_dir), num_labels=n)
+    auto = _auto_class(model_dir, config)
+    if auto is None:
+        n = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
+        model = load_classifier(str(model_dir), num_labels=n)
+    else:  # token classification, question answering, bare encoder: the checkpoint's own class
+        import transformers
+
+        model = getattr(transformers, auto).from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     if quant:
         modules = dict(model.named_modules())
@@ -452,6 +610,31 @@ def dense_equivalent_model(model_dir: Path, quant: dict | None, *, int8_embeddin
             codes, scales = _quantize_rows(table.detach().numpy())
             table.copy_(torch.from_numpy(codes.astype(np.float32) * scales[:, None]))
     return model
+
+
+_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _auto_class(model_dir: Path, config: dict) -> str | None:
+    """The transformers Auto class of a checkpoint whose head is not sequence classification (None when it is)."""
+    names = config.get("architectures") or []
+    for suffix, auto in (("ForTokenClassification", "AutoModelForTokenClassification"),
+                         ("ForQuestionAnswering", "AutoModelForQuestionAnswering")):
+        if any(n.endswith(suffix) for n in names):
+            return auto
+    if (model_dir / "modules.json").is_file() or any(n.endswith("Model") for n in names):
+        return "AutoModel"
+    return None
+
+
+def _copy_sentence_transformers(model_dir: Path, out: Path) -> None:
+    """A sentence-transformers model's own files (pipeline, pooling, settings) next to the exported encoder."""
+    for f in _ST_FILES:
+        if (model_dir / f).is_file():
+            shutil.copyfile(model_dir / f, out / f)
+    for sub in model_dir.glob("[0-9]_*"):
+        if sub.is_dir():
+            shutil.copytree(sub, out / sub.name, dirs_exist_ok=True)
 
 
 def export_onnx(model, path: Path, *, opset: int = 17, seq_len: int = 16) -> Path:
@@ -535,6 +718,9 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
         manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings, trained_int8)
         summary["manifest"] = manifest
     else:
+        if format == "onnx" and _auto_class(model_dir, _read_json(model_dir / "config.json")) is not None:
+            raise SparsifyError(f"{model_dir}: --format onnx writes sequence classifiers (output 'logits') only; use "
+                                "--format sparsify or hf for token classification, question answering and embeddings")
         out.mkdir(parents=True, exist_ok=True)
         model = dense_equivalent_model(model_dir, quant, int8_embeddings=trained_int8)
         if format == "hf":
@@ -544,6 +730,7 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
             load_tokenizer(str(model_dir)).save_pretrained(str(out))
             if (model_dir / "length_config.json").is_file():
                 shutil.copyfile(model_dir / "length_config.json", out / "length_config.json")
+            _copy_sentence_transformers(model_dir, out)
         else:
             export_onnx(model, out / "model.onnx")
             _copy_tokenizer(model_dir, out)

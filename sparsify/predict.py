@@ -1,4 +1,7 @@
-"""``sparsify predict ARTIFACT --text "..." [--text ...] | --file texts.txt [--json] [--threads N]``."""
+"""``sparsify predict ARTIFACT --text "..." [--text ...] | --file texts.txt [--json] [--threads N]``.
+
+Sequence classification prints ``label<TAB>score<TAB>text``, token classification ``token/label ...``, question
+answering (``question<TAB>context`` lines) ``answer<TAB>score<TAB>question | context``."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 
 from sparsify.errors import SparsifyError
 
@@ -30,20 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per text")
     args = parser.parse_args(argv)
     try:
-        if args.text is not None:
-            texts = list(args.text)
-        else:
-            try:
-                raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise SparsifyError(f"--file {args.file}: cannot read ({e})") from None
-            texts = [tuple(line.split("\t", 1)) if "\t" in line else line for line in raw.splitlines() if line.strip()]
+        from sparsify.embed import read_texts
+
+        texts = read_texts(args.text, args.file)
         if not texts:
             raise SparsifyError("no texts to classify (empty --file)")
         from sparsify.runtime import SparseModel
 
         model = SparseModel.from_pretrained(args.artifact, threads=args.threads,
                                             length_config=None if args.full_length else "default")
+        if model.head == "embeddings":
+            raise SparsifyError(f"{args.artifact}: an embedding model: use 'sparsify embed'")
+        if model.head == "question-answering" and not all(isinstance(t, tuple) for t in texts):
+            raise SparsifyError("a question-answering model takes 'question<TAB>context' lines")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             preds = model.predict(texts, batch_size=args.batch_size, max_length=args.max_length,
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     for text, p in zip(texts, preds):
         shown = " | ".join(text) if isinstance(text, tuple) else text
         if args.json:
-            print(json.dumps({"text": shown, **p}))
+            print(json.dumps({"text": shown, **p} if isinstance(p, dict) else {"text": shown, "tokens": p}))
+        elif isinstance(p, list):  # token classification
+            print(" ".join(f"{t['token']}/{t['label']}" for t in p))
+        elif "answer" in p:
+            print(f"{p['answer']}\t{p['score']:.4f}\t{shown}")
         elif "label" in p:
             print(f"{p['label']}\t{p['score']:.4f}\t{shown}")
         else:

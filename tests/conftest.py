@@ -106,3 +106,42 @@ def make_recipe(tiny_model_dir, toy_data, tmp_path):
         return write_recipe(tmp_path / f"recipe{i}.yaml", recipe)
 
     return make
+
+
+def fake_quantize_int8(model, linears: dict, calib_batch) -> dict:
+    """A QAT-convert()-like dict for ``linears`` (name -> nn.Linear of ``model``): int8 per-channel weights and
+    per-tensor asymmetric uint8 input parameters; ``model`` becomes the fake-quant torch reference with the same
+    numbers (dequantized weights, input quantize-dequantize hooks)."""
+    import numpy as np
+    import torch
+
+    from sparsify.kernels.format import quantize_per_channel
+
+    ranges, hooks = {}, []
+    for n, m in linears.items():
+        hooks.append(m.register_forward_pre_hook(
+            lambda mod, args, n=n: ranges.__setitem__(n, (min(0.0, float(args[0].min())), float(args[0].max())))))
+    with torch.no_grad():
+        model(**calib_batch)
+    for h in hooks:
+        h.remove()
+    conv = {}
+    for n, m in linears.items():
+        q, s = quantize_per_channel(m.weight.detach().numpy())
+        lo, hi = ranges[n]
+        scale = (hi - lo) / 255.0
+        zp = float(np.rint(-lo / scale))
+        conv[n] = {"weight_int8": q, "weight_scale": s, "bias": m.bias.detach().numpy(), "input_scale": scale,
+                   "input_zero_point": zp, "input_groups": 1, "input_permutation": None, "bits": 8}
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+        m.register_forward_pre_hook(
+            lambda mod, args, scale=scale, zp=zp: ((torch.clamp(torch.round(args[0] / scale) + zp, 0, 255) - zp)
+                                                   * scale,))
+    return conv
+
+
+@pytest.fixture(scope="session")
+def fake_quantize():
+    """:func:`fake_quantize_int8` (test modules load with importlib and cannot import conftest)."""
+    return fake_quantize_int8

@@ -252,46 +252,14 @@ def test_length_config_honoured(sparse_4x1, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ int8
-def _converted(model, calib_batch):
-    """A QAT-convert()-like dict: int8 per-channel weights + per-tensor asymmetric uint8 input parameters, and a
-    fake-quant torch reference with the same numbers."""
-    from sparsify.kernels.format import quantize_per_channel
-
-    ranges, hooks = {}, []
-    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n}
-    for n, m in lin.items():
-        hooks.append(m.register_forward_pre_hook(
-            lambda mod, args, n=n: ranges.__setitem__(n, (min(0.0, float(args[0].min())), float(args[0].max())))))
-    with torch.no_grad():
-        model(**calib_batch)
-    for h in hooks:
-        h.remove()
-    conv = {}
-    for n, m in lin.items():
-        q, s = quantize_per_channel(m.weight.detach().numpy())
-        lo, hi = ranges[n]
-        scale = (hi - lo) / 255.0
-        conv[n] = {"weight_int8": q, "weight_scale": s, "bias": m.bias.detach().numpy(), "input_scale": scale,
-                   "input_zero_point": float(np.rint(-lo / scale)), "input_groups": 1, "input_permutation": None,
-                   "bits": 8}
-        with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
-
-        def fq(mod, args, scale=scale, zp=conv[n]["input_zero_point"]):
-            x = args[0]
-            return ((torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale,)
-
-        m.register_forward_pre_hook(fq)
-    return conv
-
-
-def test_int8_parity_with_fake_quant(sparse_4x1, tmp_path):
+def test_int8_parity_with_fake_quant(sparse_4x1, tmp_path, fake_quantize):
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(sparse_4x1)
     batch = tok(TEXTS, padding=True, return_tensors="pt")
     model = BertForSequenceClassification.from_pretrained(sparse_4x1).eval()
-    conv = _converted(model, batch)
+    encoder = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n}
+    conv = fake_quantize(model, encoder, batch)
     summary = export(sparse_4x1, tmp_path / "a", quantized=conv)
     layers = summary["manifest"]["layers"]
     assert all(m["dtype"] == "int8" and m["block"] == "4x1" and m["quantization"]["input"]["bits"] == 8

@@ -14,6 +14,12 @@ call; GELU fused into the intermediate layer; the residual add fused into the ou
 :mod:`sparsify.runtime.ops`. At the last layer only the [CLS] rows are needed after attention, so attention runs
 only for the [CLS] query and the feed-forward block only on the [CLS] rows (exact for classification).
 
+Architectures and heads: the parameter names of BERT / MiniLM, RoBERTa / XLM-R, ELECTRA and DistilBERT come from
+one map (:mod:`sparsify.runtime.arch`), so every model runs the same forward pass. The head is the manifest's:
+sequence classification (the architecture's head on the first token), token classification and question answering
+(one Linear on every token, at full length; :meth:`SparseModel.answer` decodes spans back to character offsets),
+or embeddings (the sentence-transformers pooling, :meth:`SparseModel.embed`, which any artifact can also run).
+
 Quantized artifacts: int8 weights (block-sparse, or dense with every block kept; dequantized to float32 once at
 load by default, ``int8_weights="keep"`` to hold the codes) run with float32 activations that are fake-quantized
 exactly where the trained model's quantizer did it, in the same order: the input of every quantized Linear, the
@@ -44,10 +50,11 @@ import numpy as np
 from sparsify.errors import SparsifyError
 
 __all__ = ["SparseModel", "ArtifactError", "FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS",
-           "read_manifest", "parse_length_config", "load_tensors"]
+           "read_manifest", "parse_length_config", "load_tensors", "decode_span"]
 
 FORMAT = "sparsify-artifact"
-FORMAT_VERSION = 2  # 2: activation quantization points, int8 dense layers and word embeddings
+FORMAT_VERSION = 3  # 2: activation quantization points, int8 dense layers and word embeddings; 3: architectures
+# besides BERT, heads (manifest "head": token classification, question answering, embeddings) and "pooling"
 INT8_WEIGHTS = ("dequantize", "keep")  # how the runtime holds int8 Linear weights (SparseModel.from_pretrained)
 MANIFEST = "sparsify.json"
 WEIGHTS = "model.safetensors"
@@ -181,7 +188,7 @@ class _Layer:
 
 
 class SparseModel:
-    """A BERT-style sequence classifier from a sparsify artifact, on CPU (numpy in, numpy out)."""
+    """A BERT-style encoder with its head from a sparsify artifact, on CPU (numpy in, numpy out)."""
 
     def __init__(self, path: Path, manifest: dict, tensors: dict[str, np.ndarray], threads: int | None,
                  length_config: Any = "default", int8_weights: str = "dequantize"):
@@ -193,11 +200,19 @@ class SparseModel:
         self.int8_weights = int8_weights
         self.path = Path(path)
         self.manifest = manifest
+        from . import arch as A
+
         arch = manifest["architecture"]
+        model_type = arch.get("model_type") if isinstance(arch, dict) else None
+        self.arch = A.architecture(model_type)
+        if self.arch is None:
+            raise ArtifactError(f"{path}: model_type {model_type!r} is not supported by the runtime (supported: "
+                                f"{A.supported()})")
+        self.head = manifest.get("head") or "sequence-classification"  # format version 2 had only this head
+        if self.head not in A.HEADS:
+            raise ArtifactError(f"{path}: head {self.head!r} is not supported by the runtime (supported: "
+                                f"{', '.join(A.HEADS)})")
         try:
-            if arch.get("model_type") not in ("bert",):
-                raise ArtifactError(f"{path}: model_type {arch.get('model_type')!r} is not supported by the runtime "
-                                    "(BERT-family encoders: BERT, MiniLM, ...)")
             if arch.get("hidden_act", "gelu") != "gelu":
                 raise ArtifactError(f"{path}: hidden_act {arch['hidden_act']!r} not supported (gelu only)")
             if arch.get("position_embedding_type", "absolute") != "absolute":
@@ -206,7 +221,9 @@ class SparseModel:
             self.n_layers = int(arch["num_hidden_layers"])
             self.n_heads = int(arch["num_attention_heads"])
             self.eps = float(arch.get("layer_norm_eps", 1e-12))
-            self.max_positions = int(arch["max_position_embeddings"])
+            # RoBERTa counts positions from pad_token_id + 1: fewer usable positions than embeddings
+            self.position_offset = int(arch.get("pad_token_id") or 0) + 1 if self.arch.padding_positions else 0
+            self.max_positions = int(arch["max_position_embeddings"]) - self.position_offset
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{path}: architecture in the manifest is incomplete ({e})") from None
         self.labels = list(manifest.get("labels") or [])
@@ -239,10 +256,7 @@ class SparseModel:
                     w = tensors[f"{name}.weight"]
                     if w.dtype == np.int8:  # int8 codes + per-output-channel scales, run as int8 weights
                         return _dense_int8(w, np.ascontiguousarray(tensors[f"{name}.scales"], np.float32), bias)
-                    w = t(f"{name}.weight")
-                    blk = (4, 1) if w.shape[0] % 4 == 0 else (1, 1)
-                    full = np.ones((w.shape[0] // blk[0], w.shape[1] // blk[1]), bool)
-                    return BlockSparseMatrix.from_dense(w, blk, mask=full, bias=bias)
+                    return _dense(t(f"{name}.weight"), bias)
                 data = tensors[f"{name}.data"]
                 scales = tensors.get(f"{name}.scales")
                 return BlockSparseMatrix(tuple(meta["shape"]), tuple(meta["block_shape"]), tensors[f"{name}.indptr"],
@@ -286,49 +300,70 @@ class SparseModel:
             return quant_params(points.get(name), f"{name}.scale", f"{name}.zero_point", self.hidden, name)
 
         p = prefix
-        word = tensors.get(f"{p}embeddings.word_embeddings.weight")
+        E = self.arch.embeddings
+        word = tensors.get(f"{p}{E['word']}.weight")
         if word is not None and word.dtype == np.int8:  # int8 rows, one scale per row
             self.word = word
-            self.word_scales = t(f"{p}embeddings.word_embeddings.scales")
+            self.word_scales = t(f"{p}{E['word']}.scales")
             if self.word_scales.shape != (word.shape[0],):
                 raise ArtifactError(f"{path}: word_embeddings.scales has shape {self.word_scales.shape}, expected "
                                     f"({word.shape[0]},)")
         else:
-            self.word = t(f"{p}embeddings.word_embeddings.weight")
+            self.word = t(f"{p}{E['word']}.weight")
             self.word_scales = None
-        self.pos = t(f"{p}embeddings.position_embeddings.weight")
-        self.typ = t(f"{p}embeddings.token_type_embeddings.weight")
-        self.emb_ln = (t(f"{p}embeddings.LayerNorm.weight"), t(f"{p}embeddings.LayerNorm.bias"))
+        self.pos = t(f"{p}{E['position']}.weight")
+        # no token types (DistilBERT): one all-zero type row, so that every architecture takes the same kernel
+        self.typ = t(f"{p}{E['token_type']}.weight") if E["token_type"] else np.zeros((1, self.word.shape[1]),
+                                                                                      np.float32)
+        self.emb_ln = (t(f"{p}{E['norm']}.weight"), t(f"{p}{E['norm']}.bias"))
+        proj = self.arch.project and f"{p}{self.arch.project}.weight" in tensors
+        self.project = _dense(t(f"{p}{self.arch.project}.weight"), t(f"{p}{self.arch.project}.bias")) if proj else None
         self.layers: list[_Layer] = []
         for i in range(self.n_layers):
-            base = f"{p}encoder.layer.{i}."
+            names = A.layer_linears(self.arch, p, i)
+            ln1, ln2 = A.layer_norms(self.arch, p, i)
             L = _Layer()
-            L.q, L.k, L.v = (matrix(base + f"attention.self.{n}") for n in ("query", "key", "value"))
-            L.attn_out = matrix(base + "attention.output.dense")
-            L.inter = matrix(base + "intermediate.dense")
-            L.out = matrix(base + "output.dense")
-            L.ln1 = (t(base + "attention.output.LayerNorm.weight"), t(base + "attention.output.LayerNorm.bias"))
-            L.ln2 = (t(base + "output.LayerNorm.weight"), t(base + "output.LayerNorm.bias"))
-            qs = [input_quant(base + f"attention.self.{n}") for n in ("query", "key", "value")]
-            L.quant = {"qkv": qs, "attn_out": input_quant(base + "attention.output.dense"),
-                       "inter": input_quant(base + "intermediate.dense"), "out": input_quant(base + "output.dense")}
+            L.q, L.k, L.v = (matrix(names[r]) for r in ("query", "key", "value"))
+            L.attn_out, L.inter, L.out = (matrix(names[r]) for r in ("attn_out", "inter", "out"))
+            L.ln1 = (t(ln1 + ".weight"), t(ln1 + ".bias"))
+            L.ln2 = (t(ln2 + ".weight"), t(ln2 + ".bias"))
+            qs = [input_quant(names[r]) for r in ("query", "key", "value")]
+            L.quant = {"qkv": qs, **{r: input_quant(names[r]) for r in ("attn_out", "inter", "out")}}
             # residual sums (LayerNorm inputs) and LayerNorm outputs, quantized where the quantizer's hooks were
-            L.act = {"ln1_in": point_quant(base + "attention.output.LayerNorm.input"),
-                     "ln1_out": point_quant(base + "attention.output.LayerNorm.output"),
-                     "ln2_in": point_quant(base + "output.LayerNorm.input"),
-                     "ln2_out": point_quant(base + "output.LayerNorm.output")}
+            L.act = {"ln1_in": point_quant(ln1 + ".input"), "ln1_out": point_quant(ln1 + ".output"),
+                     "ln2_in": point_quant(ln2 + ".input"), "ln2_out": point_quant(ln2 + ".output")}
             same_in = all(_same_quant(qs[0], x) for x in qs[1:])
             L.qkv = _concat_rows([L.q, L.k, L.v]) if same_in else None
             self.layers.append(L)
         if unused:
             raise ArtifactError(f"{path}: the manifest quantizes activation {sorted(unused)[0]!r}, which this runtime "
                                 "does not know (encoder LayerNorm inputs and outputs only)")
-        self.pooler = (t(f"{p}pooler.dense.weight"), t(f"{p}pooler.dense.bias")) if f"{p}pooler.dense.weight" in \
-            tensors else None
-        self.classifier = (t("classifier.weight"), t("classifier.bias"))
+        self.head_steps = self._head_steps(path, p, tensors, t)
+        # names kept from the BERT-only runtime (the benchmark rebuilds a BERT from them)
+        self.classifier = self.head_steps[-1][:2] if self.head_steps else None
+        self.pooler = self.head_steps[0][:2] if len(self.head_steps) == 2 and self.arch.optional_head else None
+        self.pooling = manifest.get("pooling")
         self.default_length_config = parse_length_config(manifest.get("length_config"), self.n_layers)
         self.length_config = (self.default_length_config if length_config == "default"
                               else parse_length_config(length_config, self.n_layers))
+
+    def _head_steps(self, path: Path, prefix: str, tensors: dict, t) -> list[tuple]:
+        """The head's Linear layers as ``(weight, bias, activation)``: the architecture's sequence head (its
+        optional modules only when stored), one Linear for the token and QA heads, none for embeddings."""
+        from . import arch as A
+
+        if self.head == "sequence-classification":
+            names = [(n.format(prefix=prefix), act, n in self.arch.optional_head) for n, act in self.arch.sequence_head]
+        elif self.head in ("token-classification", "question-answering"):
+            names = [(A.TOKEN_HEAD if self.head == "token-classification" else A.QA_HEAD, None, False)]
+        else:
+            return []
+        steps = []
+        for name, act, optional in names:
+            if optional and name + ".weight" not in tensors:
+                continue
+            steps.append((t(name + ".weight"), t(name + ".bias"), act))
+        return steps
 
     # -------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -347,11 +382,15 @@ class SparseModel:
 
     # -------------------------------------------------------------------------------------------- forward
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, length_config: Any = "default"):
-        """Logits (float32 numpy ``(batch, labels)``) for padded ``input_ids`` ``(batch, seq)`` (numpy or torch).
+        """The head's output for padded ``input_ids`` ``(batch, seq)`` (numpy or torch), float32 numpy:
+        sequence classification ``(batch, labels)``; token classification ``(batch, seq, labels)``; question
+        answering ``(batch, seq, 2)`` (start, end logits); embeddings ``(batch, dim)`` (pooled). Padded positions
+        of per-token outputs are 0.
 
         ``attention_mask`` marks real tokens (1) and padding (0), left or right: positions count the real tokens
-        (0, 1, ...) and the first real token is [CLS], so left- and right-padded batches give the same logits (as
-        transformers does for right padding). ``length_config``: ``"default"`` (the model's), ``None`` (full length) or a list.
+        (0, 1, ...; RoBERTa from pad_token_id + 1) and the first real token is [CLS], so left- and right-padded
+        batches give the same output (as transformers does for right padding). ``length_config``: ``"default"``
+        (the model's), ``None`` (full length) or a list.
         """
         ids = _as_int64(input_ids, "input_ids")
         if ids.ndim != 2:
@@ -360,18 +399,70 @@ class SparseModel:
         types = np.zeros_like(ids) if token_type_ids is None else _as_int64(token_type_ids, "token_type_ids")
         if mask.shape != ids.shape or types.shape != ids.shape:
             raise SparsifyError(f"attention_mask / token_type_ids must have the shape of input_ids {ids.shape}")
+        per_token = self.head in ("token-classification", "question-answering")
         if ids.shape[0] == 0:
-            return np.zeros((0, len(self.classifier[1])), np.float32)
+            width = self.hidden * len(self.pooling_modes) if self.head == "embeddings" else len(self.head_steps[-1][1])
+            return np.zeros((0, ids.shape[1], width) if per_token else (0, width), np.float32)
         if ids.shape[1] > self.max_positions:
             raise SparsifyError(f"sequence length {ids.shape[1]} exceeds the model's {self.max_positions} positions")
         real = mask.astype(bool)
         lens = real.sum(axis=1).astype(np.int64)
         if np.any(lens == 0):
             raise SparsifyError("a sequence has no real tokens (attention_mask all zero)")
-        positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
-        return self._forward_packed(ids[real], positions, types[real], lens, length_config)
+        out = self._forward_packed(ids[real], self._positions(lens), types[real], lens, length_config)
+        if not per_token:
+            return out
+        padded = np.zeros(ids.shape + out.shape[1:], np.float32)  # back to (batch, seq, ...) at the real tokens
+        padded[real] = out
+        return padded
 
-    def _forward_packed(self, ids, positions, types, lens, length_config="default") -> np.ndarray:
+    def _positions(self, lens: np.ndarray) -> np.ndarray:
+        """Position ids of packed sequences: 0.. per sequence (RoBERTa: from pad_token_id + 1)."""
+        if not len(lens):
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.arange(self.position_offset, self.position_offset + n, dtype=np.int64) for n in lens])
+
+    @property
+    def pooling_modes(self) -> list[str]:
+        return list((self.pooling or {}).get("modes") or ["mean"])
+
+    def _forward_packed(self, ids, positions, types, lens, length_config="default", head: str | None = None,
+                        normalize: bool | None = None):
+        """The output of ``head`` (default: the artifact's) for packed tokens: per sequence for the sequence
+        head and embeddings (unit length if ``normalize``, None: as the pooling configuration says), per token
+        (packed rows) for the token and QA heads."""
+        head = head or self.head
+        first_only = head == "sequence-classification" or (head == "embeddings" and self.pooling_modes == ["cls"])
+        if first_only:
+            cfg = self.length_config if length_config == "default" else parse_length_config(length_config,
+                                                                                               self.n_layers)
+        elif length_config not in ("default", None):  # the model's own configuration is skipped silently
+            raise SparsifyError(f"a length configuration drops tokens, and {head} needs every token: run it at full "
+                                "length (length_config=None)")
+        else:
+            cfg = None
+        if not self.arch.token_types:  # one type or none: every token has type 0
+            types = np.zeros(len(ids), np.int64)
+        x, starts, lens = self._encoder(ids, positions, types, lens, cfg, first_only)
+        from . import ops
+
+        if head == "embeddings":
+            if normalize is None:
+                normalize = bool((self.pooling or {}).get("normalize"))
+            return _pool(x, starts, lens, self.pooling_modes, normalize)
+        if head != "sequence-classification":  # one Linear on every token
+            return ops.linear64(x, *self.head_steps[0][:2]).astype(np.float32)
+        h = x[starts]
+        for w, b, act in self.head_steps:
+            h = ops.linear64(h, w, b, tanh=act == "tanh")
+            if act is not None and act != "tanh":
+                h = _ACTIVATIONS[act](h)
+        return h.astype(np.float32)
+
+    def _encoder(self, ids, positions, types, lens, cfg, first_only: bool):
+        """Final hidden states ``(x, starts, lens)``: packed rows of every kept token, or (``first_only``) of the
+        first token of each sequence only (the last layer then runs attention and the feed-forward block for that
+        row alone)."""
         from sparsify.kernels.spmm import spmm
 
         from . import ops
@@ -381,7 +472,6 @@ class SparseModel:
             raise SparsifyError(f"input_ids out of the vocabulary range [0, {self.word.shape[0]})")
         if types.size and (types.min() < 0 or types.max() >= self.typ.shape[0]):
             raise SparsifyError(f"token_type_ids out of range [0, {self.typ.shape[0]})")
-        cfg = self.length_config if length_config == "default" else parse_length_config(length_config, self.n_layers)
         lens = np.ascontiguousarray(lens, dtype=np.int64)
         input_lens = lens.copy()
         starts = np.zeros_like(lens)
@@ -390,20 +480,23 @@ class SparseModel:
                                 np.ascontiguousarray(types, np.int64), self.word, self.pos, self.typ,
                                 *self.emb_ln, self.eps, word_scales=self.word_scales)
         th = self.threads
+        if self.project is not None:  # ELECTRA: embedding_size -> hidden_size
+            x = spmm(x, self.project, threads=th)
         # Quantization points in the order of the PyTorch reference (see sparsify.techniques.quantization): the
         # input of each quantized Linear, the residual sum entering each encoder LayerNorm and that LayerNorm's
         # output. ``xq`` is ``x`` as the next query/key/value Linear sees it (fake-quantized when its input is).
         xq = _fq(x, self.layers[0].quant["qkv"][0]) if self.layers and self.layers[0].qkv is not None else x
         for i, L in enumerate(self.layers):
             last = i == self.n_layers - 1
+            first = last and first_only
             drop = cfg is not None and not last
             qkv = spmm(xq, L.qkv, threads=th) if L.qkv is not None else self._qkv_separate(L, x, th)
             fuse = _fused(quant=L.quant["attn_out"])  # the context is fake-quantized as the attention writes it
-            ctx, sig = attention(qkv, starts, lens, self.n_heads, significance=drop, first_query_only=last,
+            ctx, sig = attention(qkv, starts, lens, self.n_heads, significance=drop, first_query_only=first,
                                  quant=fuse.get("quant"))
             if not fuse:  # a float16 point
                 ctx = _fq(ctx, L.quant["attn_out"], out=ctx)
-            if last:  # only the [CLS] rows matter from here on (exact for classification)
+            if first:  # only the [CLS] rows matter from here on (exact for sequence heads and CLS pooling)
                 x = np.ascontiguousarray(x[starts])
                 starts = np.arange(len(lens), dtype=np.int64)
                 lens = np.ones_like(lens)
@@ -420,10 +513,7 @@ class SparseModel:
             nxt = self.layers[i + 1] if not last else None
             q_next = nxt.quant["qkv"][0] if nxt is not None and nxt.qkv is not None else None
             x, xq = _norm(h, L.ln2, self.eps, L.act["ln2_in"], L.act["ln2_out"], q_next)
-        cls = x[starts]
-        if self.pooler is not None:
-            cls = ops.linear64(cls, *self.pooler, tanh=True)
-        return ops.linear64(cls, *self.classifier).astype(np.float32)
+        return x, starts, lens
 
     def _qkv_separate(self, L: _Layer, x: np.ndarray, th: int) -> np.ndarray:
         """Query, key and value one by one: their inputs are quantized differently, or their blocks differ."""
@@ -447,9 +537,9 @@ class SparseModel:
             self._tokenizer = tok
         return self._tokenizer
 
-    def encode(self, texts: Sequence, max_length: int | None = None):
-        """Tokenize ``texts`` (strings, or (text, text_pair) pairs) -> packed (ids, positions, types, lens,
-        n_truncated). Texts longer than ``max_length`` (default: the artifact's) are truncated."""
+    def _tokenize(self, texts: Sequence, max_length: int | None = None, *, strategy: str = "longest_first"):
+        """``tokenizers`` encodings of ``texts`` (strings, or (text, text_pair) pairs), truncated to
+        ``max_length`` (default: the artifact's) with ``strategy`` (``only_second`` keeps QA questions whole)."""
         max_length = min(int(max_length or self.max_length), self.max_positions)
         tok = self.tokenizer
         pairs = [tuple(t) if isinstance(t, (list, tuple)) else t for t in texts]
@@ -457,52 +547,117 @@ class SparseModel:
             if not isinstance(t, (str, tuple)) or (isinstance(t, tuple) and (len(t) != 2 or not all(
                     isinstance(s, str) for s in t))):
                 raise SparsifyError(f"texts must be strings or (text, text_pair) pairs, got {t!r:.80}")
-        tok.enable_truncation(max_length)
+        tok.enable_truncation(max_length, strategy=strategy)
         try:
-            encs = tok.encode_batch(pairs)
+            return tok.encode_batch(pairs)
+        except Exception as e:  # e.g. only_second with a question longer than max_length
+            raise SparsifyError(f"cannot tokenize the texts: {e}") from None
         finally:
             tok.no_truncation()
-        n_trunc = sum(1 for e in encs if e.overflowing)
+
+    def _pack(self, encs):
+        """Packed (ids, positions, types, lens) of tokenizer encodings."""
         lens = np.array([len(e.ids) for e in encs], dtype=np.int64)
         ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(lens.sum()))
         types = np.fromiter((i for e in encs for i in e.type_ids), dtype=np.int64, count=int(lens.sum()))
-        positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lens]) if len(lens) else lens
-        return ids, positions, types, lens, n_trunc
+        return ids, self._positions(lens), types, lens
 
-    def logits(self, texts: Sequence, batch_size: int = 32, max_length: int | None = None,
-               length_config: Any = "default") -> np.ndarray:
-        """Logits for a list of texts, in batches of ``batch_size``."""
-        if isinstance(texts, str):
+    def encode(self, texts: Sequence, max_length: int | None = None):
+        """Tokenize ``texts`` (strings, or (text, text_pair) pairs) -> packed (ids, positions, types, lens,
+        n_truncated). Texts longer than ``max_length`` (default: the artifact's) are truncated."""
+        encs = self._tokenize(texts, max_length)
+        return (*self._pack(encs), sum(1 for e in encs if e.overflowing))
+
+    def _batches(self, texts: Sequence, batch_size: int, max_length: int | None, what: str = "predict",
+                 strategy: str = "longest_first"):
+        """``(encodings, packed output of the head)`` per batch of ``batch_size`` texts; warns once about
+        truncated texts."""
+        if isinstance(texts, (str, tuple)):
             texts = [texts]
         texts = list(texts)
         if not texts:
-            raise SparsifyError("no texts to predict (empty input list)")
-        if batch_size < 1:
-            raise SparsifyError(f"batch_size must be positive, got {batch_size}")
-        out, truncated = [], 0
+            raise SparsifyError(f"no texts to {what} (empty input list)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise SparsifyError(f"batch_size must be a positive integer, got {batch_size!r}")
+        truncated = 0
         for b in range(0, len(texts), batch_size):
-            ids, pos, types, lens, n_trunc = self.encode(texts[b:b + batch_size], max_length)
-            truncated += n_trunc
-            out.append(self._forward_packed(ids, pos, types, lens, length_config))
+            encs = self._tokenize(texts[b:b + batch_size], max_length, strategy=strategy)
+            truncated += sum(1 for e in encs if e.overflowing)
+            yield encs, self._pack(encs)
         if truncated:
             warnings.warn(f"{truncated} of {len(texts)} texts were longer than {max_length or self.max_length} "
-                          "tokens and were truncated", stacklevel=2)
-        return np.concatenate(out)
+                          "tokens and were truncated", stacklevel=3)
+
+    def logits(self, texts: Sequence, batch_size: int = 32, max_length: int | None = None,
+               length_config: Any = "default") -> np.ndarray:
+        """Logits of the sequence-classification head for a list of texts, in batches of ``batch_size``."""
+        self._require("sequence-classification", "logits")
+        return np.concatenate([self._forward_packed(*packed, length_config)
+                               for _, packed in self._batches(texts, batch_size, max_length)])
+
+    def embed(self, texts: Sequence, batch_size: int = 32, *, normalize: bool | None = None,
+              max_length: int | None = None) -> np.ndarray:
+        """Sentence embeddings ``(len(texts), dim)`` float32, pooled as the model's sentence-transformers
+        configuration says (manifest ``pooling``; texts stripped of surrounding whitespace, as the library does).
+        ``normalize``: None (as the model says), True or False (unit length or not). Any artifact can embed: one
+        without a pooling configuration gets mean pooling over the real tokens, with a warning."""
+        if self.pooling is None or str(self.pooling.get("source", "")).startswith("default"):
+            warnings.warn(f"{self.path}: no sentence-transformers pooling configuration (modules.json / "
+                          "1_Pooling/config.json): embeddings are the mean of the final hidden states over the real "
+                          "tokens, not normalised", stacklevel=2)
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = [t.strip() if isinstance(t, str) else t for t in texts]
+        return np.concatenate([self._forward_packed(*packed, head="embeddings", normalize=normalize)
+                               for _, packed in self._batches(texts, batch_size, max_length, "embed")])
+
+    def answer(self, questions: Sequence, contexts: Sequence | None = None, *, batch_size: int = 32,
+               max_length: int | None = None, max_answer_length: int = 30) -> list[dict]:
+        """Extractive question answering: ``[{"answer", "start", "end", "score"}, ...]`` per (question, context),
+        ``start`` / ``end`` character offsets into the context. ``questions`` is a list of questions (with
+        ``contexts`` beside it) or of (question, context) pairs. Contexts longer than ``max_length`` are truncated
+        (the question is kept whole; no sliding window). The span maximises p(start) * p(end) over the context's
+        tokens with start <= end < start + ``max_answer_length``."""
+        self._require("question-answering", "answer")
+        if isinstance(questions, str):
+            questions, contexts = [questions], [contexts] if isinstance(contexts, str) else contexts
+        pairs = list(zip(questions, contexts)) if contexts is not None else list(questions)
+        if contexts is not None and len(pairs) != len(questions):
+            raise SparsifyError(f"{len(questions)} questions but {len(contexts)} contexts")
+        if not isinstance(max_answer_length, int) or max_answer_length < 1:
+            raise SparsifyError(f"max_answer_length must be a positive integer, got {max_answer_length!r}")
+        out: list[dict] = []
+        for encs, packed in self._batches(pairs, batch_size, max_length, "answer", strategy="only_second"):
+            logits = self._forward_packed(*packed)
+            for enc, (st, n) in zip(encs, zip(np.cumsum(packed[3]) - packed[3], packed[3])):
+                context = pairs[len(out)][1]
+                allowed = _context_tokens(enc)
+                span = decode_span(logits[st:st + n, 0], logits[st:st + n, 1], allowed, max_answer_length)
+                if span is None:
+                    out.append({"answer": "", "start": 0, "end": 0, "score": 0.0})
+                    continue
+                i, j, score = span
+                cs, ce = enc.offsets[i][0], enc.offsets[j][1]
+                out.append({"answer": context[cs:ce], "start": int(cs), "end": int(ce), "score": float(score)})
+        return out
 
     def predict(self, texts: Sequence, batch_size: int = 32, *, max_length: int | None = None,
-                length_config: Any = "default", return_probabilities: bool = False) -> list[dict]:
-        """``[{"label": name, "score": probability}, ...]`` per text (``"probabilities"`` too when asked);
-        regression models give ``{"score": value}``. Long texts are truncated with a warning; an empty list is
-        an error."""
+                length_config: Any = "default", return_probabilities: bool = False) -> list:
+        """Per text: sequence classification ``{"label": name, "score": probability}`` (``"probabilities"``
+        too when asked; regression models give ``{"score": value}``); token classification a list of ``{"token",
+        "label", "score", "start", "end"}`` per word piece (character offsets; special tokens left out); question
+        answering (texts are (question, context) pairs) :meth:`answer`. Long texts are truncated with a warning;
+        an empty list is an error."""
+        if self.head == "question-answering":
+            return self.answer(texts, batch_size=batch_size, max_length=max_length)
+        if self.head == "token-classification":
+            return self._predict_tokens(texts, batch_size, max_length)
         logits = self.logits(texts, batch_size, max_length, length_config)
         if self.problem_type == "regression" or logits.shape[1] == 1:
             return [{"score": float(v)} for v in logits[:, 0]]
-        z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
         names = self.labels or [f"LABEL_{i}" for i in range(logits.shape[1])]
         out = []
-        for p in probs:
+        for p in _softmax(logits):
             k = int(p.argmax())
             r = {"label": names[k], "score": float(p[k])}
             if return_probabilities:
@@ -510,9 +665,100 @@ class SparseModel:
             out.append(r)
         return out
 
+    def _predict_tokens(self, texts: Sequence, batch_size: int, max_length: int | None) -> list[list[dict]]:
+        out = []
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        for encs, packed in self._batches(texts, batch_size, max_length):
+            probs = _softmax(self._forward_packed(*packed))
+            names = self.labels or [f"LABEL_{i}" for i in range(probs.shape[1])]
+            st = 0
+            for enc in encs:
+                text = texts[len(out)]
+                text = text[0] if isinstance(text, tuple) else text
+                rows = []
+                for k, (special, seq, (cs, ce)) in enumerate(zip(enc.special_tokens_mask, enc.sequence_ids,
+                                                                 enc.offsets)):
+                    if special or seq != 0:
+                        continue
+                    p = probs[st + k]
+                    j = int(p.argmax())
+                    rows.append({"token": text[cs:ce], "label": names[j], "score": float(p[j]), "start": int(cs),
+                                 "end": int(ce)})
+                out.append(rows)
+                st += len(enc.ids)
+        return out
+
+    def _require(self, head: str, method: str) -> None:
+        if self.head != head:
+            hint = {"embeddings": "embed()", "question-answering": "answer()", "token-classification": "predict()",
+                    "sequence-classification": "predict() or logits()"}[self.head]
+            raise SparsifyError(f"{method}() needs a {head} artifact; this one has a {self.head} head: use {hint}")
+
     def __repr__(self) -> str:
         return (f"SparseModel({self.path}, layers={self.n_layers}, hidden={self.hidden}, threads={self.threads}, "
                 f"length_config={self.length_config})")
+
+
+# ------------------------------------------------------------------------------------------------ heads
+def _gelu(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+# activations inside sequence heads besides tanh (fused into the Linear): ELECTRA's GELU, DistilBERT's ReLU
+_ACTIVATIONS = {"gelu": _gelu, "relu": lambda x: np.maximum(x, 0.0)}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def _normalize(e: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (as torch.nn.functional.normalize: the norm clamped at 1e-12)."""
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+def _pool(x: np.ndarray, starts: np.ndarray, lens: np.ndarray, modes: list[str], normalize: bool) -> np.ndarray:
+    """sentence-transformers pooling of packed hidden states, modes concatenated in the order of the
+    configuration, then L2 normalisation if asked -> float32 ``(batch, dim * len(modes))``."""
+    parts = []
+    for mode in modes:
+        if mode == "cls":
+            parts.append(x[starts].astype(np.float64))
+        elif mode == "max":
+            parts.append(np.maximum.reduceat(x, starts, axis=0).astype(np.float64))
+        else:
+            total = np.add.reduceat(x.astype(np.float64), starts, axis=0)
+            parts.append(total / (lens[:, None] if mode == "mean" else np.sqrt(lens[:, None])))
+    e = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    return (_normalize(e) if normalize else e).astype(np.float32)
+
+
+def _context_tokens(enc) -> np.ndarray:
+    """Tokens an answer may use: those of the second sequence (the context) of a (question, context) encoding,
+    or every non-special token of a single text."""
+    seq = enc.sequence_ids
+    want = 1 if any(s == 1 for s in seq) else 0
+    return np.array([s == want and not special for s, special in zip(seq, enc.special_tokens_mask)], bool)
+
+
+def decode_span(start_logits: np.ndarray, end_logits: np.ndarray, allowed: np.ndarray,
+                max_answer_length: int = 30) -> tuple[int, int, float] | None:
+    """The answer span ``(start token, end token, score)`` maximising p(start) * p(end), the probabilities a
+    softmax over the ``allowed`` tokens, with start <= end < start + ``max_answer_length``; None when no token is
+    allowed."""
+    idx = np.flatnonzero(allowed)
+    if not idx.size:
+        return None
+    ps = _softmax(np.asarray(start_logits)[idx])
+    pe = _softmax(np.asarray(end_logits)[idx])
+    gap = idx[None, :] - idx[:, None]
+    scores = np.where((gap >= 0) & (gap < max_answer_length), ps[:, None] * pe[None, :], -1.0)
+    i, j = np.unravel_index(int(scores.argmax()), scores.shape)
+    return int(idx[i]), int(idx[j]), float(scores[i, j])
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -568,6 +814,15 @@ def _norm(h: np.ndarray, ln, eps: float, q_in, q_out, q_next) -> tuple[np.ndarra
     ops.layernorm_(h, *ln, eps)
     _fq(h, q_out, out=h)
     return h, _fq(h, q_next)
+
+
+def _dense(w: np.ndarray, bias: np.ndarray):
+    """A dense float32 weight as a block-sparse matrix with every block kept, for the same kernels."""
+    from sparsify.kernels.format import BlockSparseMatrix
+
+    blk = (4, 1) if w.shape[0] % 4 == 0 else (1, 1)
+    full = np.ones((w.shape[0] // blk[0], w.shape[1] // blk[1]), bool)
+    return BlockSparseMatrix.from_dense(w, blk, mask=full, bias=bias)
 
 
 def _dense_int8(codes: np.ndarray, scales: np.ndarray, bias: np.ndarray):

@@ -1,0 +1,95 @@
+"""Reliability (issue 17): the kernel format owns its arrays, YAML alias bombs, damaged checkpoints on --resume,
+user mistakes caught before a run starts, artifacts whose manifest lies and non-finite weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sparsify.cli import main
+from sparsify.kernels.format import BlockSparseMatrix
+from sparsify.kernels.spmm import spmm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args) -> int:
+    args = list(map(str, args))
+    return main(args + ["--no-progress"] if args[0] == "train" else args)
+
+
+def one_error(capsys, *expected: str) -> str:
+    """The single ``error:`` line of a failed command (which is the last line of stderr), holding ``expected``."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]), err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def output_dir(recipe: Path) -> Path:
+    return Path(yaml.safe_load(recipe.read_text())["output_dir"])
+
+
+# ------------------------------------------------------------------------------ 1. the kernel format owns its data
+def _parts(seed=0, n_out=16, n_in=12):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    w[rng.random((n_out, n_in)) < 0.5] = 0
+    m = BlockSparseMatrix.from_dense(w, (4, 1))
+    return dict(shape=m.shape, block=m.block, indptr=m.indptr.copy(), indices=m.indices.copy(), data=m.data.copy(),
+                bias=rng.standard_normal(n_out).astype(np.float32))
+
+
+def test_matrix_ignores_changes_to_the_callers_arrays():
+    parts = _parts()
+    m = BlockSparseMatrix(**parts)
+    dense, bias = m.to_dense(), parts["bias"].copy()
+    x = np.random.default_rng(1).standard_normal((5, 12)).astype(np.float32)
+    expected = x @ dense.T + bias
+    parts["data"] *= 3  # before the first call: the kernel used to read these
+    parts["bias"][:] = 7
+    parts["indices"][:] = parts["indices"][::-1]
+    np.testing.assert_allclose(spmm(x, m), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(m.to_dense(), dense)
+    parts["data"] *= 5  # after the first call: the padded copies and the stored arrays must still agree
+    np.testing.assert_allclose(spmm(x, m), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(m.to_dense(), dense)
+
+
+def test_matrix_arrays_are_read_only():
+    m = BlockSparseMatrix(**_parts())
+    for name in ("indptr", "indices", "data", "bias"):
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(m, name)[0] = 0
+    assert m.with_bias(None).indices is m.indices  # derived matrices share the owned arrays, no copy
+
+
+def test_out_of_range_indices_after_construction_cannot_crash_the_kernel():
+    # used to end with a segfault (exit 139): the kernel read block column 10**6 of x
+    script = textwrap.dedent("""
+        import numpy as np
+        from sparsify.kernels.format import BlockSparseMatrix
+        from sparsify.kernels.spmm import spmm
+        w = np.ones((8, 8), np.float32)
+        m = BlockSparseMatrix.from_dense(w, (4, 1))
+        indptr, indices, data = m.indptr.copy(), m.indices.copy(), m.data.copy()
+        m = BlockSparseMatrix((8, 8), (4, 1), indptr, indices, data)
+        indices[:] = 10**6
+        y = spmm(np.ones((3, 8), np.float32), m)
+        assert np.allclose(y, 8.0), y
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])

@@ -201,6 +201,10 @@ def _construct_mapping(loader, node, deep=False):
     seen = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, not a {type(key).__name__}", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
@@ -210,6 +214,49 @@ def _construct_mapping(loader, node, deep=False):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+MAX_YAML_NODES = 10_000  # values a recipe may hold once its aliases are expanded (a real recipe: about 100)
+
+
+def _expanded_size(node, sizes: dict, limit: int) -> int:
+    """Values under ``node`` with every alias expanded, counted without expanding anything (each node once); a
+    node met again while it is being counted is a recursive alias. Stops counting above ``limit``."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:
+            raise yaml.composer.ComposerError(None, None, "recursive alias: an anchor used inside itself",
+                                              node.start_mark)
+        return sizes[key]
+    sizes[key] = None
+    total = 1
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        children = [c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode) else node.value
+        for child in children:
+            total += _expanded_size(child, sizes, limit)
+            if total > limit:
+                break
+    sizes[key] = total
+    return total
+
+
+def _load_yaml(text: str):
+    """``(node, data)`` of one YAML document with the unique-key safe loader; refuses aliases that expand past
+    :data:`MAX_YAML_NODES` values (a few hundred bytes of nested anchors can expand to gigabytes) and recursive
+    aliases, before anything is expanded. ``(None, None)`` for an empty document."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        if _expanded_size(node, {}, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand to more than {MAX_YAML_NODES} values (nested anchors and aliases, "
+                "a 'billion laughs' document?); write the values out", node.start_mark)
+        return node, loader.construct_document(node)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def _line_map(node, path: KeyPath = (), out=None) -> dict[KeyPath, int]:
@@ -233,9 +280,9 @@ def _parse_override(text: str) -> tuple[KeyPath, Any]:
     if not key.strip() or any(p == "" for p in parts):
         raise RecipeError(f"--set {text!r}: empty key")
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
+        value = _load_yaml(raw)[1] if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise RecipeError(f"--set {text!r}: value is not valid YAML ({e.problem})") from None
+        raise RecipeError(f"--set {text!r}: value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     return parts, value
 
 
@@ -301,10 +348,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     file = str(path)
     if not path.is_file():
         raise RecipeError("recipe file not found (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)", file=file)
-    text = path.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"cannot read the recipe ({e.strerror or e})", file=file) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the recipe as "
+                          "UTF-8", file=file, line=line) from None
+    try:
+        node, data = _load_yaml(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -332,7 +387,7 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
         if not isinstance(entry, dict) or "kind" not in entry:
             raise source.error(where, f"each technique is a mapping with a 'kind': one of {', '.join(TECHNIQUES)}")
         kind = entry["kind"]
-        if kind not in TECHNIQUES:
+        if not isinstance(kind, str) or kind not in TECHNIQUES:
             raise source.error(where + ("kind",), f"unknown technique {kind!r}.{_suggest(kind, list(TECHNIQUES))}"
                                f" Allowed: {', '.join(TECHNIQUES)}")
         cls = TECHNIQUES[kind].config

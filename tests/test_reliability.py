@@ -93,3 +93,56 @@ def test_out_of_range_indices_after_construction_cannot_crash_the_kernel():
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+# ------------------------------------------------------------------------------ 2. YAML alias bombs
+ALIAS_BOMB = textwrap.dedent("""\
+    a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+    b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+    c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+    d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+    e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+    f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+    g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+    h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+    i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+    """)
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    assert len(ALIAS_BOMB.encode()) < 600
+    # in a subprocess with a memory cap: before the fix this expanded to gigabytes (MemoryError after a minute)
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+              "from sparsify.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", script, "recipe", "check", str(bomb)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bomb}:") and "aliases expand" in lines[0], lines
+
+
+def test_recursive_alias_and_alias_bomb_in_set_are_refused(tmp_path, capsys):
+    rec = tmp_path / "rec.yaml"
+    rec.write_text("output_dir: x\nmodel: &m {name_or_path: *m}\n")
+    assert run_cli("recipe", "check", rec) == 2
+    one_error(capsys, f"{rec}:", "recursive alias")
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("output_dir: x\n")
+    bomb = "[&a0 [1,1,1,1,1,1,1,1,1,1], " + ", ".join(f"&a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]"
+                                                     for i in range(1, 6)) + "]"  # 10**6 values
+    assert run_cli("recipe", "check", ok, "--set", f"name={bomb}") == 2
+    one_error(capsys, "--set", "aliases expand")
+
+
+def test_small_aliases_still_work(tmp_path, tiny_model_dir, toy_data):
+    r = tmp_path / "r.yaml"
+    r.write_text(textwrap.dedent(f"""\
+        output_dir: {tmp_path / 'run'}
+        model: {{name_or_path: &m {tiny_model_dir}}}
+        teacher: {{name_or_path: *m}}
+        data: {{train_file: {toy_data['train']}, validation_file: {toy_data['validation']}}}
+        training: {{steps: 2}}
+        """))
+    assert run_cli("recipe", "check", r, "--quiet") == 0

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, write_checkpoint
+from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, resume_checkpoint, write_checkpoint
 from sparsify.config import FieldError
 from sparsify.data import collator, load_task_data
 from sparsify.errors import SparsifyError
@@ -88,7 +88,7 @@ def _prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Pat
                 f"--resume: the recipe differs from {run_dir}/recipe.yaml, the one this run started with; "
                 "resume with the same recipe and --set values, or start a new output_dir"
             )
-        return run_dir, ckpts[-1]
+        return run_dir, resume_checkpoint(run_dir)  # the newest intact one
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise SparsifyError(

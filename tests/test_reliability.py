@@ -146,3 +146,74 @@ def test_small_aliases_still_work(tmp_path, tiny_model_dir, toy_data):
         training: {{steps: 2}}
         """))
     assert run_cli("recipe", "check", r, "--quiet") == 0
+
+
+# ------------------------------------------------------------------------------ 3. damaged checkpoints
+def _damage(ckpt: Path, how: str) -> None:
+    if how == "truncated":
+        f = ckpt / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "flipped":
+        f = ckpt / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-5] ^= 0x01  # inside a weight: still a valid file
+        f.write_bytes(bytes(data))
+    elif how == "broken_json":
+        (ckpt / "trainer_state.json").write_text('{"step": 4, ')
+    elif how == "missing":
+        (ckpt / "optimizer.safetensors").unlink()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, toy_data, tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4 (kept: both)."""
+    tmp = tmp_path_factory.mktemp("ckpt-run")
+    recipe = tmp / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp / "run"), "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train_file": str(toy_data["train"]), "validation_file": str(toy_data["validation"]), "max_length": 32},
+        "training": {"steps": 4, "save_every": 2, "batch_size": 16, "seed": 7, "threads": 1}}))
+    assert run_cli("train", recipe) == 0
+    return recipe
+
+
+def _copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(output_dir(finished_run), tmp_path / "run")
+    recipe = yaml.safe_load(finished_run.read_text())
+    recipe["output_dir"] = str(tmp_path / "run")
+    (tmp_path / "run" / "recipe.yaml").write_text(
+        (tmp_path / "run" / "recipe.yaml").read_text().replace(str(output_dir(finished_run)), str(tmp_path / "run")))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_checkpoints_carry_a_manifest_of_checksums(finished_run):
+    ckpt = output_dir(finished_run) / "checkpoints" / "step-000004"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    listed = set(manifest["files"])
+    assert listed == {p.name for p in ckpt.iterdir()} - {"manifest.json"}
+    assert {"model.safetensors", "trainer_state.json", "rng-0.safetensors"} <= listed
+    assert all(len(v["sha256"]) == 64 and v["bytes"] > 0 for v in manifest["files"].values())
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "broken_json", "missing"])
+def test_resume_skips_a_damaged_checkpoint(finished_run, tmp_path, capsys, how):
+    recipe = _copy_run(finished_run, tmp_path)
+    _damage(tmp_path / "run" / "checkpoints" / "step-000004", how)
+    capsys.readouterr()
+    assert run_cli("train", recipe, "--resume") == 0
+    out, err = capsys.readouterr()
+    assert "skipped the damaged checkpoint" in err and "step-000004" in err, err
+    assert "resuming from" in out and "step-000002" in out, out
+    assert "Traceback" not in err
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_error(finished_run, tmp_path, capsys):
+    recipe = _copy_run(finished_run, tmp_path)
+    _damage(tmp_path / "run" / "checkpoints" / "step-000004", "flipped")
+    _damage(tmp_path / "run" / "checkpoints" / "step-000002", "truncated")
+    capsys.readouterr()
+    assert run_cli("train", recipe, "--resume") == 2
+    one_error(capsys, "no intact checkpoint", "step-000004: model.safetensors: sha256",
+              "step-000002: model.safetensors:")

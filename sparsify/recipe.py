@@ -29,7 +29,8 @@ class ModelConfig(Config):
 
     name_or_path: str = Field(min_length=1, description="Hub id, local directory or run directory.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    num_labels: int | None = Field(None, ge=1, description="Default: taken from the data.")
+    num_labels: int | None = Field(None, ge=1, le=100_000, description="Classes of the head; must match the "
+                                   "labels of the data (1 for regression). Default: taken from the data.")
     layers: tuple[int, ...] | None = Field(
         None, description="Keep only these encoder layers of name_or_path (a shallower student), e.g. [0, 2, 4]."
     )
@@ -105,6 +106,15 @@ class DataConfig(Config):
         return self.task or self.config or "sst2"
 
 
+MAX_THREADS = 1024
+
+
+def task_metrics(task: str) -> tuple[str, ...]:
+    """The metrics an evaluation of ``task`` reports (higher is better), as sparsify.metrics computes them."""
+    return {"cola": ("matthews_correlation",), "stsb": ("pearson", "spearmanr"), "mrpc": ("accuracy", "f1"),
+            "qqp": ("accuracy", "f1")}.get(task, ("accuracy",))
+
+
 class TrainingConfig(Config):
     """Optimization and bookkeeping. Every schedule counts optimizer steps."""
 
@@ -120,15 +130,18 @@ class TrainingConfig(Config):
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and norms).")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null: none.")
-    seed: int = Field(42, description="Seeds the head's init, dropout and the data order.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seeds the head's init, dropout and the data order "
+                      "(0 <= seed < 2**32).")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU or GPU).")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (and at the end).")
     save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints.")
     log_every: int = Field(20, ge=1, description="Optimizer steps between TensorBoard scalars.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
     select_best: bool = Field(False, description="Final model = best evaluation, not the last step.")
-    metric_for_best: str | None = Field(None, description="Default: the task's main metric.")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    metric_for_best: str | None = Field(None, description="A metric of the task (sst2: accuracy; mrpc, qqp: "
+                                        "accuracy, f1; cola: matthews_correlation; stsb: pearson, spearmanr), or "
+                                        "length_config_<metric>. Default: the task's main metric.")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="torch CPU threads; default: torch's choice.")
 
     @model_validator(mode="after")
     def _check_length(self):
@@ -149,6 +162,17 @@ class Recipe(Config):
     training: TrainingConfig = Field(description="Optimization and bookkeeping.")
     techniques: tuple[Any, ...] = Field((), description="Compression techniques, each a mapping with a 'kind' (see "
                                         "below); empty for a dense run.")
+
+    @model_validator(mode="after")
+    def _check_metric_for_best(self):
+        name = self.training.metric_for_best
+        if name is not None:
+            allowed = task_metrics(self.data.metric_task)
+            if name not in allowed and name.removeprefix("length_config_") not in allowed:
+                raise FieldError(("training", "metric_for_best"),
+                                 f"unknown metric {name!r} for task {self.data.metric_task!r}.{_suggest(name, list(allowed))}"
+                                 f" Allowed: {', '.join(allowed)} (or length_config_<metric> with a length_config)")
+        return self
 
     def technique(self, kind: str):
         """The config of the technique of this kind, or None."""
@@ -403,6 +427,11 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
     except ValidationError as e:
         raise _to_recipe_error(e, source, (), Recipe) from None
     recipe = recipe.model_copy(update={"techniques": tuple(techniques)})
+    metric = recipe.training.metric_for_best
+    lengths = recipe.technique("length_adaptive")
+    if metric is not None and metric.startswith("length_config_") and getattr(lengths, "length_config", None) is None:
+        raise source.error(("training", "metric_for_best"), f"{metric!r} needs a length_adaptive technique with a "
+                           "length_config (evaluated at that configuration)")
     for i, t in enumerate(techniques):
         check = getattr(t, "check_recipe", None)
         if check is not None:
@@ -477,3 +506,42 @@ def recipe_reference() -> str:
         lines += ["", f"## Technique `{kind}`", "", " ".join((entry.config.__doc__ or "").split()), "",
                   f"An entry of `techniques:` with `kind: {kind}`.", ""] + _section_table(entry.config, "")
     return "\n".join(lines) + "\n"
+
+
+# -- checks against the data and the models, before the run directory is created ---------------------------
+
+
+def check_run_inputs(recipe: Recipe, data, model, teacher=None) -> None:
+    """What the recipe says against what was loaded (``data``: :class:`sparsify.data.TaskData`): a writable
+    output_dir, ``model.num_labels`` against the data's labels, ``data.max_length`` against the positions of the
+    student and the teacher. Raises a :class:`RecipeError` at the key, before anything is written."""
+    out = Path(recipe.output_dir)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise recipe_error(recipe, ("output_dir",), f"{p} is a file, not a directory: choose another "
+                                   "output_dir (--set output_dir=...)")
+            break
+    wanted = recipe.model.num_labels
+    if wanted is not None and wanted != data.num_labels:
+        found = "regression (1 output)" if data.is_regression else f"{data.num_labels} labels ({', '.join(map(str, data.label_names))})"
+        raise recipe_error(recipe, ("model", "num_labels"), f"{wanted} does not match the data: {found}; "
+                           "remove model.num_labels or fix it")
+    for who, m in (("model", model), ("teacher", teacher)):
+        positions = _max_positions(m)
+        if positions is not None and recipe.data.max_length > positions:
+            raise recipe_error(recipe, ("data", "max_length"), f"{recipe.data.max_length} tokens, but the {who} "
+                               f"({getattr(recipe, who).name_or_path}) has {positions} positions; use at most "
+                               f"{positions}")
+
+
+def _max_positions(model) -> int | None:
+    """Tokens a model can take (position embeddings; RoBERTa-style models start after the padding index)."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int):
+        return None
+    if getattr(config, "model_type", None) in ("roberta", "xlm-roberta", "camembert") and \
+            isinstance(getattr(config, "pad_token_id", None), int):
+        n -= config.pad_token_id + 1
+    return n

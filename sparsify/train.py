@@ -37,7 +37,7 @@ from sparsify.errors import SparsifyError
 from sparsify.evaluation import evaluate
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
-from sparsify.recipe import Recipe, recipe_error
+from sparsify.recipe import Recipe, check_run_inputs, recipe_error
 from sparsify.techniques import TECHNIQUES
 
 
@@ -149,6 +149,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                            num_labels=data.num_labels, label_names=data.label_names, revision=tcfg.revision,
                            is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype))
         teacher.to(tcfg.device or accelerator.device)
+    check_run_inputs(recipe, data, model, teacher)  # output_dir, num_labels, max_length vs positions
 
     collate = collator(tokenizer)
     sampler = EpochSampler(len(data.train), tc.seed)

@@ -217,3 +217,64 @@ def test_resume_with_every_checkpoint_damaged_is_one_error(finished_run, tmp_pat
     assert run_cli("train", recipe, "--resume") == 2
     one_error(capsys, "no intact checkpoint", "step-000004: model.safetensors: sha256",
               "step-000002: model.safetensors:")
+
+
+# ------------------------------------------------------------------------------ 4. user mistakes, caught early
+def test_recipe_not_utf8(tmp_path, capsys):
+    r = tmp_path / "latin1.yaml"
+    r.write_bytes("output_dir: x\nname: caf\u00e9\n".encode("latin-1"))
+    assert run_cli("recipe", "check", r) == 2
+    one_error(capsys, f"{r}:2:", "not UTF-8")
+
+
+@pytest.mark.parametrize("override, key", [("training.seed=-1", "training.seed"),
+                                           ("training.seed=4294967296", "training.seed"),
+                                           ("training.threads=1000000000", "training.threads"),
+                                           ("training.metric_for_best=acuracy", "training.metric_for_best"),
+                                           ("training.metric_for_best=length_config_accuracy",
+                                            "training.metric_for_best")])
+def test_recipe_check_refuses_values_train_cannot_use(make_recipe, capsys, override, key):
+    recipe = make_recipe()
+    assert run_cli("recipe", "check", recipe, "--quiet", "--set", override) == 2
+    line = one_error(capsys, key)
+    if "acuracy" in override:
+        assert "Did you mean 'accuracy'" in line
+
+
+def _long_example_data(tmp_path: Path, toy_data) -> str:
+    import pandas as pd
+
+    df = pd.read_csv(toy_data["train"])
+    df.loc[5, "sentence"] = " ".join(["good"] * 100)  # 102 tokens: past the tiny model's 64 positions
+    df.to_csv(tmp_path / "long.csv", index=False)
+    return str(tmp_path / "long.csv")
+
+
+TRAIN_MISTAKES = {
+    "output_dir is a file": (lambda tmp, data: {"training": {"steps": 1}}, "output_dir", "is a file"),
+    "max_length past the positions": (
+        lambda tmp, data: {"data": {"train_file": _long_example_data(tmp, data), "max_length": 128}},
+        "data.max_length", "has 64 positions"),
+    "num_labels mismatch": (lambda tmp, data: {"model": {"num_labels": 3}}, "model.num_labels", "does not match"),
+}
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("not a directory\n")
+    return path
+
+
+@pytest.mark.parametrize("case", list(TRAIN_MISTAKES))
+def test_train_mistakes_are_one_error_before_the_run_directory(make_recipe, toy_data, tmp_path, capsys, case):
+    sections, key, text = TRAIN_MISTAKES[case]
+    recipe = make_recipe(**sections(tmp_path, toy_data))
+    if case == "output_dir is a file":
+        _touch(output_dir(recipe))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert run_cli("train", recipe) == 2
+    one_error(capsys, f"{recipe}:", key, text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run directory, not even an empty one
+
+
+def test_num_labels_matching_the_data_is_accepted(make_recipe):
+    assert run_cli("train", make_recipe(model={"num_labels": 2}, training={"steps": 1})) == 0

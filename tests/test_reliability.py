@@ -278,3 +278,103 @@ def test_train_mistakes_are_one_error_before_the_run_directory(make_recipe, toy_
 
 def test_num_labels_matching_the_data_is_accepted(make_recipe):
     assert run_cli("train", make_recipe(model={"num_labels": 2}, training={"steps": 1})) == 0
+
+
+# ------------------------------------------------------------------------------ 5. artifacts
+@pytest.fixture(scope="module")
+def artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its encoder Linear layers 70% sparse in 4x1 blocks, exported."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from sparsify.export import export
+
+    tmp = tmp_path_factory.mktemp("sparse-art")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "encoder" in name:
+                keep = torch.rand(mod.weight.shape[0] // 4, mod.weight.shape[1]) >= 0.7
+                mod.weight.mul_(keep.repeat_interleave(4, 0))
+    model.save_pretrained(tmp / "model")
+    for f in tiny_model_dir.glob("*token*"):
+        shutil.copyfile(f, tmp / "model" / f.name)
+    export(tmp / "model", tmp / "art")
+    return tmp / "art"
+
+
+def rehash(art: Path) -> None:
+    """Make the manifest's checksums match the files again (a manifest that lies consistently)."""
+    from sparsify.runtime.model import sha256_file
+
+    m = json.loads((art / "sparsify.json").read_text())
+    for name in m["files"]:
+        m["files"][name] = {"sha256": sha256_file(art / name), "bytes": (art / name).stat().st_size}
+    (art / "sparsify.json").write_text(json.dumps(m))
+
+
+def _edit_manifest(art: Path, fn) -> None:
+    m = json.loads((art / "sparsify.json").read_text())
+    fn(m)
+    (art / "sparsify.json").write_text(json.dumps(m))
+
+
+def _set_weight(art: Path, name: str, fn) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(art / "model.safetensors"))
+    fn(tensors[name])
+    save_file(tensors, str(art / "model.safetensors"), metadata={"format": "sparsify-artifact"})
+    rehash(art)
+
+
+LAYER = "bert.encoder.layer.0.attention.self.query"
+LIES = {
+    "wrong layer shape": (lambda a: _edit_manifest(a, lambda m: m["layers"][LAYER].update(shape=[32, 64])),
+                          "layers['bert.encoder.layer.0.attention.self.query'].shape"),
+    "heads do not divide hidden": (lambda a: _edit_manifest(a, lambda m: m["architecture"].update(num_attention_heads=3)),
+                                   "num_attention_heads 3 does not divide hidden_size 32"),
+    "broken tokenizer.json": (lambda a: ((a / "tokenizer.json").write_text('{"version": "1.0", "model": 7}'),
+                                         rehash(a)), "tokenizer.json: not a valid tokenizer"),
+    "NaN weight": (lambda a: _set_weight(a, "classifier.weight", lambda t: t.__setitem__((0, 0), np.nan)),
+                   "'classifier.weight' has NaN"),
+    "inf in sparse data": (lambda a: _set_weight(a, LAYER + ".data", lambda t: t.__setitem__(0, np.inf)),
+                           f"'{LAYER}.data' has NaN"),
+}
+
+
+@pytest.mark.parametrize("case", list(LIES))
+def test_artifact_whose_manifest_lies_is_one_error(artifact, tmp_path, capsys, case):
+    damage, expected = LIES[case]
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    damage(art)
+    assert run_cli("predict", art, "--text", "a good film") == 2
+    one_error(capsys, str(art), expected)
+
+
+def test_export_refuses_non_finite_weights(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["bert.encoder.layer.1.output.dense.weight"][3, 4] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    for fmt in ("sparsify", "hf"):
+        assert run_cli("export", model, "-o", tmp_path / fmt, "--format", fmt) == 2
+        one_error(capsys, str(model), "bert.encoder.layer.1.output.dense.weight", "NaN")
+        assert not (tmp_path / fmt).exists()
+
+
+@pytest.mark.parametrize("value, expected", [("-5", "at least 8"), ("0", "at least 8"), ("1", "at least 8"),
+                                             ("100000", "has 64 positions")])
+def test_predict_max_length_out_of_range(artifact, capsys, value, expected):
+    assert run_cli("predict", artifact, "--text", "good", "--max-length", value) == 2
+    one_error(capsys, f"--max-length {value}", expected)
+
+
+def test_predict_max_length_in_range_truncates(artifact, capsys):
+    assert run_cli("predict", artifact, "--text", "good " * 40, "--max-length", "8") == 0
+    assert "longer than 8 tokens" in capsys.readouterr().err

@@ -343,6 +343,9 @@ class SparseModel:
         root = Path(path)
         manifest = read_manifest(root, verify=verify)
         tensors = load_tensors(root / manifest["weights"])
+        from sparsify.runtime.validate import validate_artifact
+
+        validate_artifact(root, manifest, tensors)  # the manifest against the tensors, finite weights, tokenizer
         return cls(root, manifest, tensors, threads, length_config, int8_weights)
 
     # -------------------------------------------------------------------------------------------- forward

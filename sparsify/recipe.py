@@ -89,7 +89,7 @@ class DataConfig(Config):
     def _glue_columns(cls, data):
         if isinstance(data, dict) and "text_columns" not in data:
             task = data.get("task") or data.get("config")
-            if task in GLUE_TEXT_COLUMNS:
+            if isinstance(task, str) and task in GLUE_TEXT_COLUMNS:
                 data = {**data, "text_columns": GLUE_TEXT_COLUMNS[task]}
         return data
 
@@ -388,6 +388,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
         raise RecipeError(f"malformed YAML: {e.problem or e.context}", file=file, line=line) from None
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        raise RecipeError(f"malformed YAML: character {chr(e.character)!r} is not allowed in YAML", file=file,
+                          line=line) from None
     except yaml.YAMLError as e:
         raise RecipeError(f"malformed YAML: {e}", file=file) from None
     if not isinstance(data, dict):

@@ -18,7 +18,7 @@ import numpy as np
 
 from sparsify.errors import SparsifyError
 
-__all__ = ["validate_artifact", "require_finite"]
+__all__ = ["check_manifest_types", "validate_artifact", "require_finite"]
 
 _ARCH_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "max_position_embeddings")
@@ -50,6 +50,28 @@ def require_finite(tensors: dict, source: str | Path) -> None:
             bad = int(np.size(a) - np.isfinite(a).sum())
             raise SparsifyError(f"{source}: tensor {name!r} has {bad} NaN or infinite value(s) of {a.size}: the "
                                 "model diverged or the file is damaged; use an earlier checkpoint")
+
+
+def check_manifest_types(root: Path) -> None:
+    """Before the manifest's files are checked: ``weights`` a file name and ``files`` an object of file name ->
+    ``{"sha256": str, "bytes": int}``, so that a damaged manifest is an error, not a traceback. Anything else
+    (no manifest, not JSON) is left to :func:`~sparsify.runtime.model.read_manifest` to report."""
+    import json
+
+    mpath = Path(root) / "sparsify.json"
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return
+    if not isinstance(manifest, dict):
+        raise _error(f"{mpath}: the manifest must be a JSON object")
+    files, weights = manifest.get("files"), manifest.get("weights")
+    if "weights" in manifest and not isinstance(weights, str):
+        raise _error(f"{mpath}: 'weights' must be a file name, got {weights!r:.80}")
+    if "files" in manifest and not (isinstance(files, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) and _is_int(v.get("bytes"))
+            for v in files.values())):
+        raise _error(f"{mpath}: 'files' must map each file name to its sha256 and bytes")
 
 
 def validate_artifact(root: Path, manifest: dict, tensors: dict[str, np.ndarray]) -> None:

@@ -18,7 +18,6 @@ used only if every file it needs is present and parses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparsify.errors import SparsifyError
+from sparsify.runtime.model import sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "sparsify-checkpoint"
@@ -118,17 +118,9 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(_STEP.fullmatch(p.name).group(1)))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(ckpt: Path) -> None:
     """``manifest.json``: size and sha256 of every file of the checkpoint directory; written last."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(Path(ckpt).iterdir()) if p.is_file() and p.name != MANIFEST}
     (Path(ckpt) / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
 
@@ -157,7 +149,7 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{name}: missing"
         if f.stat().st_size != info.get("bytes"):
             return f"{name}: {f.stat().st_size} bytes, {info.get('bytes')} when saved (truncated or modified)"
-        if _sha256(f) != info.get("sha256"):
+        if sha256_file(f) != info.get("sha256"):
             return f"{name}: sha256 checksum mismatch (modified or corrupted)"
     return None
 

@@ -106,3 +106,28 @@ def make_recipe(tiny_model_dir, toy_data, tmp_path):
         return write_recipe(tmp_path / f"recipe{i}.yaml", recipe)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sparse_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its encoder Linear layers about 70% sparse in 4x1 blocks, exported as an artifact."""
+    import shutil
+
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from sparsify.export import export
+
+    tmp = tmp_path_factory.mktemp("sparse-art")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "encoder" in name:
+                keep = torch.rand(mod.weight.shape[0] // 4, mod.weight.shape[1]) >= 0.7
+                mod.weight.mul_(keep.repeat_interleave(4, 0))
+    model.save_pretrained(tmp / "model")
+    for f in tiny_model_dir.glob("*token*"):
+        shutil.copyfile(f, tmp / "model" / f.name)
+    export(tmp / "model", tmp / "art")
+    return tmp / "art"

@@ -241,26 +241,9 @@ def test_resume_from_damaged_checkpoints(finished_run):
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
-@pytest.fixture(scope="module")
-def artifact(tiny_model_dir, tmp_path_factory) -> Path:
-    import torch
-    from transformers import BertForSequenceClassification
-
-    from sparsify.export import export
-
-    tmp = tmp_path_factory.mktemp("prop-art")
-    torch.manual_seed(1)
-    model = BertForSequenceClassification.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and "encoder" in name:
-                keep = torch.rand(mod.weight.shape[0] // 4, mod.weight.shape[1]) >= 0.6
-                mod.weight.mul_(keep.repeat_interleave(4, 0))
-    model.save_pretrained(tmp / "model")
-    for f in tiny_model_dir.glob("*token*"):
-        shutil.copyfile(f, tmp / "model" / f.name)
-    export(tmp / "model", tmp / "art")
-    return tmp / "art"
+@pytest.fixture
+def artifact(sparse_artifact) -> Path:
+    return sparse_artifact
 
 
 def _paths(obj, prefix=()):

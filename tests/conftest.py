@@ -131,3 +131,18 @@ def sparse_artifact(tiny_model_dir, tmp_path_factory) -> Path:
         shutil.copyfile(f, tmp / "model" / f.name)
     export(tmp / "model", tmp / "art")
     return tmp / "art"
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model_dir, toy_data, tmp_path_factory) -> Path:
+    """The recipe file of a finished 4-step run with checkpoints at steps 2 and 4 (both kept)."""
+    from sparsify.cli import main
+
+    tmp = tmp_path_factory.mktemp("ckpt-run")
+    recipe = tmp / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp / "run"), "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train_file": str(toy_data["train"]), "validation_file": str(toy_data["validation"]), "max_length": 32},
+        "training": {"steps": 4, "save_every": 2, "batch_size": 16, "seed": 7, "threads": 1}}))
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    return recipe

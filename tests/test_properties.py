@@ -154,16 +154,6 @@ def test_recipe_check_yaml_damage(data):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-@pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, toy_data, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("prop-run")
-    recipe = tmp / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "output_dir": str(tmp / "run"), "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"train_file": str(toy_data["train"]), "validation_file": str(toy_data["validation"]), "max_length": 32},
-        "training": {"steps": 4, "save_every": 2, "batch_size": 16, "seed": 7, "threads": 1}}))
-    assert run(["train", str(recipe), "--no-progress"])[0] == 0
-    return recipe
 
 
 CKPTS = ("step-000002", "step-000004")

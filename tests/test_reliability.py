@@ -164,19 +164,6 @@ def _damage(ckpt: Path, how: str) -> None:
         (ckpt / "optimizer.safetensors").unlink()
 
 
-@pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, toy_data, tmp_path_factory):
-    """A 4-step run with checkpoints at steps 2 and 4 (kept: both)."""
-    tmp = tmp_path_factory.mktemp("ckpt-run")
-    recipe = tmp / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "output_dir": str(tmp / "run"), "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"train_file": str(toy_data["train"]), "validation_file": str(toy_data["validation"]), "max_length": 32},
-        "training": {"steps": 4, "save_every": 2, "batch_size": 16, "seed": 7, "threads": 1}}))
-    assert run_cli("train", recipe) == 0
-    return recipe
-
-
 def _copy_run(finished_run: Path, tmp_path: Path) -> Path:
     shutil.copytree(output_dir(finished_run), tmp_path / "run")
     recipe = yaml.safe_load(finished_run.read_text())

@@ -6,9 +6,16 @@ The CLI prints its message on one line and exits with status 2, without a traceb
 
 from __future__ import annotations
 
+import re
+
 
 class SparsifyError(Exception):
-    """An error caused by user input; the message says what, where and what to do."""
+    """An error caused by user input; the message says what, where and what to do. Its text is one line (line
+    breaks inside a message, from a library's error text for example, become spaces), so that the CLI's
+    ``error:`` line is the whole message."""
+
+    def __str__(self) -> str:
+        return re.sub(r"\s*[\r\n]+\s*", " ", super().__str__()).strip()
 
 
 class RecipeError(SparsifyError):

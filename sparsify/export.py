@@ -697,6 +697,10 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
     if embeddings not in ("auto", "int8", "float32"):
         raise SparsifyError(f"--embeddings must be 'auto', 'int8' or 'float32', got {embeddings!r}")
     model_dir, run_dir = _resolve(run_or_model_dir)
+    from sparsify.runtime.validate import require_finite
+    from sparsify.sparsity import load_report_weights
+
+    require_finite(load_report_weights(model_dir), model_dir)  # no artifact of a diverged model
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:

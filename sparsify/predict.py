@@ -14,6 +14,8 @@ from sparsify.errors import SparsifyError
 
 __all__ = ["main"]
 
+MIN_LENGTH = 8  # as data.max_length in recipes: room for the special tokens and some text
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -26,12 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--text", action="append", help="a text to classify (repeatable)")
     src.add_argument("--file", help="a UTF-8 file with one text per line ('-' for stdin)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=None, help="truncate longer texts (default: the artifact's)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help=f"truncate longer texts, in tokens: {MIN_LENGTH} up to the model's positions "
+                             "(default: the artifact's)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--full-length", action="store_true", help="ignore the artifact's length configuration")
     parser.add_argument("--json", action="store_true", help="print one JSON object per text")
     args = parser.parse_args(argv)
     try:
+        if args.max_length is not None and args.max_length < MIN_LENGTH:
+            raise SparsifyError(f"--max-length {args.max_length}: must be at least {MIN_LENGTH} tokens")
         from sparsify.embed import read_texts
 
         texts = read_texts(args.text, args.file)
@@ -45,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SparsifyError(f"{args.artifact}: an embedding model: use 'sparsify embed'")
         if model.head == "question-answering" and not all(isinstance(t, tuple) for t in texts):
             raise SparsifyError("a question-answering model takes 'question<TAB>context' lines")
+        if args.max_length is not None and args.max_length > model.max_positions:
+            raise SparsifyError(f"--max-length {args.max_length}: the artifact's model has {model.max_positions} "
+                                f"positions; give at most {model.max_positions}")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             preds = model.predict(texts, batch_size=args.batch_size, max_length=args.max_length,

@@ -29,7 +29,8 @@ class ModelConfig(Config):
 
     name_or_path: str = Field(min_length=1, description="Hub id, local directory or run directory.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    num_labels: int | None = Field(None, ge=1, description="Default: taken from the data.")
+    num_labels: int | None = Field(None, ge=1, le=100_000, description="Classes of the head; must match the "
+                                   "labels of the data (1 for regression). Default: taken from the data.")
     layers: tuple[int, ...] | None = Field(
         None, description="Keep only these encoder layers of name_or_path (a shallower student), e.g. [0, 2, 4]."
     )
@@ -88,7 +89,7 @@ class DataConfig(Config):
     def _glue_columns(cls, data):
         if isinstance(data, dict) and "text_columns" not in data:
             task = data.get("task") or data.get("config")
-            if task in GLUE_TEXT_COLUMNS:
+            if isinstance(task, str) and task in GLUE_TEXT_COLUMNS:
                 data = {**data, "text_columns": GLUE_TEXT_COLUMNS[task]}
         return data
 
@@ -103,6 +104,15 @@ class DataConfig(Config):
     @property
     def metric_task(self) -> str:
         return self.task or self.config or "sst2"
+
+
+MAX_THREADS = 1024
+
+
+def task_metrics(task: str) -> tuple[str, ...]:
+    """The metrics an evaluation of ``task`` reports (higher is better), as sparsify.metrics computes them."""
+    return {"cola": ("matthews_correlation",), "stsb": ("pearson", "spearmanr"), "mrpc": ("accuracy", "f1"),
+            "qqp": ("accuracy", "f1")}.get(task, ("accuracy",))
 
 
 class TrainingConfig(Config):
@@ -125,15 +135,18 @@ class TrainingConfig(Config):
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and norms).")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null: none.")
-    seed: int = Field(42, description="Seeds the head's init, dropout and the data order.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seeds the head's init, dropout and the data order "
+                      "(0 <= seed < 2**32).")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU or GPU).")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (and at the end).")
     save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints.")
     log_every: int = Field(20, ge=1, description="Optimizer steps between TensorBoard scalars.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
     select_best: bool = Field(False, description="Final model = best evaluation, not the last step.")
-    metric_for_best: str | None = Field(None, description="Default: the task's main metric.")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    metric_for_best: str | None = Field(None, description="A metric of the task (sst2: accuracy; mrpc, qqp: "
+                                        "accuracy, f1; cola: matthews_correlation; stsb: pearson, spearmanr), or "
+                                        "length_config_<metric>. Default: the task's main metric.")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="torch CPU threads; default: torch's choice.")
     eval_on_mask_update: bool = Field(False, description="Also evaluate right after every pruning mask update "
                                       "(the damage of each update before recovery).")
     fit_samples: int = Field(0, ge=0, description="At the end, evaluate on this many training examples too "
@@ -158,6 +171,17 @@ class Recipe(Config):
     training: TrainingConfig = Field(description="Optimization and bookkeeping.")
     techniques: tuple[Any, ...] = Field((), description="Compression techniques, each a mapping with a 'kind' (see "
                                         "below); empty for a dense run.")
+
+    @model_validator(mode="after")
+    def _check_metric_for_best(self):
+        name = self.training.metric_for_best
+        if name is not None:
+            allowed = task_metrics(self.data.metric_task)
+            if name not in allowed and name.removeprefix("length_config_") not in allowed:
+                raise FieldError(("training", "metric_for_best"),
+                                 f"unknown metric {name!r} for task {self.data.metric_task!r}.{_suggest(name, list(allowed))}"
+                                 f" Allowed: {', '.join(allowed)} (or length_config_<metric> with a length_config)")
+        return self
 
     def technique(self, kind: str):
         """The config of the technique of this kind, or None."""
@@ -210,6 +234,10 @@ def _construct_mapping(loader, node, deep=False):
     seen = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, not a {type(key).__name__}", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
@@ -219,6 +247,49 @@ def _construct_mapping(loader, node, deep=False):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+MAX_YAML_NODES = 10_000  # values a recipe may hold once its aliases are expanded (a real recipe: about 100)
+
+
+def _expanded_size(node, sizes: dict, limit: int) -> int:
+    """Values under ``node`` with every alias expanded, counted without expanding anything (each node once); a
+    node met again while it is being counted is a recursive alias. Stops counting above ``limit``."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:
+            raise yaml.composer.ComposerError(None, None, "recursive alias: an anchor used inside itself",
+                                              node.start_mark)
+        return sizes[key]
+    sizes[key] = None
+    total = 1
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        children = [c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode) else node.value
+        for child in children:
+            total += _expanded_size(child, sizes, limit)
+            if total > limit:
+                break
+    sizes[key] = total
+    return total
+
+
+def _load_yaml(text: str):
+    """``(node, data)`` of one YAML document with the unique-key safe loader; refuses aliases that expand past
+    :data:`MAX_YAML_NODES` values (a few hundred bytes of nested anchors can expand to gigabytes) and recursive
+    aliases, before anything is expanded. ``(None, None)`` for an empty document."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        if _expanded_size(node, {}, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand to more than {MAX_YAML_NODES} values (nested anchors and aliases, "
+                "a 'billion laughs' document?); write the values out", node.start_mark)
+        return node, loader.construct_document(node)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def _line_map(node, path: KeyPath = (), out=None) -> dict[KeyPath, int]:
@@ -242,9 +313,9 @@ def _parse_override(text: str) -> tuple[KeyPath, Any]:
     if not key.strip() or any(p == "" for p in parts):
         raise RecipeError(f"--set {text!r}: empty key")
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
+        value = _load_yaml(raw)[1] if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise RecipeError(f"--set {text!r}: value is not valid YAML ({e.problem})") from None
+        raise RecipeError(f"--set {text!r}: value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     return parts, value
 
 
@@ -310,14 +381,26 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     file = str(path)
     if not path.is_file():
         raise RecipeError("recipe file not found (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)", file=file)
-    text = path.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"cannot read the recipe ({e.strerror or e})", file=file) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the recipe as "
+                          "UTF-8", file=file, line=line) from None
+    try:
+        node, data = _load_yaml(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
         raise RecipeError(f"malformed YAML: {e.problem or e.context}", file=file, line=line) from None
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        raise RecipeError(f"malformed YAML: character {chr(e.character)!r} is not allowed in YAML", file=file,
+                          line=line) from None
     except yaml.YAMLError as e:
         raise RecipeError(f"malformed YAML: {e}", file=file) from None
     if not isinstance(data, dict):
@@ -341,7 +424,7 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
         if not isinstance(entry, dict) or "kind" not in entry:
             raise source.error(where, f"each technique is a mapping with a 'kind': one of {', '.join(TECHNIQUES)}")
         kind = entry["kind"]
-        if kind not in TECHNIQUES:
+        if not isinstance(kind, str) or kind not in TECHNIQUES:
             raise source.error(where + ("kind",), f"unknown technique {kind!r}.{_suggest(kind, list(TECHNIQUES))}"
                                f" Allowed: {', '.join(TECHNIQUES)}")
         cls = TECHNIQUES[kind].config
@@ -357,6 +440,11 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
     except ValidationError as e:
         raise _to_recipe_error(e, source, (), Recipe) from None
     recipe = recipe.model_copy(update={"techniques": tuple(techniques)})
+    metric = recipe.training.metric_for_best
+    lengths = recipe.technique("length_adaptive")
+    if metric is not None and metric.startswith("length_config_") and getattr(lengths, "length_config", None) is None:
+        raise source.error(("training", "metric_for_best"), f"{metric!r} needs a length_adaptive technique with a "
+                           "length_config (evaluated at that configuration)")
     for i, t in enumerate(techniques):
         check = getattr(t, "check_recipe", None)
         if check is not None:
@@ -434,3 +522,42 @@ def recipe_reference() -> str:
         lines += ["", f"## Technique `{kind}`", "", " ".join((entry.config.__doc__ or "").split()), "",
                   f"An entry of `techniques:` with `kind: {kind}`.", ""] + _section_table(entry.config, "")
     return "\n".join(lines) + "\n"
+
+
+# -- checks against the data and the models, before the run directory is created ---------------------------
+
+
+def check_run_inputs(recipe: Recipe, data, model, teacher=None) -> None:
+    """What the recipe says against what was loaded (``data``: :class:`sparsify.data.TaskData`): a writable
+    output_dir, ``model.num_labels`` against the data's labels, ``data.max_length`` against the positions of the
+    student and the teacher. Raises a :class:`RecipeError` at the key, before anything is written."""
+    out = Path(recipe.output_dir)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise recipe_error(recipe, ("output_dir",), f"{p} is a file, not a directory: choose another "
+                                   "output_dir (--set output_dir=...)")
+            break
+    wanted = recipe.model.num_labels
+    if wanted is not None and wanted != data.num_labels:
+        found = "regression (1 output)" if data.is_regression else f"{data.num_labels} labels ({', '.join(map(str, data.label_names))})"
+        raise recipe_error(recipe, ("model", "num_labels"), f"{wanted} does not match the data: {found}; "
+                           "remove model.num_labels or fix it")
+    for who, m in (("model", model), ("teacher", teacher)):
+        positions = _max_positions(m)
+        if positions is not None and recipe.data.max_length > positions:
+            raise recipe_error(recipe, ("data", "max_length"), f"{recipe.data.max_length} tokens, but the {who} "
+                               f"({getattr(recipe, who).name_or_path}) has {positions} positions; use at most "
+                               f"{positions}")
+
+
+def _max_positions(model) -> int | None:
+    """Tokens a model can take (position embeddings; RoBERTa-style models start after the padding index)."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int):
+        return None
+    if getattr(config, "model_type", None) in ("roberta", "xlm-roberta", "camembert") and \
+            isinstance(getattr(config, "pad_token_id", None), int):
+        n -= config.pad_token_id + 1
+    return n

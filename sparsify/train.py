@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, write_checkpoint
+from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, resume_checkpoint, write_checkpoint
 from sparsify.config import FieldError
 from sparsify.data import collator, load_task_data
 from sparsify.errors import SparsifyError
 from sparsify.evaluation import evaluate
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
-from sparsify.recipe import Recipe, recipe_error
+from sparsify.recipe import Recipe, check_run_inputs, recipe_error
 from sparsify.schedules import rewind_schedule
 from sparsify.techniques import TECHNIQUES
 
@@ -89,7 +89,7 @@ def _prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Pat
                 f"--resume: the recipe differs from {run_dir}/recipe.yaml, the one this run started with; "
                 "resume with the same recipe and --set values, or start a new output_dir"
             )
-        return run_dir, ckpts[-1]
+        return run_dir, resume_checkpoint(run_dir)  # the newest intact one
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise SparsifyError(
@@ -150,6 +150,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                            num_labels=data.num_labels, label_names=data.label_names, revision=tcfg.revision,
                            is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype))
         teacher.to(tcfg.device or accelerator.device)
+    check_run_inputs(recipe, data, model, teacher)  # output_dir, num_labels, max_length vs positions
 
     collate = collator(tokenizer)
     sampler = EpochSampler(len(data.train), tc.seed)

@@ -145,3 +145,43 @@ def fake_quantize_int8(model, linears: dict, calib_batch) -> dict:
 def fake_quantize():
     """:func:`fake_quantize_int8` (test modules load with importlib and cannot import conftest)."""
     return fake_quantize_int8
+
+
+@pytest.fixture(scope="session")
+def sparse_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its encoder Linear layers about 70% sparse in 4x1 blocks, exported as an artifact."""
+    import shutil
+
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from sparsify.export import export
+
+    tmp = tmp_path_factory.mktemp("sparse-art")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "encoder" in name:
+                keep = torch.rand(mod.weight.shape[0] // 4, mod.weight.shape[1]) >= 0.7
+                mod.weight.mul_(keep.repeat_interleave(4, 0))
+    model.save_pretrained(tmp / "model")
+    for f in tiny_model_dir.glob("*token*"):
+        shutil.copyfile(f, tmp / "model" / f.name)
+    export(tmp / "model", tmp / "art")
+    return tmp / "art"
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model_dir, toy_data, tmp_path_factory) -> Path:
+    """The recipe file of a finished 4-step run with checkpoints at steps 2 and 4 (both kept)."""
+    from sparsify.cli import main
+
+    tmp = tmp_path_factory.mktemp("ckpt-run")
+    recipe = tmp / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp / "run"), "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train_file": str(toy_data["train"]), "validation_file": str(toy_data["validation"]), "max_length": 32},
+        "training": {"steps": 4, "save_every": 2, "batch_size": 16, "seed": 7, "threads": 1}}))
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    return recipe

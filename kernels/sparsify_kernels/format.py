@@ -11,7 +11,9 @@ channel. The layout is BSR over that matrix:
 * ``bias``    optional float32 ``(out_features,)``.
 
 Every array is validated on construction (dtypes, shapes, contiguity, index ranges and order), so the jitted
-kernels never see inconsistent input.
+kernels never see inconsistent input. The matrix owns its arrays: each is copied on construction (unless it is
+already a read-only array owning its memory) and stored read-only, so a caller changing the arrays it passed in
+changes neither the matrix nor the padded copies the kernels cache, and ``m.indices[0] = ...`` raises.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ def quantize_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scales
 
 
+def _owned(a: np.ndarray, dtype=None) -> np.ndarray:
+    """``a`` as a read-only, C-contiguous array that nobody else can write: a copy, unless ``a`` already is a
+    read-only array owning its memory (one of ours, shared between matrices by ``with_bias`` / ``dequantize``)."""
+    if not a.flags.writeable and a.base is None and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+        return a
+    out = np.array(a, dtype=dtype, order="C", copy=True)
+    out.flags.writeable = False
+    return out
+
+
 def _check_array(name: str, a: Any, dtypes: tuple[np.dtype, ...], ndim: int) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
@@ -73,6 +85,13 @@ def _check_array(name: str, a: Any, dtypes: tuple[np.dtype, ...], ndim: int) -> 
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+    return a
+
+
+def _own(m: "BlockSparseMatrix", name: str, a: np.ndarray) -> np.ndarray:
+    """Store the owned (read-only) version of checked array ``a`` as field ``name`` of ``m``; returns it."""
+    a = _owned(a)
+    object.__setattr__(m, name, a)
     return a
 
 
@@ -113,7 +132,7 @@ class BlockSparseMatrix:
                 raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
             if a.size and (a.min() < 0 or a.max() > np.iinfo(np.int32).max):
                 raise ValueError(f"{name} has values outside [0, 2**31)")
-            object.__setattr__(self, name, np.ascontiguousarray(a, dtype=_INDEX_DTYPE))
+            object.__setattr__(self, name, _owned(a, _INDEX_DTYPE))
         indptr, indices = self.indptr, self.indices
         if indptr.shape[0] != nbr + 1:
             raise ValueError(f"indptr must have out_features / {br} + 1 = {nbr + 1} entries, got {indptr.shape[0]}")
@@ -132,13 +151,13 @@ class BlockSparseMatrix:
             row_start[indptr[:-1][indptr[:-1] < nnzb]] = True
             if np.any((step <= 0) & ~row_start[1:]):
                 raise ValueError("block-column indices must be strictly increasing within each block row")
-        data = _check_array("data", self.data, _VALUE_DTYPES, 3)
+        data = _own(self, "data", _check_array("data", self.data, _VALUE_DTYPES, 3))
         if data.shape != (nnzb, br, bc):
             raise ValueError(f"data must have shape (nnz_blocks, {br}, {bc}) = {(nnzb, br, bc)}, got {data.shape}")
         if data.dtype == np.int8:
             if self.scales is None:
                 raise ValueError("int8 data needs per-output-channel scales (float32, shape (out_features,))")
-            s = _check_array("scales", self.scales, (np.dtype(np.float32),), 1)
+            s = _own(self, "scales", _check_array("scales", self.scales, (np.dtype(np.float32),), 1))
             if s.shape != (n_out,):
                 raise ValueError(f"scales must have shape ({n_out},), got {s.shape}")
             if not np.all(np.isfinite(s)):
@@ -148,7 +167,7 @@ class BlockSparseMatrix:
         elif not np.all(np.isfinite(data)):
             raise ValueError("data contains NaN or inf")
         if self.bias is not None:
-            b = _check_array("bias", self.bias, (np.dtype(np.float32),), 1)
+            b = _own(self, "bias", _check_array("bias", self.bias, (np.dtype(np.float32),), 1))
             if b.shape != (n_out,):
                 raise ValueError(f"bias must have shape ({n_out},), got {b.shape}")
 

@@ -375,9 +375,13 @@ class SparseModel:
         at load (code x its channel's scale: the values the quantized model computes with, as the fake-quant
         training did); ``"keep"`` keeps the codes and widens them inside the kernel (4x less weight memory,
         but slower: measured 1.2-1.65x the time per Linear layer of MiniLM at 90% 4x1, 128 and 1024 tokens)."""
+        from sparsify.runtime.validate import check_manifest_types, validate_artifact
+
         root = Path(path)
+        check_manifest_types(root)
         manifest = read_manifest(root, verify=verify)
         tensors = load_tensors(root / manifest["weights"])
+        validate_artifact(root, manifest, tensors)  # the manifest against the tensors, finite weights, tokenizer
         return cls(root, manifest, tensors, threads, length_config, int8_weights)
 
     # -------------------------------------------------------------------------------------------- forward

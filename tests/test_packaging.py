@@ -89,3 +89,34 @@ def test_every_command_has_help():
         out = subprocess.run([sys.executable, "-m", "sparsify", *argv], capture_output=True, text=True)
         assert out.returncode == 0, (argv, out.stderr)
         assert "usage: sparsify" in out.stdout + out.stderr, argv
+
+
+def test_wheel_ships_the_kernels_as_sparsify_kernels_only(tmp_path):
+    """The built wheel holds sparsify/kernels/*.py and no top-level kernels/, and SpMM runs from it."""
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "sparsify/kernels/spmm.py" in names and "sparsify/kernels/__init__.py" in names
+    assert not [n for n in names if n.startswith("kernels/")]
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                          str(wheel)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    code = (
+        "import numpy as np, sparsify.kernels\n"
+        "from sparsify.kernels.format import BlockSparseMatrix\n"
+        "from sparsify.kernels.spmm import spmm\n"
+        "w = np.arange(96, dtype=np.float32).reshape(8, 12) / 50; w[4:, ::3] = 0\n"
+        "x = np.ones((3, 12), np.float32)\n"
+        "assert np.allclose(spmm(x, BlockSparseMatrix.from_dense(w, block=(4, 1))), x @ w.T, atol=1e-4)\n"
+        "print(sparsify.kernels.__file__)\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().startswith(str(target))

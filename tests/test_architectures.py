@@ -29,8 +29,11 @@ QA = [("what was the movie", "the movie was good and the music was sad"), ("who 
       ("a plot", "a dull boring plot and a weak scene and a lovely story"), ("music", "music")]
 FORMATS = ("dense", "4x1-90", "int8-4x1-90")
 # largest |runtime - reference| allowed (logits, embeddings); measured on Zen 4 (2026-12): at most 2.6e-6 (dense),
-# 1.2e-6 (4x1-90), 7.2e-7 (int8-4x1-90). int8 leaves room for an activation rounding that flips at a .5 boundary.
-BOUND = {"dense": 1e-5, "4x1-90": 1e-5, "int8-4x1-90": 1e-3}
+# 1.2e-6 (4x1-90), 7.2e-7 (int8-4x1-90). On Zen 3 int8 ELECTRA is off by up to 2.5e-2: its embedding projection
+# differs from PyTorch's by 4.8e-7 (float sums in another order), one activation of one token rounds to the
+# neighbouring int8 code in layer 0 (that token's hidden state off by 8.8e-3) and the step grows through the layers
+# (traced layer by layer, 2026-12-07). The int8 bound is a few such steps; a wrong layer or head is off by O(1).
+BOUND = {"dense": 1e-5, "4x1-90": 1e-5, "int8-4x1-90": 5e-2}
 # initializer_range 0.2 (not 0.02): outputs that depend on the input, logits of a few units
 SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64, initializer_range=0.2)

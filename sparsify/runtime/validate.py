@@ -22,9 +22,9 @@ __all__ = ["check_manifest_types", "validate_artifact", "require_finite"]
 
 _ARCH_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "max_position_embeddings")
-_LAYER_SHAPES = {  # per encoder layer: (out, in) in units of (hidden H, intermediate I)
-    "attention.self.query": ("H", "H"), "attention.self.key": ("H", "H"), "attention.self.value": ("H", "H"),
-    "attention.output.dense": ("H", "H"), "intermediate.dense": ("I", "H"), "output.dense": ("H", "I"),
+_ROLE_SHAPES = {  # per encoder Linear role (runtime.arch): (out, in) in units of (hidden H, intermediate I)
+    "query": ("H", "H"), "key": ("H", "H"), "value": ("H", "H"), "attn_out": ("H", "H"), "inter": ("I", "H"),
+    "out": ("H", "I"),
 }
 
 
@@ -116,38 +116,87 @@ def validate_artifact(root: Path, manifest: dict, tensors: dict[str, np.ndarray]
             raise _error(f"{wpath}: tensor {name!r} has shape {a.shape}, the manifest's architecture needs "
                          f"{expected}{what}")
 
-    p = manifest.get("prefix", "bert.")
-    word = tensors.get(f"{p}embeddings.word_embeddings.weight")
-    if word is None or word.ndim != 2 or word.shape[1] != H or word.shape[0] < 1:
-        got = None if word is None else word.shape
-        raise _error(f"{wpath}: word embeddings must be (vocabulary, hidden_size {H}), got {got}")
-    shape(f"{p}embeddings.position_embeddings.weight", (arch["max_position_embeddings"], H))
-    typ = tensors.get(f"{p}embeddings.token_type_embeddings.weight")
-    if typ is None or typ.ndim != 2 or typ.shape[1] != H or typ.shape[0] < 1:
-        raise _error(f"{wpath}: token type embeddings must be (types, hidden_size {H}), got "
-                     f"{None if typ is None else typ.shape}")
-    for ln in ("embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"):
-        shape(p + ln, (H,))
+    from sparsify.runtime import arch as A
+
+    model_type = arch.get("model_type", "bert")
+    spec = A.architecture(model_type)
+    if spec is None:
+        raise _error(f"{mpath}: architecture.model_type {model_type!r} is not supported (supported: {A.supported()})")
+    head_kind = manifest.get("head") or "sequence-classification"
+    if head_kind not in A.HEADS:
+        raise _error(f"{mpath}: head {head_kind!r} is not supported (supported: {', '.join(A.HEADS)})")
+    p = manifest.get("prefix", spec.base + ".")
+    word = _check_embeddings(spec, p, arch, tensors, shape, wpath)
     layers = manifest["layers"]
     dims = {"H": H, "I": I}
     for i in range(arch["num_hidden_layers"]):
-        base = f"{p}encoder.layer.{i}."
-        for short, (o, k) in _LAYER_SHAPES.items():
-            _check_layer(base + short, (dims[o], dims[k]), layers.get(base + short), tensors, mpath, wpath)
-        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
-            shape(f"{base}{ln}.weight", (H,))
-            shape(f"{base}{ln}.bias", (H,))
-    if f"{p}pooler.dense.weight" in tensors:
-        shape(f"{p}pooler.dense.weight", (H, H))
-        shape(f"{p}pooler.dense.bias", (H,))
-    head = tensors.get("classifier.weight")
-    if head is None or head.ndim != 2 or head.shape[1] != H or head.shape[0] < 1:
-        raise _error(f"{wpath}: classifier.weight must be (labels, hidden_size {H}), got "
-                     f"{None if head is None else head.shape}")
-    shape("classifier.bias", (head.shape[0],))
-    if labels and len(labels) != head.shape[0]:
-        raise _error(f"{mpath}: {len(labels)} labels, the classifier has {head.shape[0]} outputs")
+        for role, full in A.layer_linears(spec, p, i).items():
+            o, k = _ROLE_SHAPES[role]
+            _check_layer(full, (dims[o], dims[k]), layers.get(full), tensors, mpath, wpath)
+        for ln in A.layer_norms(spec, p, i):
+            shape(f"{ln}.weight", (H,))
+            shape(f"{ln}.bias", (H,))
+    outputs = _check_head(spec, head_kind, p, H, tensors, shape, wpath)
+    if outputs is not None and labels and len(labels) != outputs:
+        raise _error(f"{mpath}: {len(labels)} labels, the {head_kind} head has {outputs} outputs")
     _check_tokenizer(root, word.shape[0])
+
+
+def _check_embeddings(spec, p: str, arch: dict, tensors: dict, shape, wpath: Path) -> np.ndarray:
+    """The embedding tables of the architecture's map (width ``embedding_size`` where a projection follows them,
+    as in ELECTRA, else ``hidden_size``); returns the word embeddings."""
+    H = arch["hidden_size"]
+    E = arch.get("embedding_size", H)
+    if not _is_int(E) or not 1 <= E <= 1_000_000:
+        raise _error(f"{wpath.parent / 'sparsify.json'}: architecture.embedding_size must be a positive integer, "
+                     f"got {E!r}")
+    names = spec.embeddings
+
+    def table(role: str, what: str) -> np.ndarray:
+        a = tensors.get(f"{p}{names[role]}.weight")
+        if a is None or a.ndim != 2 or a.shape[1] != E or a.shape[0] < 1:
+            raise _error(f"{wpath}: {what} embeddings must be ({what}s, width {E}), got "
+                         f"{None if a is None else a.shape}")
+        return a
+
+    word = table("word", "token")
+    shape(f"{p}{names['position']}.weight", (arch["max_position_embeddings"], E))
+    if names.get("token_type"):
+        table("token_type", "token type")
+    shape(f"{p}{names['norm']}.weight", (E,))
+    shape(f"{p}{names['norm']}.bias", (E,))
+    project = f"{p}{spec.project}" if spec.project else None
+    if project and f"{project}.weight" in tensors:
+        shape(f"{project}.weight", (H, E))
+        shape(f"{project}.bias", (H,))
+    elif E != H:
+        raise _error(f"{wpath}: embeddings of width {E} need a projection to hidden_size {H}")
+    return word
+
+
+def _check_head(spec, head_kind: str, p: str, H: int, tensors: dict, shape, wpath: Path) -> int | None:
+    """The head's Linear layers chained from ``hidden_size``; returns the number of outputs (None: embeddings)."""
+    from sparsify.runtime import arch as A
+
+    if head_kind == "embeddings":
+        return None
+    if head_kind == "sequence-classification":
+        steps = [(n.format(prefix=p), n in spec.optional_head) for n, _ in spec.sequence_head]
+    else:
+        steps = [(A.TOKEN_HEAD if head_kind == "token-classification" else A.QA_HEAD, False)]
+    width = H
+    for name, optional in steps:
+        w = tensors.get(name + ".weight")
+        if w is None and optional:
+            continue
+        if w is None or w.ndim != 2 or w.shape[1] != width or w.shape[0] < 1:
+            raise _error(f"{wpath}: {name}.weight must be (outputs, {width}) for the {head_kind} head, got "
+                         f"{None if w is None else w.shape}")
+        shape(name + ".bias", (w.shape[0],))
+        width = w.shape[0]
+    if head_kind == "question-answering" and width != 2:
+        raise _error(f"{wpath}: {A.QA_HEAD}.weight must have 2 outputs (start, end), got {width}")
+    return width
 
 
 def _check_layer(name: str, expected: tuple, meta: Any, tensors: dict, mpath: Path, wpath: Path) -> None:

@@ -15,7 +15,12 @@ class SparsifyError(Exception):
     ``error:`` line is the whole message."""
 
     def __str__(self) -> str:
-        return re.sub(r"\s*[\r\n]+\s*", " ", super().__str__()).strip()
+        text = re.sub(r"\s*[\r\n]+\s*", " ", super().__str__()).strip()
+        # the other characters that end a line for str.splitlines (a key named "\x1e" in a recipe, say), escaped
+        return _LINE_BREAKS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+_LINE_BREAKS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 class RecipeError(SparsifyError):

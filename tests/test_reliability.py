@@ -136,6 +136,16 @@ def test_recursive_alias_and_alias_bomb_in_set_are_refused(tmp_path, capsys):
     one_error(capsys, "--set", "aliases expand")
 
 
+def test_a_key_with_a_line_separator_character_stays_on_one_error_line(tmp_path, capsys):
+    # found by the property suite: "\x1e" (and "\x85", "\u2028", ...) end a line for str.splitlines
+    for ch in ("\x1e", "\x85", "\u2028", "\x0c"):
+        r = tmp_path / "r.yaml"
+        r.write_text(yaml.safe_dump({"output_dir": "x", "model": {ch: None}}, allow_unicode=True), encoding="utf-8")
+        assert run_cli("recipe", "check", r) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "unknown key" in err, repr(err)
+
+
 def test_small_aliases_still_work(tmp_path, tiny_model_dir, toy_data):
     r = tmp_path / "r.yaml"
     r.write_text(textwrap.dedent(f"""\

@@ -175,6 +175,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     if distiller is not None:
         with _blame(recipe, "distillation"):
             distiller.prepare(model, teacher, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
+        if distiller.config.teacher_cache:  # teacher outputs kept across runs, keyed by teacher, data and terms
+            from sparsify.techniques.distillation.cache import data_fingerprint
+
+            loaded = distiller.attach_cache(distiller.config.teacher_cache, data_fingerprint(data.train),
+                                            write=accelerator.is_main_process)
+            accelerator.print(f"teacher cache {distiller.config.teacher_cache}: {loaded} of {len(data.train)} "
+                              "training examples stored")
     if lengthdrop is not None:
         with _blame(recipe, "length_adaptive"):
             lengthdrop.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps, seed=tc.seed)
@@ -244,6 +251,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
 
     def save_checkpoint(step: int) -> None:
         state["elapsed"] += time.monotonic() - started
+        if distiller is not None:
+            distiller.flush_cache()  # the teacher outputs computed so far survive a kill too
         write_checkpoint(run_dir, step, model=plain_model, optimizer=optimizer, scheduler=scheduler,
                          techniques={k: t.state_dict() for k, t in techniques.items()}, trainer_state=state,
                          rank=accelerator.process_index, is_main=accelerator.is_main_process,

@@ -4,6 +4,7 @@ bad-input messages. Tiny models built in code; the whole file runs in seconds on
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -366,6 +367,81 @@ def test_cache_teacher_runs_the_teacher_once_per_example_and_gives_the_same_loss
         step(cached, student, changed)
     with pytest.raises(ValueError, match="'idx'"):
         step(cached, student, {k: v for k, v in batch.items() if k != "idx"})
+
+
+class _Split:
+    """The two columns of a tokenized split that the data fingerprint reads."""
+
+    def __init__(self, batch):
+        self.rows = {"input_ids": [r[m.bool()].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"])]}
+        self.column_names = list(self.rows)
+
+    def __getitem__(self, column):
+        return self.rows[column]
+
+    def __len__(self):
+        return len(self.rows["input_ids"])
+
+
+def test_teacher_cache_on_disk_is_reused_by_the_next_run_and_refused_for_another_teacher_or_data(tmp_path):
+    from sparsify.errors import SparsifyError
+    from sparsify.techniques.distillation.cache import data_fingerprint
+
+    teacher = bert(hidden=32, heads=4, layers=4)
+    student = bert(hidden=16, heads=4, layers=2, seed=3)
+    batch = make_batch()
+    data = data_fingerprint(_Split(batch))
+    cache = tmp_path / "cache"
+    first = prepared(teacher, copy.deepcopy(student), teacher_cache=str(cache), **ALL_TERMS)
+    assert first.attach_cache(cache, data) == 0
+    _, expected = step(first, first.student, batch)
+    assert not cache.exists()  # nothing written before a flush
+    first.flush_cache()
+    manifest = json.loads((cache / "cache.json").read_text())
+    assert [s["examples"] for s in manifest["shards"]] == [3]
+    # a second run: same teacher, data and terms -> every example read from disk, the teacher never runs
+    second = prepared(teacher, copy.deepcopy(student), teacher_cache=str(cache), **ALL_TERMS)
+    second.load_state_dict(first.state_dict())
+    assert second.attach_cache(cache, data) == 3
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(1))
+    _, got = step(second, second.student, pad_more(batch, 2))
+    hook.remove()
+    assert calls == []
+    for key in TERM_KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    # another teacher, other data, other terms: one clear error each, nothing read
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    for who, fingerprint, terms, what in ((other, data, ALL_TERMS, "teacher's weights"),
+                                          (teacher, "0" * 64, ALL_TERMS, "tokenized training data"),
+                                          (teacher, data, {"logits": {}}, "distillation terms")):
+        d = prepared(who, copy.deepcopy(student), teacher_cache=str(cache), **terms)
+        with pytest.raises(SparsifyError, match=what) as err:
+            d.attach_cache(cache, fingerprint)
+        assert str(cache / "cache.json") in str(err.value) and "\n" not in str(err.value)
+    # a damaged shard is skipped with a warning and its examples computed (and stored) again
+    shard = cache / manifest["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    third = prepared(teacher, copy.deepcopy(student), teacher_cache=str(cache), **ALL_TERMS)
+    with pytest.warns(UserWarning, match="skipped"):
+        assert third.attach_cache(cache, data) == 0
+    step(third, third.student, batch)
+    third.flush_cache()
+    fourth = prepared(teacher, copy.deepcopy(student), teacher_cache=str(cache), **ALL_TERMS)
+    assert fourth.attach_cache(cache, data) == 3  # the new manifest lists the rewritten shard, not the damaged one
+    assert [s["file"] for s in json.loads((cache / "cache.json").read_text())["shards"]] == ["shard-00001.safetensors"]
+    # a file, or a directory holding something else
+    (tmp_path / "f").write_text("x")
+    for bad, match in ((tmp_path / "f", "must be a directory"), (tmp_path, "not a teacher cache")):
+        d = prepared(teacher, copy.deepcopy(student), teacher_cache=str(bad), **ALL_TERMS)
+        with pytest.raises(SparsifyError, match=match):
+            d.attach_cache(bad, data)
+    with pytest.raises(ValidationError, match="teacher_cache"):
+        DistillationConfig(logits={}, teacher_cache=" ")
 
 
 def test_bfloat16_teacher_gives_close_losses():

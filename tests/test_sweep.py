@@ -76,7 +76,7 @@ def test_cli_grid_errors_name_the_key_and_the_allowed_values(make_recipe, capsys
     recipe = str(make_recipe())
     root = ["--root", str(tmp_path / "sw")]
     line = _error(capsys, recipe, *root, "--grid", "training.lr_schedule=linear,cubic")
-    assert "--grid training.lr_schedule=cubic" in line and "'linear', 'cosine' or 'constant'" in line
+    assert "--grid training.lr_schedule=cubic" in line and "'linear', 'cosine', 'constant' or 'rewind'" in line
     line = _error(capsys, recipe, *root, "--grid", "training.learnig_rate=1e-3,1e-4")
     assert "--grid training.learnig_rate" in line and "Did you mean 'learning_rate'" in line
     line = _error(capsys, recipe, *root, "--grid", "training.batch_size=8,0")

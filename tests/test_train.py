@@ -282,3 +282,45 @@ def test_scored_pruning_runs_resume_to_the_same_weights(make_recipe, monkeypatch
     resumed = load_file(output_dir(killed) / "model" / "model.safetensors")
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
+
+
+def test_teacher_cache_across_runs_gives_the_same_weights(make_recipe, tiny_model_dir, tmp_path, capsys):
+    """A second run with the same teacher, data and terms reads every teacher output from the cache directory (the
+    teacher never runs) and ends with the first run's weights."""
+    cache = tmp_path / "teacher-cache"
+    distill = {"kind": "distillation", "task_weight": 0.0, "logits": {"weight": 1.0, "temperature": 2.0},
+               "hidden": {"weight": 1.0, "normalize": True}, "teacher_cache": str(cache)}
+    sections = {"teacher": {"name_or_path": str(tiny_model_dir)}, "techniques": [distill],
+                "training": {"steps": 8, "save_every": 4}}
+    first = make_recipe(**sections)
+    assert run_cli("train", first) == 0
+    assert "0 of " in capsys.readouterr().out
+    expected = load_file(output_dir(first) / "model" / "model.safetensors")
+    stored = sum(s["examples"] for s in json.loads((cache / "cache.json").read_text())["shards"])
+    assert stored > 0
+
+    import transformers
+
+    calls = []
+    original = transformers.BertForSequenceClassification.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("output_hidden_states"))  # the teacher asks for hidden states, the student too
+        return original(self, *args, **kwargs)
+
+    second = make_recipe(**sections)
+    import unittest.mock
+
+    with unittest.mock.patch.object(transformers.BertForSequenceClassification, "forward", counted):
+        assert run_cli("train", second) == 0
+    assert f"{stored} of " in capsys.readouterr().out
+    got = load_file(output_dir(second) / "model" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    # 8 steps + evaluations of the student only: with the teacher running, the count would be 8 more
+    plain = make_recipe(**{**sections, "techniques": [{k: v for k, v in distill.items() if k != "teacher_cache"}]})
+    calls_cached = len(calls)
+    calls.clear()
+    with unittest.mock.patch.object(transformers.BertForSequenceClassification, "forward", counted):
+        assert run_cli("train", plain) == 0
+    assert len(calls) == calls_cached + 8

@@ -151,10 +151,20 @@ class DistillationConfig(Config):
         description="Compute the teacher's outputs once per example (keyed by the batch's 'idx') and reuse them "
         "across epochs. Holds them in CPU memory: examples x tokens x hidden size x the captured layers.",
     )
+    teacher_cache: str | None = Field(
+        None,
+        description="A directory that keeps the teacher's outputs across runs (implies cache_teacher): the first "
+        "run writes them, later runs with the same teacher weights, tokenized training data and distillation terms "
+        "read them instead of running the teacher. A directory built for another teacher, data or terms is "
+        "refused; damaged shards are computed again.",
+    )
 
     @model_validator(mode="after")
     def _check(self):
         _check_weight(self.task_weight, "task_weight")
+        if self.teacher_cache is not None:
+            if not self.teacher_cache.strip():
+                raise FieldError(("teacher_cache",), "must be a directory path, got an empty string")
         if not any(getattr(self, t) is not None and getattr(self, t).weight > 0 for t in TERMS):
             raise FieldError(
                 (), f"no distillation term is enabled: give at least one of {', '.join(TERMS)} with a weight > 0"

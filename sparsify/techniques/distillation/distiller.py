@@ -89,6 +89,7 @@ class Distiller:
         self._captured: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
         self._hooks: list = []
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._disk = None  # a TeacherCache when the outputs are kept on disk (attach_cache)
 
     # -- setup ------------------------------------------------------------------------------------------
 
@@ -314,22 +315,47 @@ class Distiller:
         return result
 
     def _teacher_outputs(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-        if not self.config.cache_teacher:
+        if not (self.config.cache_teacher or self.config.teacher_cache):
             out = self._run_teacher(batch)
         else:
             out = self._cached_teacher(batch)
         dtype = _device_dtype(self.student)[1]
         return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in out.items()}
 
+    def attach_cache(self, directory, data_fingerprint: str, *, write: bool = True) -> int:
+        """Keep the teacher's outputs in ``directory`` across runs (see :mod:`.cache`); call after
+        :meth:`prepare`. Returns the number of examples read from it."""
+        from sparsify.techniques.distillation.cache import TeacherCache, teacher_fingerprint
+
+        c = self.config.enabled("hidden")
+        outputs = {
+            "logits": True,
+            "hidden": sorted(set(self.hidden_map.values())) if c else [],
+            "embeddings": bool(c and c.include_embeddings),
+            "captured": {str(t): sorted(parts) for t, parts in sorted(self._needs["teacher"].items())},
+            "dtype": str(_device_dtype(self.teacher)[1]),
+        }
+        self._disk = TeacherCache(directory, teacher=teacher_fingerprint(self.teacher), data=data_fingerprint,
+                                  outputs=outputs, write=write)
+        self._cache.update(self._disk.load())
+        return self._disk.loaded
+
+    def flush_cache(self) -> None:
+        """Write the teacher outputs computed since the last flush to the cache directory (if one is attached)."""
+        if getattr(self, "_disk", None) is not None:
+            self._disk.flush(self._cache)
+
     def _cached_teacher(self, batch: dict) -> dict[str, torch.Tensor]:
         """Teacher outputs from the cache, keyed by the batch's example indices ``idx``; stored per example
         without padding (so a different padding in a later epoch still matches) along with the example's
-        token ids, which must match when reused."""
+        token ids and types, which must match when reused."""
         if "idx" not in batch:
             raise ValueError("cache_teacher needs the example indices: the batch must hold 'idx'")
         keys = [int(i) for i in batch["idx"]]
         mask = batch["attention_mask"].bool().cpu()
         ids = batch["input_ids"].cpu()
+        types = batch["token_type_ids"].cpu() if "token_type_ids" in batch else None
+        disk = getattr(self, "_disk", None)
         if any(k not in self._cache for k in keys):
             fresh = self._run_teacher(batch)
             for row, key in enumerate(keys):
@@ -338,14 +364,20 @@ class Distiller:
                     # (B, L, ...) tensors are per token: keep the real tokens only; (B, C) logits per example
                     self._cache[key] = {
                         "ids": ids[row][real].to(torch.int32),
+                        "types": None if types is None else types[row][real].to(torch.int32),
                         "tokens": {n: v[row].detach().cpu()[real].clone() for n, v in fresh.items() if v.dim() >= 3},
                         "example": {n: v[row].detach().cpu().clone() for n, v in fresh.items() if v.dim() < 3},
                     }
+                    if disk is not None:
+                        disk.added(key, self._cache)
         out: dict[str, list[torch.Tensor]] = {}
         for row, key in enumerate(keys):
             entry = self._cache[key]
             real = mask[row]
-            if not torch.equal(entry["ids"], ids[row][real].to(torch.int32)):
+            same = torch.equal(entry["ids"], ids[row][real].to(torch.int32)) and (
+                types is None or entry.get("types") is None or
+                torch.equal(entry["types"], types[row][real].to(torch.int32)))
+            if not same:
                 raise ValueError(f"cache_teacher: example {key} holds other tokens than when its teacher outputs were "
                                  "cached (data that changes between epochs cannot use cache_teacher)")
             for name, value in entry["tokens"].items():

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from sparsify.errors import SparsifyError
+from sparsify.runtime.model import sha256_file as _sha256
 
 FORMAT = 1
 MANIFEST = "cache.json"
@@ -52,14 +53,6 @@ def data_fingerprint(split) -> str:
             h.update(np.asarray(row, np.int32).tobytes())
             h.update(b"|")
     h.update(str(len(split)).encode())
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
-from sparsify.recipe import DataConfig, Recipe
+from sparsify.recipe import EMBEDDING, DataConfig, PairsConfig, Recipe
 from sparsify.recipe import recipe_error as _recipe_error
 
 
@@ -19,17 +19,20 @@ def recipe_error(recipe: Recipe | None, path: tuple, message: str) -> SparsifyEr
         return SparsifyError(f"{'.'.join(map(str, path))}: {message}")
     return _recipe_error(recipe, path, message)
 
-FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                ".txt": "text"}  # .txt: one text per line, in a column named "text"
 
 
 @dataclass
 class TaskData:
-    """Tokenized train/eval splits with columns input_ids, attention_mask, (token_type_ids), labels, idx."""
+    """Tokenized train/eval splits with columns input_ids, attention_mask, (token_type_ids), labels, idx (no
+    labels for an embedding task, whose ``pairs`` are ``(first, second, labels)`` when the recipe has some)."""
 
     train: object  # datasets.Dataset
     eval: object
     label_names: list[str]
     is_regression: bool
+    pairs: tuple | None = None
 
     @property
     def num_labels(self) -> int:
@@ -44,21 +47,8 @@ def load_raw(cfg: DataConfig, recipe: Recipe | None = None):
         return recipe_error(recipe, ("data", key), message)
 
     if cfg.train_file is not None:
-        files = {"train": cfg.train_file, "eval": cfg.validation_file}
-        splits = {}
-        for split, key in (("train", "train_file"), ("eval", "validation_file")):
-            path = Path(files[split])
-            if not path.is_file():
-                raise fail(key, f"file not found: {path}")
-            fmt = FILE_FORMATS.get(path.suffix.lower())
-            if fmt is None:
-                raise fail(key, f"unsupported file type {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}")
-            kwargs = {"delimiter": "\t", "quoting": 3} if path.suffix.lower() == ".tsv" else {}
-            try:
-                splits[split] = datasets.load_dataset(fmt, data_files={"x": str(path)}, split="x", **kwargs)
-            except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
-                raise fail(key, f"cannot read {path} as {fmt}: {type(e).__name__}: {e}") from None
-        return splits["train"], splits["eval"]
+        return (read_file(cfg.train_file, lambda m: fail("train_file", m)),
+                read_file(cfg.validation_file, lambda m: fail("validation_file", m)))
 
     try:
         ds = datasets.load_dataset(cfg.dataset, cfg.config)
@@ -75,8 +65,28 @@ def load_raw(cfg: DataConfig, recipe: Recipe | None = None):
     return ds[cfg.train_split], ds[cfg.eval_split]
 
 
+def read_file(file: str, fail):
+    """A local data file as a `datasets.Dataset`; ``fail(message)`` builds the error for a missing, unknown or
+    unreadable file."""
+    import datasets
+
+    path = Path(file)
+    if not path.is_file():
+        raise fail(f"file not found: {path}")
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise fail(f"unsupported file type {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}")
+    kwargs = {"delimiter": "\t", "quoting": 3} if path.suffix.lower() == ".tsv" else {}
+    try:
+        return datasets.load_dataset(fmt, data_files={"x": str(path)}, split="x", **kwargs)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise fail(f"cannot read {path} as {fmt}: {type(e).__name__}: {e}") from None
+
+
 def load_task_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:
     """Load, check and tokenize a recipe's data; errors point into ``recipe`` when given."""
+    if cfg.metric_task == EMBEDDING:
+        return load_text_data(cfg, tokenizer, recipe)
     train, evaluation = load_raw(cfg, recipe)
     if cfg.max_train_samples is not None:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
@@ -105,6 +115,90 @@ def load_task_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> 
         return split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names, desc="tokenizing")
 
     return TaskData(tokenize(train), tokenize(evaluation), label_names, is_regression)
+
+
+def _texts(split, columns, name: str, key: tuple, recipe: Recipe | None) -> list[str]:
+    """Every non-blank text of ``columns`` (column after column), checked to exist and to hold text."""
+    missing = [c for c in columns if c not in split.column_names]
+    if missing:
+        raise recipe_error(recipe, key, f"column {missing[0]!r} not in the {name} data; its columns are "
+                                        f"{', '.join(split.column_names)}")
+    texts = []
+    for c in columns:
+        for value in split[c]:
+            if value is not None and not isinstance(value, str):
+                raise recipe_error(recipe, key, f"column {c!r} of the {name} data holds {type(value).__name__} "
+                                                f"values ({value!r}), not text")
+            if value is not None and value.strip():
+                texts.append(value)
+    return texts
+
+
+def _tokenize_texts(texts: list[str], tokenizer, max_length: int):
+    import datasets
+
+    def encode(batch, indices):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        enc["idx"] = indices
+        return enc
+
+    return datasets.Dataset.from_dict({"text": texts}).map(encode, with_indices=True, batched=True,
+                                                            remove_columns=["text"], desc="tokenizing")
+
+
+def load_text_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:
+    """An embedding task's data: the texts of the text columns, one example each, no labels; ``pairs`` tokenized
+    when the recipe has some."""
+    train, evaluation = load_raw(cfg, recipe)
+    splits = []
+    for name, split, limit in (("train", train, cfg.max_train_samples), ("eval", evaluation, cfg.max_eval_samples)):
+        texts = _texts(split, cfg.text_columns, name, ("data", "text_columns"), recipe)
+        if not texts:
+            raise recipe_error(recipe, ("data", "text_columns"), f"the {name} data holds no text in "
+                                                                 f"{', '.join(cfg.text_columns)}")
+        splits.append(_tokenize_texts(texts[:limit], tokenizer, cfg.max_length))
+    pairs = load_pairs(cfg.pairs, tokenizer, cfg.max_length, recipe) if cfg.pairs is not None else None
+    return TaskData(splits[0], splits[1], [], False, pairs)
+
+
+def load_pairs(cfg: PairsConfig, tokenizer, max_length: int, recipe: Recipe | None = None) -> tuple:
+    """``(first, second, labels)``: the two sentences of each labelled pair, tokenized, and the binary labels."""
+    import datasets
+
+    def fail(key, message):
+        return recipe_error(recipe, ("data", "pairs", key), message)
+
+    if cfg.file is not None:
+        split = read_file(cfg.file, lambda m: fail("file", m))
+    else:
+        try:
+            split = datasets.load_dataset(cfg.dataset, cfg.config, split=cfg.split)
+        except Exception as e:  # noqa: BLE001 - hub/cache/dir/split errors all mean the same to the user
+            raise fail("dataset", f"cannot load split {cfg.split!r} of dataset {cfg.dataset!r} (config "
+                                  f"{cfg.config!r}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if cfg.max_samples is not None:
+        split = split.select(range(min(cfg.max_samples, len(split))))
+    for key, columns in (("text_columns", cfg.text_columns), ("label_column", (cfg.label_column,))):
+        missing = [c for c in columns if c not in split.column_names]
+        if missing:
+            raise fail(key, f"column {missing[0]!r} not in the pairs; their columns are {', '.join(split.column_names)}")
+    labels = []
+    for v in split[cfg.label_column]:
+        if isinstance(v, bool) or v in (0, 1):
+            labels.append(int(v))
+        else:
+            raise fail("label_column", f"label {v!r} is not binary: pairs need 1 (or true) for a positive pair and 0 "
+                                       "for a negative one (GLUE test labels are -1: use the validation split)")
+    if len(set(labels)) < 2:
+        raise fail("label_column", f"every pair has label {labels[0] if labels else None!r}: a ROC-AUC needs both "
+                                   "positive and negative pairs")
+    sides = []
+    for c in cfg.text_columns:
+        values = split[c]
+        if any(not isinstance(v, str) for v in values):
+            raise fail("text_columns", f"column {c!r} of the pairs holds values that are not text")
+        sides.append(_tokenize_texts(list(values), tokenizer, max_length))
+    return sides[0], sides[1], labels
 
 
 def _labels(cfg: DataConfig, train, evaluation, recipe: Recipe | None):

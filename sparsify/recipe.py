@@ -55,6 +55,8 @@ class TeacherConfig(Config):
     device: str | None = Field(None, description="Default: the student's device.")
 
 
+EMBEDDING = "embedding"  # data.task of a sentence-embedding model (no labels)
+
 GLUE_TEXT_COLUMNS = {
     "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2"),
     "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
@@ -62,8 +64,31 @@ GLUE_TEXT_COLUMNS = {
 }
 
 
+class PairsConfig(Config):
+    """Labelled sentence pairs that score an embedding task (``data.task: embedding``): the ROC-AUC of the cosine
+    similarity of the two embeddings of each pair for its binary label (MRPC: paraphrase or not)."""
+
+    dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
+    config: str | None = Field(None, description="Dataset configuration, e.g. mrpc.")
+    file: str | None = Field(None, description="Local csv/tsv/json/jsonl/parquet file instead of a dataset.")
+    split: str = Field("validation", description="Split of 'dataset'.")
+    text_columns: tuple[str, str] = Field(("sentence1", "sentence2"), description="The two sentences of a pair.")
+    label_column: str = Field("label", description="Binary labels: 1 (or true) for a positive pair.")
+    max_samples: int | None = Field(None, ge=1, description="Use the first N pairs only.")
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if (self.dataset is None) == (self.file is None):
+            raise FieldError("dataset", "give exactly one of 'dataset' (hub id or directory) or 'file'")
+        return self
+
+
 class DataConfig(Config):
-    """Training and evaluation data: a hub/local dataset by name and config, or local files."""
+    """Training and evaluation data: a hub/local dataset by name and config, or local files.
+
+    With ``task: embedding`` the data needs no labels: every text of the text columns (each column's texts on
+    their own, not as pairs) is one example, trained on and held out; ``.txt`` files hold one text per line
+    (column ``text``). ``pairs`` adds a labelled pair evaluation."""
 
     dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
     config: str | None = Field(None, description="Dataset configuration, e.g. sst2.")
@@ -81,16 +106,21 @@ class DataConfig(Config):
     max_train_samples: int | None = Field(None, ge=1, description="Train on the first N examples only.")
     max_eval_samples: int | None = Field(None, ge=1, description="Evaluate on the first N examples only.")
     task: str | None = Field(
-        None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...). Default: config or sst2."
+        None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...), or 'embedding': a "
+        "sentence-embedding model learns its teacher's embeddings, no labels (metrics teacher_cosine, pair_roc_auc). "
+        "Default: config or sst2."
     )
+    pairs: PairsConfig | None = Field(None, description="task: embedding only: labelled sentence pairs for the "
+                                      "pair_roc_auc metric, e.g. {dataset: nyu-mll/glue, config: mrpc}.")
 
     @model_validator(mode="before")
     @classmethod
     def _glue_columns(cls, data):
         if isinstance(data, dict) and "text_columns" not in data:
-            task = data.get("task") or data.get("config")
-            if isinstance(task, str) and task in GLUE_TEXT_COLUMNS:
-                data = {**data, "text_columns": GLUE_TEXT_COLUMNS[task]}
+            for name in (data.get("task"), data.get("config")):
+                if isinstance(name, str) and name in GLUE_TEXT_COLUMNS:
+                    data = {**data, "text_columns": GLUE_TEXT_COLUMNS[name]}
+                    break
         return data
 
     @model_validator(mode="after")
@@ -99,6 +129,9 @@ class DataConfig(Config):
             raise FieldError("dataset", "give exactly one of 'dataset' (hub id or directory) or 'train_file'")
         if self.train_file is not None and self.validation_file is None:
             raise FieldError("validation_file", "is required with train_file")
+        if self.pairs is not None and self.metric_task != EMBEDDING:
+            raise FieldError("pairs", f"scores sentence embeddings: it needs task: {EMBEDDING} (this task is "
+                                      f"{self.metric_task!r})")
         return self
 
     @property
@@ -112,7 +145,7 @@ MAX_THREADS = 1024
 def task_metrics(task: str) -> tuple[str, ...]:
     """The metrics an evaluation of ``task`` reports (higher is better), as sparsify.metrics computes them."""
     return {"cola": ("matthews_correlation",), "stsb": ("pearson", "spearmanr"), "mrpc": ("accuracy", "f1"),
-            "qqp": ("accuracy", "f1")}.get(task, ("accuracy",))
+            "qqp": ("accuracy", "f1"), EMBEDDING: ("teacher_cosine", "pair_roc_auc")}.get(task, ("accuracy",))
 
 
 class TrainingConfig(Config):
@@ -181,6 +214,22 @@ class Recipe(Config):
                 raise FieldError(("training", "metric_for_best"),
                                  f"unknown metric {name!r} for task {self.data.metric_task!r}.{_suggest(name, list(allowed))}"
                                  f" Allowed: {', '.join(allowed)} (or length_config_<metric> with a length_config)")
+            if name.removeprefix("length_config_") == "pair_roc_auc" and self.data.pairs is None:
+                raise FieldError(("training", "metric_for_best"), "pair_roc_auc needs labelled pairs, and the "
+                                 "embedding data has no labels: add data.pairs (e.g. {dataset: nyu-mll/glue, config: "
+                                 "mrpc}) or use teacher_cosine")
+        return self
+
+    @model_validator(mode="after")
+    def _check_embedding_task(self):
+        if self.data.metric_task != EMBEDDING:
+            return self
+        if self.model.num_labels is not None:
+            raise FieldError(("model", "num_labels"), "an embedding model has no classes (data.task: embedding); "
+                             "remove model.num_labels")
+        if self.training.fit_samples:
+            raise FieldError(("training", "fit_samples"), "compares predictions with training labels; an embedding "
+                             "task has none (data.task: embedding): set it to 0")
         return self
 
     def technique(self, kind: str):
@@ -452,6 +501,15 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
                 check(recipe)
             except FieldError as e:
                 raise source.error(("techniques", i) + e.field, str(e)) from None
+    if recipe.data.metric_task == EMBEDDING:
+        if recipe.technique("distillation") is None:
+            raise source.error(("techniques",), "an embedding task has no labels: the student learns from a teacher; "
+                               "add a distillation technique (embedding term: cosine or mse on the pooled embedding) "
+                               "and a teacher")
+        for i, t in enumerate(techniques):
+            if t.kind == "pruning" and t.score == "taylor":
+                raise source.error(("techniques", i, "score"), "taylor scores need the gradient of a task loss, and an "
+                                   "embedding task has no labels: use l2, l1 or obs")
     if recipe.training.lr_schedule == "rewind" and recipe.technique("pruning") is None:
         raise source.error(("training", "lr_schedule"), "rewind restarts the learning rate at every pruning mask "
                            "update: it needs a pruning technique (with its window); use linear, cosine or constant")

@@ -53,6 +53,53 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+def write_sentence_transformers_files(path: Path, dim: int, modes=("mean",), normalize: bool = True,
+                                      max_seq_length: int = 32) -> Path:
+    """The sentence-transformers files of a bare encoder saved in ``path``: Transformer -> Pooling (-> Normalize)."""
+    import json
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (path / "2_Normalize").mkdir(exist_ok=True)
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": dim,
+                                                                "pooling_mode": list(modes)}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT as a sentence-transformers model: a bare encoder (no head), mean pooling, Normalize."""
+    import shutil
+
+    import torch
+    from transformers import BertModel
+
+    path = tmp_path_factory.mktemp("tiny-st")
+    torch.manual_seed(1)
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(path)
+    for f in tiny_model_dir.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copyfile(f, path / f.name)
+    return write_sentence_transformers_files(path, 32)
+
+
+@pytest.fixture(scope="session")
+def toy_pairs(tmp_path_factory) -> Path:
+    """Labelled sentence pairs (sentence1, sentence2, label: 1 when both sentences have the same sentiment)."""
+    import pandas as pd
+
+    a, b = toy_sentences(48, 5), toy_sentences(48, 6)
+    rows = [(x, y, int(lx == ly)) for (x, lx), (y, ly) in zip(a, b)]
+    path = tmp_path_factory.mktemp("toy-pairs") / "pairs.csv"
+    pd.DataFrame(rows, columns=["sentence1", "sentence2", "label"]).to_csv(path, index=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> dict[str, Path]:
     """Toy sentiment data as csv, tsv, jsonl and parquet (train and validation of each)."""

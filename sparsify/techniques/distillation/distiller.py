@@ -155,6 +155,15 @@ class Distiller:
 
         if cfg.keep_teacher_head:
             copy_head(student, teacher)
+        if cfg.enabled("embedding"):
+            dims = [getattr(m, "embedding_dim", None) for m in (student, teacher)]
+            if None in dims:
+                raise FieldError(("embedding",), "compares pooled sentence embeddings: the student and the teacher "
+                                                 "must be embedding models (data.task: embedding)")
+            if dims[0] != dims[1]:
+                raise FieldError(("embedding",), f"the student's embeddings have {dims[0]} dimensions, the "
+                                                 f"teacher's {dims[1]}: the term compares them directly; use a "
+                                                 "student of the teacher's hidden size (and pooling)")
 
         # learned projections from the student's hidden size to the teacher's, when they differ
         self.projections = nn.ModuleDict()
@@ -203,6 +212,7 @@ class Distiller:
 
     def loss(self, batch: dict, student_outputs, labels=None) -> tuple[torch.Tensor, dict[str, float]]:
         """The total loss and each term's (unweighted) value, for logging: ``distill/task``, ``distill/logits``,
+        ``distill/embedding`` (an embedding model, whose ``logits`` are its pooled sentence embedding),
         ``distill/hidden``, ``distill/attention``, ``distill/minilm`` (with ``distill/minilm_attention`` and
         ``distill/minilm_value``), ``distill/minilmv2`` (with ``distill/minilmv2_qq``, ...) and
         ``distill/total``. Layer-wise terms are averaged over their layer pairs."""
@@ -227,6 +237,9 @@ class Distiller:
         if c := cfg.enabled("logits"):
             terms["distill/logits"] = losses.logit_kl(logits, teacher["logits"], c.temperature, mask)
             total = total + c.weight * terms["distill/logits"]
+        if c := cfg.enabled("embedding"):  # an embedding model's "logits" are its pooled sentence embedding
+            terms["distill/embedding"] = losses.embedding_loss(logits, teacher["logits"], c.loss)
+            total = total + c.weight * terms["distill/embedding"]
         if c := cfg.enabled("hidden"):
             hidden = student_outputs.hidden_states
             if hidden is None:

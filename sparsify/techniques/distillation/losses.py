@@ -45,6 +45,19 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 
     return per_row.mean()
 
 
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Pooled sentence embeddings ``(B, D)``: ``cosine``, 1 - cos(student, teacher) averaged over the examples;
+    ``mse``, the squared difference averaged over examples and dimensions."""
+    s, t = _f32(student), _f32(teacher)
+    if s.shape != t.shape:
+        raise ValueError(f"student embeddings {tuple(s.shape)} and teacher embeddings {tuple(t.shape)} differ in shape")
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).mean()
+    if kind == "mse":
+        return (s - t).pow(2).mean()
+    raise ValueError(f"embedding loss {kind!r}: expected cosine or mse")
+
+
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """Mean squared error over the real tokens and the hidden units; ``student`` already projected to the
     teacher's hidden size. ``normalize``: the squared error divided by the teacher's squared norm over the same

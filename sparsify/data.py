@@ -163,6 +163,12 @@ def load_text_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> 
 
 def load_pairs(cfg: PairsConfig, tokenizer, max_length: int, recipe: Recipe | None = None) -> tuple:
     """``(first, second, labels)``: the two sentences of each labelled pair, tokenized, and the binary labels."""
+    first, second, labels = read_pairs(cfg, recipe)
+    return _tokenize_texts(first, tokenizer, max_length), _tokenize_texts(second, tokenizer, max_length), labels
+
+
+def read_pairs(cfg: PairsConfig, recipe: Recipe | None = None) -> tuple[list[str], list[str], list[int]]:
+    """``(first, second, labels)``: the two sentences of each labelled pair and the binary labels, checked."""
     import datasets
 
     def fail(key, message):
@@ -194,10 +200,10 @@ def load_pairs(cfg: PairsConfig, tokenizer, max_length: int, recipe: Recipe | No
                                    "positive and negative pairs")
     sides = []
     for c in cfg.text_columns:
-        values = split[c]
+        values = list(split[c])
         if any(not isinstance(v, str) for v in values):
             raise fail("text_columns", f"column {c!r} of the pairs holds values that are not text")
-        sides.append(_tokenize_texts(list(values), tokenizer, max_length))
+        sides.append(values)
     return sides[0], sides[1], labels
 
 

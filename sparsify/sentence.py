@@ -232,3 +232,90 @@ def embedding_metrics(model, eval_dl, reference: torch.Tensor | None, pairs=None
         b = embed_batches(model, second, accelerator=accelerator, forward=forward)
         metrics["pair_roc_auc"] = roc_auc(pair_scores(a, b).numpy(), labels)
     return metrics
+
+
+def _encode_texts(model: SentenceEmbedder, tokenizer, texts: list[str], max_length: int, batch_size: int):
+    import numpy as np
+
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for a in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[a:a + batch_size], truncation=True, max_length=max_length, padding=True,
+                            return_tensors="pt")
+            out.append(model(**enc).logits.float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
+
+
+def _embedder_fn(name_or_path: str, max_length: int, batch_size: int, who: str):
+    """``embed(texts) -> (N, dim)`` for an exported artifact (the CPU runtime) or a model / run directory or hub id
+    (PyTorch), and the backend's name."""
+    from sparsify.modeling import load_tokenizer, resolve_model_path
+
+    if (Path(name_or_path) / "sparsify.json").is_file():
+        from sparsify.runtime import SparseModel
+
+        sm = SparseModel.from_pretrained(name_or_path)
+        if sm.pooling is None or str(sm.pooling.get("source", "")).startswith("default"):
+            raise SparsifyError(_no_pooling(f"artifact ({who})", name_or_path))
+        return (lambda texts: sm.embed(texts, batch_size=batch_size, max_length=max_length)), "sparsify runtime"
+    model = load_embedder(name_or_path, who=who)
+    tokenizer = load_tokenizer(resolve_model_path(name_or_path))
+    backend = "pytorch"
+    folder = Path(read_pooling(name_or_path)[1])
+    if (folder / "quantization.json").is_file():  # a quantized run: its int8 conversion, as the export packs it
+        from sparsify.techniques.quantization.convert import load_converted, read_converted, trained_embeddings
+
+        load_converted(model, *read_converted(folder), trained_embeddings(folder))
+        backend = "pytorch (int8 conversion)"
+    return (lambda texts: _encode_texts(model, tokenizer, texts, max_length, batch_size)), backend
+
+
+def evaluate_embedding_model(model: str, *, teacher: str | None = None, dataset: str = "nyu-mll/glue",
+                             config: str | None = None, split: str = "validation", file: str | None = None,
+                             text_columns: list[str] | None = None, pairs=None, max_length: int = 128,
+                             batch_size: int = 64, max_samples: int | None = None) -> dict:
+    """``sparsify eval MODEL --task embedding``: the metrics a run with ``data.task: embedding`` reports, for a
+    model or run directory, a hub id or an exported artifact (then through the CPU runtime). ``teacher_cosine``
+    (the mean cosine similarity to ``teacher``'s embeddings of the held-out texts: ``file``, or ``split`` of
+    ``dataset`` / ``config``, their ``text_columns``) and, with ``pairs`` (a :class:`sparsify.recipe.PairsConfig`),
+    ``pair_roc_auc`` (and the teacher's, ``teacher_pair_roc_auc``)."""
+    import numpy as np
+
+    from sparsify.data import _texts, load_raw, read_file, read_pairs
+    from sparsify.recipe import DataConfig
+
+    if teacher is None and pairs is None:
+        raise SparsifyError("--task embedding: give --teacher (mean cosine to its embeddings of held-out text), "
+                            "labelled pairs (--pairs-config / --pairs-file: paraphrase ROC-AUC), or both")
+    embed, backend = _embedder_fn(model, max_length, batch_size, "model")
+    teacher_embed = _embedder_fn(teacher, max_length, batch_size, "teacher")[0] if teacher is not None else None
+    out: dict = {"task": "embedding", "model": str(model), "backend": backend, "teacher": teacher}
+    if teacher_embed is not None:
+        if file is not None:
+            split_data = read_file(file, lambda m: SparsifyError(f"--file: {m}"))
+            columns = text_columns or (["text"] if file.endswith(".txt") else ["sentence"])
+        else:
+            if config is None:
+                raise SparsifyError("--task embedding with --teacher: give the held-out texts, --file or --config "
+                                    "(e.g. --config sst2 for the SST-2 validation sentences)")
+            cfg = DataConfig(dataset=dataset, config=config, train_split=split, eval_split=split, task="embedding",
+                             **({"text_columns": tuple(text_columns)} if text_columns else {}))
+            split_data, columns = load_raw(cfg)[1], list(cfg.text_columns)
+        texts = _texts(split_data, columns, "held-out", ("text_columns",), None)[:max_samples]
+        if not texts:
+            raise SparsifyError(f"no texts in column(s) {', '.join(columns)}")
+        a, b = torch.from_numpy(np.asarray(embed(texts))), torch.from_numpy(np.asarray(teacher_embed(texts)))
+        cos = pair_scores(a, b)
+        out.update(texts=len(texts), teacher_cosine=float(cos.mean()), teacher_cosine_min=float(cos.min()))
+    if pairs is not None:
+        first, second, labels = read_pairs(pairs)
+
+        def score(fn) -> float:
+            a, b = (torch.from_numpy(np.asarray(fn(texts))) for texts in (first, second))
+            return roc_auc(pair_scores(a, b).numpy(), labels)
+
+        out.update(pairs=len(labels), pair_roc_auc=score(embed))
+        if teacher_embed is not None:
+            out["teacher_pair_roc_auc"] = score(teacher_embed)
+    return out

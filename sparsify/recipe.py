@@ -92,7 +92,8 @@ class DataConfig(Config):
 
     dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
     config: str | None = Field(None, description="Dataset configuration, e.g. sst2.")
-    train_file: str | None = Field(None, description="Local csv/tsv/json/jsonl/parquet file.")
+    train_file: str | None = Field(None, description="Local csv/tsv/json/jsonl/parquet file (or .txt, one text per "
+                                   "line, for task: embedding).")
     validation_file: str | None = Field(None, description="Evaluation file, with train_file.")
     train_split: str = Field("train", description="Split of 'dataset' to train on.")
     eval_split: str = Field("validation", description="Split of 'dataset' to evaluate on.")

@@ -348,6 +348,9 @@ class Distiller:
             "captured": {str(t): sorted(parts) for t, parts in sorted(self._needs["teacher"].items())},
             "dtype": str(_device_dtype(self.teacher)[1]),
         }
+        pooling = getattr(self.teacher, "pooling", None)
+        if pooling is not None:  # an embedding teacher's "logits" are its pooled embedding: pooled how
+            outputs["pooling"] = {"modes": list(pooling["modes"]), "normalize": bool(pooling.get("normalize"))}
         self._disk = TeacherCache(directory, teacher=teacher_fingerprint(self.teacher), data=data_fingerprint,
                                   outputs=outputs, write=write)
         self._cache.update(self._disk.load())

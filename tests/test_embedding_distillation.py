@@ -280,3 +280,28 @@ def test_eval_embedding_needs_a_teacher_or_pairs(tiny_st_dir, capsys):
     assert err.startswith("error: --task embedding: give --teacher") and len(err.strip().splitlines()) == 1
     assert run_cli("eval", tiny_st_dir, "--task", "embedding", "--teacher", tiny_st_dir) == 2
     assert "give the held-out texts, --file or --config" in capsys.readouterr().err
+
+
+def test_fewer_layers_student_exports_and_runs_like_torch(make_embedding_recipe, tmp_path):
+    """model.layers: a 1-layer embedding student (hidden states mapped to the teacher's last layer) exports as a
+    1-layer embeddings artifact whose runtime embeddings are the PyTorch student's."""
+    from transformers import AutoTokenizer
+
+    from sparsify.export import export
+    from sparsify.runtime import SparseModel
+    from sparsify.sentence import load_embedder
+
+    recipe = make_embedding_recipe(model={"layers": [1]}, training={"steps": 3},
+                                   distillation={"kind": "distillation", "embedding": {"weight": 1.0},
+                                                 "hidden": {"weight": 1.0}})
+    assert run_cli("train", recipe) == 0
+    model_dir = output_dir(recipe) / "model"
+    assert json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] == 1
+    manifest = export(model_dir, tmp_path / "art")["manifest"]
+    assert manifest["head"] == "embeddings"
+    texts = ["the movie was good", "a dull plot and a sad actor", "great"]
+    student = load_embedder(str(model_dir)).eval()
+    enc = AutoTokenizer.from_pretrained(model_dir)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = student(**enc).logits.numpy()
+    np.testing.assert_allclose(SparseModel.from_pretrained(tmp_path / "art").embed(texts), ref, atol=1e-5)

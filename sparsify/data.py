@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
-from sparsify.recipe import EMBEDDING, DataConfig, PairsConfig, Recipe
+from sparsify.recipe import EMBEDDING, TOKEN_CLASSIFICATION, DataConfig, PairsConfig, Recipe
 from sparsify.recipe import recipe_error as _recipe_error
 
 
@@ -87,6 +87,8 @@ def load_task_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> 
     """Load, check and tokenize a recipe's data; errors point into ``recipe`` when given."""
     if cfg.metric_task == EMBEDDING:
         return load_text_data(cfg, tokenizer, recipe)
+    if cfg.metric_task == TOKEN_CLASSIFICATION:
+        return load_token_data(cfg, tokenizer, recipe)
     train, evaluation = load_raw(cfg, recipe)
     if cfg.max_train_samples is not None:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
@@ -238,8 +240,85 @@ def _labels(cfg: DataConfig, train, evaluation, recipe: Recipe | None):
     return names, False, lambda v: values[v] if v in values else by_name[str(v)]
 
 
-def collator(tokenizer):
-    """Pads each batch to its longest example (dynamic padding)."""
+def collator(tokenizer, task: str | None = None):
+    """Pads each batch to its longest example (dynamic padding); token labels with -100."""
+    if task == TOKEN_CLASSIFICATION:
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification(tokenizer, return_tensors="pt")
     from transformers import DataCollatorWithPadding
 
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+IGNORE = -100  # the label of a token that carries none (special tokens, every sub-word after a word's first)
+
+
+def load_token_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:
+    """A token-classification task's data: a list of words and a label per word, each example tokenized with
+    ``is_split_into_words``; the first token of each word carries the word's label, the others :data:`IGNORE`."""
+    import datasets
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise recipe_error(recipe, ("model", "name_or_path"), "token-classification aligns word labels with the "
+                           "tokens through a fast tokenizer's word ids; this model's tokenizer is not a fast one")
+    train, evaluation = load_raw(cfg, recipe)
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
+    words_column = cfg.text_columns[0]
+    for name, split in (("train", train), ("eval", evaluation)):
+        for key, column in (("text_columns", words_column), ("label_column", cfg.label_column)):
+            if column not in split.column_names:
+                raise recipe_error(recipe, ("data", key), f"column {column!r} not in the {name} data; its columns are "
+                                                          f"{', '.join(split.column_names)}")
+        for row, (words, tags) in enumerate(zip(split[words_column], split[cfg.label_column])):
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise recipe_error(recipe, ("data", "text_columns"), f"example {row} of the {name} data: "
+                                   f"{words_column!r} must be a list of words (strings), got {words!r:.80}")
+            if not isinstance(tags, list) or len(tags) != len(words):
+                raise recipe_error(recipe, ("data", "label_column"), f"example {row} of the {name} data: "
+                                   f"{cfg.label_column!r} must be a list of one label per word ({len(words)} words), "
+                                   f"got {tags!r:.80}")
+    if len(train) == 0 or len(evaluation) == 0:
+        raise recipe_error(recipe, ("data",), "the train or eval split is empty")
+    feature = train.features[cfg.label_column]
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.ClassLabel):
+        names = list(cfg.label_names or inner.names)
+        if len(names) != inner.num_classes:
+            raise recipe_error(recipe, ("data", "label_names"),
+                               f"{len(names)} names for {inner.num_classes} classes ({', '.join(inner.names)})")
+        values = {i: i for i in range(inner.num_classes)}
+    else:
+        seen = sorted({t for tags in train[cfg.label_column] for t in tags}, key=str)
+        names = [str(v) for v in (cfg.label_names or seen)]
+        values = {v: names.index(str(v)) for v in seen if str(v) in names}
+    for name, split in (("train", train), ("eval", evaluation)):
+        for v in {t for tags in split[cfg.label_column] for t in tags}:
+            if v not in values and str(v) not in names:
+                raise recipe_error(recipe, ("data", "label_column"), f"label {v!r} in the {name} data is outside the "
+                                   f"label set {names} (set data.label_names)")
+    by_name = {n: i for i, n in enumerate(names)}
+
+    def to_id(v):
+        return values[v] if v in values else by_name[str(v)]
+
+    def encode(batch, indices):
+        enc = tokenizer(batch[words_column], is_split_into_words=True, truncation=True, max_length=cfg.max_length)
+        labels = []
+        for i, tags in enumerate(batch[cfg.label_column]):
+            row, previous = [], None
+            for word in enc.word_ids(i):
+                row.append(IGNORE if word is None or word == previous else to_id(tags[word]))
+                previous = word
+            labels.append(row)
+        enc["labels"] = labels
+        enc["idx"] = indices
+        return enc
+
+    def tokenize(split):
+        return split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names, desc="tokenizing")
+
+    return TaskData(tokenize(train), tokenize(evaluation), names, False)

@@ -1,4 +1,5 @@
-"""Evaluation of a sequence classifier on a task's eval split, with the task's GLUE metrics."""
+"""Evaluation on a task's eval split: a sequence classifier with the task's GLUE metrics, a token classifier with
+entity-level F1 (:func:`evaluate_tokens`)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,69 @@ def evaluate(model, dataloader, task: str, *, is_regression: bool = False, accel
     results["loss"] = losses / max(count, 1)
     model.train(was_training)
     return {k: float(v) for k, v in results.items()}
+
+
+def entities(tags: list[str]) -> set[tuple[str, int, int]]:
+    """Entity spans ``(type, first, last)`` of a tag sequence: ``B-X`` starts an X, ``I-X`` continues an X (and
+    starts one after anything else), ``O`` is outside; a tag without a B-/I- prefix is ``I-`` of its own name."""
+    spans, current = set(), None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, kind = tag.partition("-") if tag[:2] in ("B-", "I-") else ("I", "-", tag)
+        if tag == "O" or prefix == "B" or current is None or current[0] != kind:
+            if current is not None:
+                spans.add((current[0], current[1], i - 1))
+            current = None if tag == "O" else (kind, i)
+    return spans
+
+
+def token_metrics(predictions: list[list[str]], references: list[list[str]]) -> dict[str, float]:
+    """Entity-level precision, recall and F1 (exact type and span, over every sequence, as seqeval's default) and
+    the accuracy of the labelled tokens."""
+    found = gold = hit = right = total = 0
+    for pred, ref in zip(predictions, references):
+        p, r = entities(pred), entities(ref)
+        found, gold, hit = found + len(p), gold + len(r), hit + len(p & r)
+        right += sum(a == b for a, b in zip(pred, ref))
+        total += len(ref)
+    precision = hit / found if found else 0.0
+    recall = hit / gold if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall, "accuracy": right / max(total, 1)}
+
+
+@torch.no_grad()
+def evaluate_tokens(model, dataloader, label_names: list[str], *, accelerator=None, forward=None,
+                    logits_out: list | None = None) -> dict[str, float]:
+    """Token classification: :func:`token_metrics` over the labelled tokens (the first token of each word) of
+    ``dataloader``, plus the mean eval loss. ``logits_out`` receives the logits of the labelled tokens,
+    ``(tokens, labels)`` per batch."""
+    from sparsify.data import IGNORE
+
+    was_training = model.training
+    model.eval()
+    predictions, references = [], []
+    losses, count = 0.0, 0
+    for batch in dataloader:
+        inputs = {k: v for k, v in batch.items() if k != "idx"}
+        outputs = forward(model, inputs) if forward is not None else model(**inputs)
+        logits, labels = outputs.logits, inputs["labels"]
+        loss = outputs.loss.detach().float() * labels.shape[0]
+        if accelerator is not None:
+            logits = accelerator.pad_across_processes(logits, dim=1)
+            labels = accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORE)
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            loss = accelerator.reduce(loss, reduction="sum")
+        real = labels != IGNORE
+        if logits_out is not None:
+            logits_out.append(logits[real].detach().float().cpu())
+        preds = logits.argmax(-1)
+        for p, g, m in zip(preds.cpu(), labels.cpu(), real.cpu()):
+            predictions.append([label_names[i] for i in p[m].tolist()])
+            references.append([label_names[i] for i in g[m].tolist()])
+        losses += float(loss)
+        count += labels.shape[0]
+    model.train(was_training)
+    return {**token_metrics(predictions, references), "loss": losses / max(count, 1)}
 
 
 def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glue", split: str = "validation",

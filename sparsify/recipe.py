@@ -56,6 +56,7 @@ class TeacherConfig(Config):
 
 
 EMBEDDING = "embedding"  # data.task of a sentence-embedding model (no labels)
+TOKEN_CLASSIFICATION = "token-classification"  # data.task of a per-token classifier (a list of words, a label each)
 
 GLUE_TEXT_COLUMNS = {
     "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2"),
@@ -88,7 +89,11 @@ class DataConfig(Config):
 
     With ``task: embedding`` the data needs no labels: every text of the text columns (each column's texts on
     their own, not as pairs) is one example, trained on and held out; ``.txt`` files hold one text per line
-    (column ``text``). ``pairs`` adds a labelled pair evaluation."""
+    (column ``text``). ``pairs`` adds a labelled pair evaluation.
+
+    With ``task: token-classification`` an example is a list of words (``text_columns``, default ``tokens``) with
+    one label per word (``label_column``, default ``ner_tags``: class ids or names, e.g. B-PER / I-PER / O); the
+    first sub-word token of each word carries its label, the other tokens none."""
 
     dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
     config: str | None = Field(None, description="Dataset configuration, e.g. sst2.")
@@ -107,8 +112,9 @@ class DataConfig(Config):
     max_train_samples: int | None = Field(None, ge=1, description="Train on the first N examples only.")
     max_eval_samples: int | None = Field(None, ge=1, description="Evaluate on the first N examples only.")
     task: str | None = Field(
-        None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...), or 'embedding': a "
-        "sentence-embedding model learns its teacher's embeddings, no labels (metrics teacher_cosine, pair_roc_auc). "
+        None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...); 'embedding': a "
+        "sentence-embedding model learns its teacher's embeddings, no labels (metrics teacher_cosine, pair_roc_auc); "
+        "'token-classification': a label per word (entity f1, precision, recall; token accuracy). "
         "Default: config or sst2."
     )
     pairs: PairsConfig | None = Field(None, description="task: embedding only: labelled sentence pairs for the "
@@ -117,6 +123,8 @@ class DataConfig(Config):
     @model_validator(mode="before")
     @classmethod
     def _glue_columns(cls, data):
+        if isinstance(data, dict) and data.get("task") == TOKEN_CLASSIFICATION:
+            data = {"text_columns": ("tokens",), "label_column": "ner_tags", **data}
         if isinstance(data, dict) and "text_columns" not in data:
             for name in (data.get("task"), data.get("config")):
                 if isinstance(name, str) and name in GLUE_TEXT_COLUMNS:
@@ -130,6 +138,9 @@ class DataConfig(Config):
             raise FieldError("dataset", "give exactly one of 'dataset' (hub id or directory) or 'train_file'")
         if self.train_file is not None and self.validation_file is None:
             raise FieldError("validation_file", "is required with train_file")
+        if self.metric_task == TOKEN_CLASSIFICATION and len(self.text_columns) != 1:
+            raise FieldError("text_columns", "token-classification reads one column, a list of words per example, got "
+                                             f"{list(self.text_columns)}")
         if self.pairs is not None and self.metric_task != EMBEDDING:
             raise FieldError("pairs", f"scores sentence embeddings: it needs task: {EMBEDDING} (this task is "
                                       f"{self.metric_task!r})")
@@ -146,7 +157,8 @@ MAX_THREADS = 1024
 def task_metrics(task: str) -> tuple[str, ...]:
     """The metrics an evaluation of ``task`` reports (higher is better), as sparsify.metrics computes them."""
     return {"cola": ("matthews_correlation",), "stsb": ("pearson", "spearmanr"), "mrpc": ("accuracy", "f1"),
-            "qqp": ("accuracy", "f1"), EMBEDDING: ("teacher_cosine", "pair_roc_auc")}.get(task, ("accuracy",))
+            "qqp": ("accuracy", "f1"), EMBEDDING: ("teacher_cosine", "pair_roc_auc"),
+            TOKEN_CLASSIFICATION: ("f1", "precision", "recall", "accuracy")}.get(task, ("accuracy",))
 
 
 class TrainingConfig(Config):
@@ -223,14 +235,16 @@ class Recipe(Config):
 
     @model_validator(mode="after")
     def _check_embedding_task(self):
-        if self.data.metric_task != EMBEDDING:
+        task = self.data.metric_task
+        if self.training.fit_samples and task in (EMBEDDING, TOKEN_CLASSIFICATION):
+            raise FieldError(("training", "fit_samples"), f"compares one predicted label per training example with "
+                             f"its label; a {task} task has {'none' if task == EMBEDDING else 'one per word'}: set it "
+                             "to 0")
+        if task != EMBEDDING:
             return self
         if self.model.num_labels is not None:
             raise FieldError(("model", "num_labels"), "an embedding model has no classes (data.task: embedding); "
                              "remove model.num_labels")
-        if self.training.fit_samples:
-            raise FieldError(("training", "fit_samples"), "compares predictions with training labels; an embedding "
-                             "task has none (data.task: embedding): set it to 0")
         return self
 
     def technique(self, kind: str):
@@ -511,6 +525,11 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
             if t.kind == "pruning" and t.score == "taylor":
                 raise source.error(("techniques", i, "score"), "taylor scores need the gradient of a task loss, and an "
                                    "embedding task has no labels: use l2, l1 or obs")
+    if recipe.data.metric_task == TOKEN_CLASSIFICATION:
+        for i, t in enumerate(techniques):
+            if t.kind == "length_adaptive":
+                raise source.error(("techniques", i, "kind"), "length_adaptive drops tokens inside the encoder, and a "
+                                   "token-classification head needs every token: remove it")
     if recipe.training.lr_schedule == "rewind" and recipe.technique("pruning") is None:
         raise source.error(("training", "lr_schedule"), "rewind restarts the learning rate at every pruning mask "
                            "update: it needs a pruning technique (with its window); use linear, cosine or constant")

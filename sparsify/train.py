@@ -39,10 +39,10 @@ from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, resume_checkpo
 from sparsify.config import FieldError
 from sparsify.data import collator, load_task_data
 from sparsify.errors import SparsifyError
-from sparsify.evaluation import evaluate
+from sparsify.evaluation import evaluate, evaluate_tokens
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
-from sparsify.recipe import EMBEDDING, Recipe, check_run_inputs, recipe_error
+from sparsify.recipe import EMBEDDING, TOKEN_CLASSIFICATION, Recipe, check_run_inputs, recipe_error
 from sparsify.schedules import rewind_schedule
 from sparsify.sentence import embed_batches, embedding_metrics, load_embedder, require_pooling
 from sparsify.techniques import TECHNIQUES
@@ -137,6 +137,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     quantizer = techniques.get("quantization")
     ptq = quantizer is not None and quantizer.config.mode == "ptq"
     embedding = task == EMBEDDING  # a sentence-embedding model: its "logits" are its pooled embedding, no labels
+    head = TOKEN_CLASSIFICATION if task == TOKEN_CLASSIFICATION else "sequence-classification"
     if embedding:  # the teacher's pooling first: a student without one takes it
         teacher_pooling = _located(recipe, ("teacher", "name_or_path"), require_pooling, recipe.teacher.name_or_path)
         model = _located(recipe, ("model", "name_or_path"), load_embedder, recipe.model.name_or_path,
@@ -144,7 +145,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     else:
         model = _located(recipe, ("model", "name_or_path"), load_classifier, recipe.model.name_or_path,
                          num_labels=data.num_labels, label_names=data.label_names, revision=recipe.model.revision,
-                         is_regression=data.is_regression, dropout=recipe.model.dropout)
+                         is_regression=data.is_regression, dropout=recipe.model.dropout, head=head)
     if recipe.model.layers is not None:
         from sparsify.student import shallow_student
 
@@ -164,11 +165,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         else:
             teacher = _located(recipe, ("teacher", "name_or_path"), load_classifier, tcfg.name_or_path,
                                num_labels=data.num_labels, label_names=data.label_names, revision=tcfg.revision,
-                               is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype))
+                               is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype), head=head)
         teacher.to(tcfg.device or accelerator.device)
     check_run_inputs(recipe, data, model, teacher)  # output_dir, num_labels, max_length vs positions
 
-    collate = collator(tokenizer)
+    collate = collator(tokenizer, task)
     sampler = EpochSampler(len(data.train), tc.seed)
     # Own generators: a DataLoader otherwise draws a seed from the global RNG each time it is iterated, which
     # would shift the dropout RNG stream of a resumed run.
@@ -258,10 +259,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                                             forward=on_teacher)
 
     def evaluate_model(forward=None, outputs=None) -> dict:
-        """The task's metrics on the eval split (an embedding model: cosine to the teacher, pair ROC-AUC)."""
+        """The task's metrics on the eval split (an embedding model: cosine to the teacher, pair ROC-AUC; a token
+        classifier: entity F1)."""
         if embedding:
             return embedding_metrics(model, eval_dl, reference, pairs, accelerator=accelerator, forward=forward,
                                      embeddings_out=outputs)
+        if head == TOKEN_CLASSIFICATION:
+            return evaluate_tokens(model, eval_dl, data.label_names, accelerator=accelerator, forward=forward,
+                                   logits_out=outputs)
         return evaluate(model, eval_dl, task, is_regression=data.is_regression, accelerator=accelerator,
                         forward=forward, logits_out=outputs)
 

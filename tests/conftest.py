@@ -88,6 +88,25 @@ def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return write_sentence_transformers_files(path, 32)
 
 
+def toy_tags(words: list[str]) -> list[str]:
+    """B-POS for positive words, B-NEG for negative ones, O for the rest: a tag that follows from the word."""
+    return ["B-POS" if w in POSITIVE else "B-NEG" if w in NEGATIVE else "O" for w in words]
+
+
+@pytest.fixture(scope="session")
+def toy_token_data(tmp_path_factory) -> dict[str, Path]:
+    """Toy token-classification data as jsonl: ``tokens`` (words) and ``ner_tags`` (tag names), train and validation."""
+    import json
+
+    path = tmp_path_factory.mktemp("toy-tokens")
+    out = {}
+    for split, (n, seed) in {"train": (192, 11), "validation": (64, 12)}.items():
+        rows = [{"tokens": s.split(), "ner_tags": toy_tags(s.split())} for s, _ in toy_sentences(n, seed)]
+        out[split] = path / f"{split}.jsonl"
+        out[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
 @pytest.fixture(scope="session")
 def toy_pairs(tmp_path_factory) -> Path:
     """Labelled sentence pairs (sentence1, sentence2, label: 1 when both sentences have the same sentiment)."""

@@ -82,11 +82,22 @@ EMBEDDING_COMPRESSION = {
 }
 
 
+# token classification (a label per word): pruned, distilled (logits per token, hidden states) and quantized
+TOKEN_COMPRESSION = {
+    "techniques": [
+        {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 1, "end_step": 8, "update_every": 2},
+        {"kind": "distillation", "logits": {"weight": 1.0}, "hidden": {"weight": 1.0}},
+        {"kind": "quantization", "start_step": 8, "freeze_after_steps": 1},
+    ],
+}
+
+
 @pytest.mark.parametrize("kill_at", [4, 8])
-@pytest.mark.parametrize("techniques", [False, True, "embedding"],
-                         ids=["dense", "prune+distill+lengthdrop", "embedding:prune+distill+lengthdrop+qat"])
-def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tiny_st_dir, monkeypatch, kill_at,
-                                                techniques):
+@pytest.mark.parametrize("techniques", [False, True, "embedding", "token-classification"],
+                         ids=["dense", "prune+distill+lengthdrop", "embedding:prune+distill+lengthdrop+qat",
+                              "token-classification:prune+distill+qat"])
+def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tiny_st_dir, toy_token_data, monkeypatch,
+                                                kill_at, techniques):
     # 12 micro-batches per epoch, accumulation 2 -> 6 steps per epoch; 10 steps cross an epoch boundary, and the
     # kill points sit mid-epoch 0 and mid-epoch 1, so the data position, RNG (dropout), optimizer, schedule and
     # technique state (masks) must all resume.
@@ -94,6 +105,10 @@ def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tin
     if techniques == "embedding":
         sections.update(EMBEDDING_COMPRESSION, model={"name_or_path": str(tiny_st_dir)},
                         teacher={"name_or_path": str(tiny_st_dir)})
+    elif techniques == "token-classification":
+        sections.update(TOKEN_COMPRESSION, teacher={"name_or_path": str(tiny_model_dir)},
+                        data={"task": "token-classification", "train_file": str(toy_token_data["train"]),
+                              "validation_file": str(toy_token_data["validation"])})
     elif techniques:
         sections.update(PRUNE_AND_DISTILL, teacher={"name_or_path": str(tiny_model_dir)})
     full = make_recipe(**sections)
@@ -121,12 +136,12 @@ def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tin
     assert expected.keys() == resumed.keys()
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
-    if techniques == "embedding":
+    if techniques in ("embedding", "token-classification"):
         for name in ("quantization.json", "quantization.safetensors"):  # the int8 conversion resumes too
             assert (output_dir(killed) / "model" / name).read_bytes() == (output_dir(full) / "model" / name).read_bytes()
         metrics = json.loads((output_dir(killed) / "metrics.json").read_text())
         assert metrics["metrics"] == json.loads((output_dir(full) / "metrics.json").read_text())["metrics"]
-        assert "teacher_cosine" in metrics["metrics"]
+        assert ("teacher_cosine" if techniques == "embedding" else "f1") in metrics["metrics"]
     elif techniques:
         report = json.loads((output_dir(killed) / "sparsity.json").read_text())
         assert report["total"]["follows_block"] and abs(report["total"]["sparsity"] - 0.5) < 0.01

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
-from sparsify.recipe import EMBEDDING, TOKEN_CLASSIFICATION, DataConfig, PairsConfig, Recipe
+from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, DataConfig, PairsConfig, Recipe
 from sparsify.recipe import recipe_error as _recipe_error
 
 
@@ -33,6 +33,7 @@ class TaskData:
     label_names: list[str]
     is_regression: bool
     pairs: tuple | None = None
+    answers: list | None = None  # question answering: per eval example (context, token offsets, gold answer texts)
 
     @property
     def num_labels(self) -> int:
@@ -89,6 +90,8 @@ def load_task_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> 
         return load_text_data(cfg, tokenizer, recipe)
     if cfg.metric_task == TOKEN_CLASSIFICATION:
         return load_token_data(cfg, tokenizer, recipe)
+    if cfg.metric_task == QUESTION_ANSWERING:
+        return load_qa_data(cfg, tokenizer, recipe)
     train, evaluation = load_raw(cfg, recipe)
     if cfg.max_train_samples is not None:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
@@ -322,3 +325,68 @@ def load_token_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) ->
         return split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names, desc="tokenizing")
 
     return TaskData(tokenize(train), tokenize(evaluation), names, False)
+
+
+def load_qa_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:
+    """Extractive QA data: (question, context) pairs tokenized with the context truncated (no sliding window, as
+    the runtime's ``answer``), the first answer's character span mapped to ``start_positions`` /
+    ``end_positions`` (0, the first token, when it was cut off or there is none); ``answers`` keeps, per eval
+    example, the context, the token offsets into it (None outside the context) and the gold answer texts."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise recipe_error(recipe, ("model", "name_or_path"), "question-answering maps answers to tokens through a "
+                           "fast tokenizer's offsets; this model's tokenizer is not a fast one")
+    train, evaluation = load_raw(cfg, recipe)
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
+    q_col, c_col = cfg.text_columns
+    for name, split in (("train", train), ("eval", evaluation)):
+        for key, column in (("text_columns", q_col), ("text_columns", c_col), ("label_column", cfg.label_column)):
+            if column not in split.column_names:
+                raise recipe_error(recipe, ("data", key), f"column {column!r} not in the {name} data; its columns are "
+                                                          f"{', '.join(split.column_names)}")
+        for row, (context, answers) in enumerate(zip(split[c_col], split[cfg.label_column])):
+            ok = isinstance(answers, dict) and isinstance(answers.get("text"), list) and \
+                isinstance(answers.get("answer_start"), list) and len(answers["text"]) == len(answers["answer_start"])
+            if not ok:
+                raise recipe_error(recipe, ("data", "label_column"), f"example {row} of the {name} data: "
+                                   f"{cfg.label_column!r} must be SQuAD-style answers {{'text': [...], 'answer_start': "
+                                   f"[...]}}, got {answers!r:.80}")
+            for text, start in zip(answers["text"], answers["answer_start"]):
+                if not isinstance(start, int) or context[start:start + len(text)] != text:
+                    raise recipe_error(recipe, ("data", "label_column"), f"example {row} of the {name} data: answer "
+                                       f"{text!r} is not at character {start!r} of its context")
+    if len(train) == 0 or len(evaluation) == 0:
+        raise recipe_error(recipe, ("data",), "the train or eval split is empty")
+
+    def encode(batch, indices):
+        enc = tokenizer(batch[q_col], batch[c_col], truncation="only_second", max_length=cfg.max_length,
+                        return_offsets_mapping=True)
+        starts, ends = [], []
+        for i, answers in enumerate(batch[cfg.label_column]):
+            seq, offsets = enc.sequence_ids(i), enc["offset_mapping"][i]
+            start = end = 0
+            if answers["text"]:
+                first, last = answers["answer_start"][0], answers["answer_start"][0] + len(answers["text"][0])
+                inside = [t for t, s in enumerate(seq) if s == 1]
+                if inside and offsets[inside[0]][0] <= first and offsets[inside[-1]][1] >= last:
+                    start = next(t for t in inside if offsets[t][1] > first)
+                    end = next(t for t in reversed(inside) if offsets[t][0] < last)
+            starts.append(start)
+            ends.append(end)
+        enc["start_positions"], enc["end_positions"] = starts, ends
+        enc["in_context"] = [[int(s == 1) for s in enc.sequence_ids(i)] for i in range(len(starts))]
+        enc["idx"] = indices
+        return enc
+
+    def tokenize(split):
+        return split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names, desc="tokenizing")
+
+    train_ds, eval_ds = tokenize(train), tokenize(evaluation)
+    answers = [(context, [tuple(o) if inside else None for o, inside in zip(offsets, in_context)], list(gold["text"]))
+               for context, offsets, in_context, gold in zip(evaluation[c_col], eval_ds["offset_mapping"],
+                                                             eval_ds["in_context"], evaluation[cfg.label_column])]
+    extra = ["offset_mapping", "in_context"]
+    return TaskData(train_ds.remove_columns(extra), eval_ds.remove_columns(extra), ["start", "end"], False,
+                    answers=answers)

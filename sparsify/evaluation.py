@@ -1,5 +1,5 @@
 """Evaluation on a task's eval split: a sequence classifier with the task's GLUE metrics, a token classifier with
-entity-level F1 (:func:`evaluate_tokens`)."""
+entity-level F1 (:func:`evaluate_tokens`), extractive QA with SQuAD's exact match and F1 (:func:`evaluate_qa`)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,82 @@ def evaluate_tokens(model, dataloader, label_names: list[str], *, accelerator=No
         count += labels.shape[0]
     model.train(was_training)
     return {**token_metrics(predictions, references), "loss": losses / max(count, 1)}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def answer_f1(prediction: str, gold: str) -> float:
+    """SQuAD's token F1 of two answers (after :func:`normalize_answer`)."""
+    from collections import Counter
+
+    p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_metrics(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
+    """SQuAD ``exact_match`` and ``f1`` (each example scored against its best gold answer), in [0, 1]."""
+    em = f1 = 0.0
+    for pred, gold in zip(predictions, golds):
+        gold = gold or [""]
+        em += max(float(normalize_answer(pred) == normalize_answer(g)) for g in gold)
+        f1 += max(answer_f1(pred, g) for g in gold)
+    n = max(len(predictions), 1)
+    return {"f1": f1 / n, "exact_match": em / n}
+
+
+@torch.no_grad()
+def evaluate_qa(model, dataloader, answers: list, *, accelerator=None, forward=None, logits_out: list | None = None,
+                max_answer_length: int = 30) -> dict[str, float]:
+    """Extractive QA: the span of each eval example that maximises p(start) x p(end) over its context tokens
+    (:func:`sparsify.runtime.model.decode_span`), its text cut from the context with the token offsets, scored
+    with :func:`qa_metrics`; plus the mean eval loss. ``answers``: :attr:`sparsify.data.TaskData.answers`.
+    ``logits_out`` receives the predicted spans ``(examples, 2)`` (start and end token) per batch."""
+    import numpy as np
+
+    from sparsify.runtime.model import decode_span
+
+    was_training = model.training
+    model.eval()
+    predicted: dict[int, str] = {}
+    losses, count = 0.0, 0
+    for batch in dataloader:
+        inputs = {k: v for k, v in batch.items() if k != "idx"}
+        outputs = forward(model, inputs) if forward is not None else model(**inputs)
+        start, end, idx = outputs.start_logits, outputs.end_logits, batch["idx"]
+        loss = outputs.loss.detach().float() * idx.shape[0]
+        if accelerator is not None:
+            start = accelerator.pad_across_processes(start, dim=1, pad_index=float("-inf"))
+            end = accelerator.pad_across_processes(end, dim=1, pad_index=float("-inf"))
+            start, end, idx = accelerator.gather_for_metrics((start, end, idx))
+            loss = accelerator.reduce(loss, reduction="sum")
+        spans = []
+        for s, e, i in zip(start.float().cpu().numpy(), end.float().cpu().numpy(), idx.tolist()):
+            context, offsets, _ = answers[i]
+            allowed = np.array([o is not None for o in offsets] + [False] * (len(s) - len(offsets)))
+            span = decode_span(s, e, allowed, max_answer_length)
+            spans.append(span[:2] if span is not None else (0, 0))
+            predicted[i] = "" if span is None else context[offsets[span[0]][0]:offsets[span[1]][1]]
+        if logits_out is not None:
+            logits_out.append(torch.tensor(spans, dtype=torch.float32).reshape(-1, 2))
+        losses += float(loss)
+        count += idx.shape[0]
+    model.train(was_training)
+    order = sorted(predicted)
+    metrics = qa_metrics([predicted[i] for i in order], [answers[i][2] for i in order])
+    return {**metrics, "loss": losses / max(count, 1)}
 
 
 def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glue", split: str = "validation",

@@ -41,12 +41,13 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
 def load_classifier(name_or_path: str, *, num_labels: int, label_names: list[str] | None = None,
                     revision: str | None = None, is_regression: bool = False, attn_implementation: str | None = None,
                     dtype=None, dropout: float | None = None, head: str = "sequence-classification"):
-    """A sequence-classification model (``head="token-classification"``: a token classifier); a new head is
-    initialized when the checkpoint has none."""
+    """A sequence-classification model (``head``: ``"token-classification"``, ``"question-answering"``: those
+    heads); a new head is initialized when the checkpoint has none."""
     import transformers
 
     auto = {"sequence-classification": transformers.AutoModelForSequenceClassification,
-            "token-classification": transformers.AutoModelForTokenClassification}[head]
+            "token-classification": transformers.AutoModelForTokenClassification,
+            "question-answering": transformers.AutoModelForQuestionAnswering}[head]
 
     kwargs = {"num_labels": num_labels, "revision": revision}
     if label_names:

@@ -57,6 +57,8 @@ class TeacherConfig(Config):
 
 EMBEDDING = "embedding"  # data.task of a sentence-embedding model (no labels)
 TOKEN_CLASSIFICATION = "token-classification"  # data.task of a per-token classifier (a list of words, a label each)
+QUESTION_ANSWERING = "question-answering"  # data.task of extractive QA (question, context, SQuAD-style answers)
+TOKEN_HEADS = (TOKEN_CLASSIFICATION, QUESTION_ANSWERING)  # heads that read every token
 
 GLUE_TEXT_COLUMNS = {
     "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2"),
@@ -93,7 +95,12 @@ class DataConfig(Config):
 
     With ``task: token-classification`` an example is a list of words (``text_columns``, default ``tokens``) with
     one label per word (``label_column``, default ``ner_tags``: class ids or names, e.g. B-PER / I-PER / O); the
-    first sub-word token of each word carries its label, the other tokens none."""
+    first sub-word token of each word carries its label, the other tokens none.
+
+    With ``task: question-answering`` an example is a question and a context (``text_columns``, default
+    ``question, context``) and SQuAD-style answers (``label_column``, default ``answers``: ``{"text": [...],
+    "answer_start": [character offsets]}``); contexts longer than ``max_length`` are truncated (no sliding window,
+    as the runtime's ``answer``), and an answer cut off trains the model to point at the first token."""
 
     dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
     config: str | None = Field(None, description="Dataset configuration, e.g. sst2.")
@@ -114,7 +121,8 @@ class DataConfig(Config):
     task: str | None = Field(
         None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...); 'embedding': a "
         "sentence-embedding model learns its teacher's embeddings, no labels (metrics teacher_cosine, pair_roc_auc); "
-        "'token-classification': a label per word (entity f1, precision, recall; token accuracy). "
+        "'token-classification': a label per word (entity f1, precision, recall; token accuracy); "
+        "'question-answering': extractive QA (SQuAD exact_match, f1). "
         "Default: config or sst2."
     )
     pairs: PairsConfig | None = Field(None, description="task: embedding only: labelled sentence pairs for the "
@@ -125,6 +133,8 @@ class DataConfig(Config):
     def _glue_columns(cls, data):
         if isinstance(data, dict) and data.get("task") == TOKEN_CLASSIFICATION:
             data = {"text_columns": ("tokens",), "label_column": "ner_tags", **data}
+        if isinstance(data, dict) and data.get("task") == QUESTION_ANSWERING:
+            data = {"text_columns": ("question", "context"), "label_column": "answers", **data}
         if isinstance(data, dict) and "text_columns" not in data:
             for name in (data.get("task"), data.get("config")):
                 if isinstance(name, str) and name in GLUE_TEXT_COLUMNS:
@@ -140,6 +150,9 @@ class DataConfig(Config):
             raise FieldError("validation_file", "is required with train_file")
         if self.metric_task == TOKEN_CLASSIFICATION and len(self.text_columns) != 1:
             raise FieldError("text_columns", "token-classification reads one column, a list of words per example, got "
+                                             f"{list(self.text_columns)}")
+        if self.metric_task == QUESTION_ANSWERING and len(self.text_columns) != 2:
+            raise FieldError("text_columns", "question-answering reads two columns, the question and the context, got "
                                              f"{list(self.text_columns)}")
         if self.pairs is not None and self.metric_task != EMBEDDING:
             raise FieldError("pairs", f"scores sentence embeddings: it needs task: {EMBEDDING} (this task is "
@@ -158,7 +171,8 @@ def task_metrics(task: str) -> tuple[str, ...]:
     """The metrics an evaluation of ``task`` reports (higher is better), as sparsify.metrics computes them."""
     return {"cola": ("matthews_correlation",), "stsb": ("pearson", "spearmanr"), "mrpc": ("accuracy", "f1"),
             "qqp": ("accuracy", "f1"), EMBEDDING: ("teacher_cosine", "pair_roc_auc"),
-            TOKEN_CLASSIFICATION: ("f1", "precision", "recall", "accuracy")}.get(task, ("accuracy",))
+            TOKEN_CLASSIFICATION: ("f1", "precision", "recall", "accuracy"),
+            QUESTION_ANSWERING: ("f1", "exact_match")}.get(task, ("accuracy",))
 
 
 class TrainingConfig(Config):
@@ -236,9 +250,9 @@ class Recipe(Config):
     @model_validator(mode="after")
     def _check_embedding_task(self):
         task = self.data.metric_task
-        if self.training.fit_samples and task in (EMBEDDING, TOKEN_CLASSIFICATION):
+        if self.training.fit_samples and task in (EMBEDDING, *TOKEN_HEADS):
             raise FieldError(("training", "fit_samples"), f"compares one predicted label per training example with "
-                             f"its label; a {task} task has {'none' if task == EMBEDDING else 'one per word'}: set it "
+                             f"its label; a {task} task has {'none' if task == EMBEDDING else 'other labels'}: set it "
                              "to 0")
         if task != EMBEDDING:
             return self
@@ -525,11 +539,11 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
             if t.kind == "pruning" and t.score == "taylor":
                 raise source.error(("techniques", i, "score"), "taylor scores need the gradient of a task loss, and an "
                                    "embedding task has no labels: use l2, l1 or obs")
-    if recipe.data.metric_task == TOKEN_CLASSIFICATION:
+    if recipe.data.metric_task in TOKEN_HEADS:
         for i, t in enumerate(techniques):
             if t.kind == "length_adaptive":
                 raise source.error(("techniques", i, "kind"), "length_adaptive drops tokens inside the encoder, and a "
-                                   "token-classification head needs every token: remove it")
+                                   f"{recipe.data.metric_task} head needs every token: remove it")
     if recipe.training.lr_schedule == "rewind" and recipe.technique("pruning") is None:
         raise source.error(("training", "lr_schedule"), "rewind restarts the learning rate at every pruning mask "
                            "update: it needs a pruning technique (with its window); use linear, cosine or constant")

@@ -39,10 +39,11 @@ from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, resume_checkpo
 from sparsify.config import FieldError
 from sparsify.data import collator, load_task_data
 from sparsify.errors import SparsifyError
-from sparsify.evaluation import evaluate, evaluate_tokens
+from sparsify.evaluation import evaluate, evaluate_qa, evaluate_tokens
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
-from sparsify.recipe import EMBEDDING, TOKEN_CLASSIFICATION, Recipe, check_run_inputs, recipe_error
+from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, TOKEN_HEADS, Recipe, check_run_inputs, \
+    recipe_error
 from sparsify.schedules import rewind_schedule
 from sparsify.sentence import embed_batches, embedding_metrics, load_embedder, require_pooling
 from sparsify.techniques import TECHNIQUES
@@ -137,7 +138,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     quantizer = techniques.get("quantization")
     ptq = quantizer is not None and quantizer.config.mode == "ptq"
     embedding = task == EMBEDDING  # a sentence-embedding model: its "logits" are its pooled embedding, no labels
-    head = TOKEN_CLASSIFICATION if task == TOKEN_CLASSIFICATION else "sequence-classification"
+    head = task if task in TOKEN_HEADS else "sequence-classification"
     if embedding:  # the teacher's pooling first: a student without one takes it
         teacher_pooling = _located(recipe, ("teacher", "name_or_path"), require_pooling, recipe.teacher.name_or_path)
         model = _located(recipe, ("model", "name_or_path"), load_embedder, recipe.model.name_or_path,
@@ -260,13 +261,16 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
 
     def evaluate_model(forward=None, outputs=None) -> dict:
         """The task's metrics on the eval split (an embedding model: cosine to the teacher, pair ROC-AUC; a token
-        classifier: entity F1)."""
+        classifier: entity F1; QA: SQuAD exact match and F1)."""
         if embedding:
             return embedding_metrics(model, eval_dl, reference, pairs, accelerator=accelerator, forward=forward,
                                      embeddings_out=outputs)
         if head == TOKEN_CLASSIFICATION:
             return evaluate_tokens(model, eval_dl, data.label_names, accelerator=accelerator, forward=forward,
                                    logits_out=outputs)
+        if head == QUESTION_ANSWERING:
+            return evaluate_qa(model, eval_dl, data.answers, accelerator=accelerator, forward=forward,
+                               logits_out=outputs)
         return evaluate(model, eval_dl, task, is_regression=data.is_regression, accelerator=accelerator,
                         forward=forward, logits_out=outputs)
 
@@ -315,7 +319,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                 inputs = {k: v for k, v in batch.items() if k != "idx"}
                 if distiller is not None:
                     outputs = model(**inputs, **distiller.student_forward_kwargs())
-                    loss, terms = distiller.loss(batch, outputs, inputs.get("labels"))
+                    loss, terms = distiller.loss(batch, outputs, inputs.get("labels", inputs.get("start_positions")))
                 else:
                     outputs = model(**inputs)
                     loss, terms = outputs.loss, {}
@@ -394,8 +398,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         from sparsify.techniques.quantization.parity import conversion_parity
 
         parity = conversion_parity(quantizer, plain_model, lambda outputs: evaluate_model(outputs=outputs),
-                                   is_regression=data.is_regression, embeddings=embedding)
+                                   is_regression=data.is_regression, embeddings=embedding,
+                                   spans=head == QUESTION_ANSWERING)
         parity["step"] = step
+        if "span_agreement" in parity:
+            accelerator.print(f"int8 conversion vs fake quantization: {parity['span_agreement']:.2%} of "
+                              f"{parity['examples']} eval answer spans agree")
         if "label_agreement" in parity:
             accelerator.print(f"int8 conversion vs fake quantization: {parity['label_agreement']:.2%} of "
                               f"{parity['examples']} eval labels agree, largest logit difference "

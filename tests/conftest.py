@@ -108,6 +108,30 @@ def toy_token_data(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def toy_qa_data(tmp_path_factory) -> dict[str, Path]:
+    """Toy extractive QA as jsonl: the question "good" asks for the one positive word of the context (SQuAD-style
+    ``answers``), train and validation."""
+    import json
+
+    path = tmp_path_factory.mktemp("toy-qa")
+    out = {}
+    for split, (n, seed) in {"train": (192, 21), "validation": (64, 22)}.items():
+        rng = random.Random(seed)
+        rows = []
+        for _ in range(n):
+            answer = rng.choice(POSITIVE)
+            words = rng.choices(NEUTRAL, k=rng.randint(2, 8)) + [answer, rng.choice(NEGATIVE)]
+            rng.shuffle(words)
+            context = " ".join(words)
+            start = next(i for i in range(len(context)) if context.startswith(answer, i) and
+                         (i == 0 or context[i - 1] == " ") and context[i + len(answer):i + len(answer) + 1] in ("", " "))
+            rows.append({"question": "good", "context": context, "answers": {"text": [answer], "answer_start": [start]}})
+        out[split] = path / f"{split}.jsonl"
+        out[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="session")
 def toy_pairs(tmp_path_factory) -> Path:
     """Labelled sentence pairs (sentence1, sentence2, label: 1 when both sentences have the same sentiment)."""
     import pandas as pd

@@ -93,11 +93,11 @@ TOKEN_COMPRESSION = {
 
 
 @pytest.mark.parametrize("kill_at", [4, 8])
-@pytest.mark.parametrize("techniques", [False, True, "embedding", "token-classification"],
+@pytest.mark.parametrize("techniques", [False, True, "embedding", "token-classification", "question-answering"],
                          ids=["dense", "prune+distill+lengthdrop", "embedding:prune+distill+lengthdrop+qat",
-                              "token-classification:prune+distill+qat"])
-def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tiny_st_dir, toy_token_data, monkeypatch,
-                                                kill_at, techniques):
+                              "token-classification:prune+distill+qat", "question-answering:prune+distill+qat"])
+def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tiny_st_dir, toy_token_data, toy_qa_data,
+                                                monkeypatch, kill_at, techniques):
     # 12 micro-batches per epoch, accumulation 2 -> 6 steps per epoch; 10 steps cross an epoch boundary, and the
     # kill points sit mid-epoch 0 and mid-epoch 1, so the data position, RNG (dropout), optimizer, schedule and
     # technique state (masks) must all resume.
@@ -105,10 +105,11 @@ def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tin
     if techniques == "embedding":
         sections.update(EMBEDDING_COMPRESSION, model={"name_or_path": str(tiny_st_dir)},
                         teacher={"name_or_path": str(tiny_st_dir)})
-    elif techniques == "token-classification":
+    elif techniques in ("token-classification", "question-answering"):  # distillation: logits per token / span
+        files = toy_token_data if techniques == "token-classification" else toy_qa_data
         sections.update(TOKEN_COMPRESSION, teacher={"name_or_path": str(tiny_model_dir)},
-                        data={"task": "token-classification", "train_file": str(toy_token_data["train"]),
-                              "validation_file": str(toy_token_data["validation"])})
+                        data={"task": techniques, "train_file": str(files["train"]),
+                              "validation_file": str(files["validation"])})
     elif techniques:
         sections.update(PRUNE_AND_DISTILL, teacher={"name_or_path": str(tiny_model_dir)})
     full = make_recipe(**sections)
@@ -136,7 +137,7 @@ def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tin
     assert expected.keys() == resumed.keys()
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
-    if techniques in ("embedding", "token-classification"):
+    if techniques in ("embedding", "token-classification", "question-answering"):
         for name in ("quantization.json", "quantization.safetensors"):  # the int8 conversion resumes too
             assert (output_dir(killed) / "model" / name).read_bytes() == (output_dir(full) / "model" / name).read_bytes()
         metrics = json.loads((output_dir(killed) / "metrics.json").read_text())

@@ -221,7 +221,7 @@ class Distiller:
         cfg = self.config
         captured = dict(self._captured["student"])
         self._captured["student"].clear()
-        logits = student_outputs.logits
+        logits = task_logits(student_outputs)
         device = logits.device
         mask = batch["attention_mask"].to(device)
         teacher = self._teacher_outputs(batch, device)
@@ -235,7 +235,10 @@ class Distiller:
             terms["distill/task"] = student_outputs.loss
             total = total + cfg.task_weight * student_outputs.loss.float()
         if c := cfg.enabled("logits"):
-            terms["distill/logits"] = losses.logit_kl(logits, teacher["logits"], c.temperature, mask)
+            if hasattr(student_outputs, "start_logits"):  # extractive QA: distributions over the tokens
+                terms["distill/logits"] = losses.span_kl(logits, teacher["logits"], c.temperature, mask)
+            else:
+                terms["distill/logits"] = losses.logit_kl(logits, teacher["logits"], c.temperature, mask)
             total = total + c.weight * terms["distill/logits"]
         if c := cfg.enabled("embedding"):  # an embedding model's "logits" are its pooled sentence embedding
             terms["distill/embedding"] = losses.embedding_loss(logits, teacher["logits"], c.loss)
@@ -317,7 +320,7 @@ class Distiller:
         store.clear()
         with torch.no_grad():
             out = teacher(**inputs, output_hidden_states=bool(self.config.enabled("hidden")))
-        result = {"logits": out.logits}
+        result = {"logits": task_logits(out)}
         if c := self.config.enabled("hidden"):
             for t in set(self.hidden_map.values()):
                 result[f"hidden.{t}"] = out.hidden_states[t + 1]
@@ -438,6 +441,13 @@ class Distiller:
         for store in self._captured.values():
             store.clear()
         self._cache.clear()
+
+
+def task_logits(outputs) -> torch.Tensor:
+    """``outputs.logits``; for extractive QA the start and end logits stacked, ``(B, L, 2)``."""
+    if getattr(outputs, "start_logits", None) is not None:
+        return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
+    return outputs.logits
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:

@@ -15,14 +15,15 @@ from sparsify.techniques.quantization.convert import convert_activations, load_c
 
 
 def conversion_parity(quantizer, plain_model, evaluate_fn, *, is_regression: bool = False,
-                      embeddings: bool = False) -> dict:
+                      embeddings: bool = False, spans: bool = False) -> dict:
     """Evaluate the model as fake-quant, then as its conversion, and compare the outputs.
 
     ``evaluate_fn(outputs)`` evaluates the model (the loop's evaluation: task metrics, or an embedding model's)
     and appends its outputs per batch (logits, or sentence embeddings) to the list ``outputs``. ``plain_model`` is
     the unwrapped module the quantizer was prepared on. The quantizer is removed from the model afterwards (the
     model runs plain float32 again), so call this once training is over. Classifiers get ``label_agreement``,
-    embedding models ``min_cosine`` (the lowest cosine similarity of an example's two embeddings)."""
+    embedding models ``min_cosine`` (the lowest cosine similarity of an example's two embeddings), extractive QA
+    (``spans``: the outputs are each example's predicted start and end tokens) ``span_agreement``."""
     fake_logits: list[torch.Tensor] = []
     fake = evaluate_fn(fake_logits)
     converted, activations = quantizer.convert(plain_model), convert_activations(quantizer)
@@ -35,12 +36,11 @@ def conversion_parity(quantizer, plain_model, evaluate_fn, *, is_regression: boo
     finally:
         undo()
     a, b = torch.cat(fake_logits), torch.cat(conv_logits)
-    out = {
-        "examples": int(a.shape[0]),
-        "max_abs_logit_diff": float((a - b).abs().max()) if a.numel() else 0.0,
-        "fake_quant": fake,
-        "converted": conv,
-    }
+    out = {"examples": int(a.shape[0]), "fake_quant": fake, "converted": conv}
+    if spans:
+        out["span_agreement"] = float((a == b).all(-1).float().mean()) if a.numel() else 1.0
+        return out
+    out["max_abs_logit_diff"] = float((a - b).abs().max()) if a.numel() else 0.0
     if embeddings:
         cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
         out["min_cosine"] = float(cos.min()) if a.numel() else 1.0

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model directory on a task",
                        description="Evaluate a Hugging Face model directory (or a run directory) on a GLUE-style task.")
     p.add_argument("model", help="model directory, run directory or hub id")
-    p.add_argument("--task", required=True, help="GLUE task: sst2, mrpc, rte, qnli, cola, stsb, ...; or embedding")
+    p.add_argument("--task", required=True, help="GLUE task: sst2, mrpc, rte, qnli, cola, stsb, ...; "
+                   "token-classification, question-answering (with --config or --file); or embedding")
     p.add_argument("--dataset", default="nyu-mll/glue", help="dataset hub id or directory (default: nyu-mll/glue)")
     p.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
     p.add_argument("--max-length", type=int, default=128, help="tokenizer max length (default: 128)")
@@ -83,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "held-out texts and / or the ROC-AUC of the cosine similarity of labelled pairs")
     e.add_argument("--teacher", default=None, help="the teacher (model or run directory, hub id, artifact)")
     e.add_argument("--config", default=None, help="held-out texts: this configuration of --dataset, its --split "
-                   "(e.g. sst2: the SST-2 validation sentences)")
-    e.add_argument("--file", default=None, help="held-out texts from a file instead (.txt: one per line)")
+                   "(e.g. sst2: the SST-2 validation sentences); token-classification / question-answering: the "
+                   "dataset configuration")
+    e.add_argument("--file", default=None, help="held-out texts from a file instead (.txt: one per line); "
+                   "token-classification / question-answering: the evaluation file (jsonl, parquet, ...)")
     e.add_argument("--text-column", action="append", default=None, help="text column(s) of the held-out data "
                    "(default: the GLUE task's, or 'text' for a .txt file)")
     e.add_argument("--pairs-config", default=None, help="labelled pairs: this configuration of --pairs-dataset "
@@ -167,7 +170,7 @@ def _run(args) -> int:
 
             metrics = evaluate_model_dir(args.model, task=args.task, dataset=args.dataset, split=args.split,
                                          max_length=args.max_length, batch_size=args.batch_size,
-                                         max_samples=args.max_samples)
+                                         max_samples=args.max_samples, config=args.config, file=args.file)
         if args.output is not None:
             from pathlib import Path
 

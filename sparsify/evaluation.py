@@ -183,20 +183,42 @@ def evaluate_qa(model, dataloader, answers: list, *, accelerator=None, forward=N
 
 
 def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glue", split: str = "validation",
-                       max_length: int = 128, batch_size: int = 128, max_samples: int | None = None) -> dict:
-    """``sparsify eval``: metrics of a saved model (directory, run directory or hub id) on a task's split."""
+                       max_length: int = 128, batch_size: int = 128, max_samples: int | None = None,
+                       config: str | None = None, file: str | None = None) -> dict:
+    """``sparsify eval``: metrics of a saved model (directory, run directory or hub id) on a task's split: a GLUE
+    task (``config`` defaults to the task), ``token-classification`` or ``question-answering`` (a ``config`` of
+    ``dataset``, or a local ``file``, with the recipe defaults' columns)."""
     from torch.utils.data import DataLoader
 
     from sparsify.data import collator, load_task_data
+    from sparsify.errors import SparsifyError
     from sparsify.modeling import load_classifier, load_tokenizer
-    from sparsify.recipe import DataConfig
+    from sparsify.recipe import QUESTION_ANSWERING, TOKEN_CLASSIFICATION, TOKEN_HEADS, DataConfig
 
     tokenizer = load_tokenizer(model_dir)
-    cfg = DataConfig(dataset=dataset, config=task, train_split=split, eval_split=split, task=task, max_length=max_length,
-                     max_train_samples=1, max_eval_samples=max_samples)
+    if task in TOKEN_HEADS and config is None and file is None:
+        raise SparsifyError(f"--task {task}: give the data, --file (jsonl, parquet, ...) or --config of --dataset")
+    source = {"train_file": file, "validation_file": file} if file is not None else \
+        {"dataset": dataset, "config": config or task, "train_split": split, "eval_split": split}
+    names = None
+    if task == TOKEN_CLASSIFICATION:  # the model's labels, in its order (the data may not show them all)
+        from transformers import AutoConfig
+
+        from sparsify.modeling import resolve_model_path
+
+        id2label = AutoConfig.from_pretrained(resolve_model_path(model_dir)).id2label
+        names = tuple(id2label[i] for i in range(len(id2label)))
+    cfg = DataConfig(**source, task=task, max_length=max_length, max_train_samples=1, max_eval_samples=max_samples,
+                     label_names=names)
     data = load_task_data(cfg, tokenizer)
+    head = task if task in TOKEN_HEADS else "sequence-classification"
     model = load_classifier(model_dir, num_labels=data.num_labels, label_names=data.label_names,
-                            is_regression=data.is_regression)
-    loader = DataLoader(data.eval, batch_size=batch_size, collate_fn=collator(tokenizer))
-    metrics = evaluate(model, loader, task, is_regression=data.is_regression)
+                            is_regression=data.is_regression, head=head)
+    loader = DataLoader(data.eval, batch_size=batch_size, collate_fn=collator(tokenizer, task))
+    if task == TOKEN_CLASSIFICATION:
+        metrics = evaluate_tokens(model, loader, data.label_names)
+    elif task == QUESTION_ANSWERING:
+        metrics = evaluate_qa(model, loader, data.answers)
+    else:
+        metrics = evaluate(model, loader, task, is_regression=data.is_regression)
     return {"task": task, "split": split, "examples": len(data.eval), **metrics}

@@ -129,3 +129,17 @@ def test_qa_errors(make_qa_recipe, tmp_path, capsys):
         err = capsys.readouterr().err
         lines = [line for line in err.strip().splitlines() if line.startswith("error")]
         assert len(lines) == 1 and expected in lines[0], err
+
+
+def test_eval_command_scores_a_qa_run_as_the_run_did(make_qa_recipe, toy_qa_data, tmp_path, capsys):
+    recipe = make_qa_recipe(training={"steps": 20})
+    assert run_cli("train", recipe) == 0
+    run = output_dir(recipe)
+    assert run_cli("eval", run, "--task", "question-answering", "--file", toy_qa_data["validation"],
+                   "--max-length", 32, "-o", tmp_path / "m.json") == 0
+    got = json.loads((tmp_path / "m.json").read_text())
+    expected = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert got["examples"] == 64 and got["f1"] == pytest.approx(expected["f1"], abs=1e-9)
+    assert got["exact_match"] == pytest.approx(expected["exact_match"], abs=1e-9)
+    assert run_cli("eval", run, "--task", "question-answering") == 2
+    assert "give the data, --file" in capsys.readouterr().err

@@ -125,3 +125,15 @@ def test_token_data_errors(make_token_recipe, toy_data, tmp_path, capsys):
     recipe = make_token_recipe(data={"train_file": str(toy_data["train"]), "validation_file": str(toy_data["validation"])})
     assert run_cli("train", recipe) == 2
     assert "column 'tokens' not in the train data" in capsys.readouterr().err
+
+
+def test_eval_command_scores_a_token_run_as_the_run_did(make_token_recipe, toy_token_data, tmp_path):
+    recipe = make_token_recipe(training={"steps": 20})
+    assert run_cli("train", recipe) == 0
+    run = output_dir(recipe)
+    assert run_cli("eval", run, "--task", "token-classification", "--file", toy_token_data["validation"],
+                   "--max-length", 32, "-o", tmp_path / "m.json") == 0
+    got = json.loads((tmp_path / "m.json").read_text())
+    expected = json.loads((run / "metrics.json").read_text())["metrics"]
+    for k in ("f1", "precision", "recall", "accuracy", "loss"):
+        assert got[k] == pytest.approx(expected[k], abs=1e-6), k

@@ -14,7 +14,8 @@ directory is created. Then the loop runs; each compression technique is called e
 A recipe with ``data.task: embedding`` trains a sentence-embedding model (:mod:`sparsify.sentence`) on unlabelled
 text: its "logits" are the pooled sentence embedding, the distiller's ``embedding`` term pulls them towards the
 teacher's, and evaluation reports the mean cosine to the teacher on held-out text (and, with ``data.pairs``, the
-pair ROC-AUC); the loop is the same.
+pair ROC-AUC); the loop is the same. ``token-classification`` and ``question-answering`` train those heads
+(entity F1; SQuAD exact match / F1), again through the same loop.
 
 A quantization recipe with ``mode: ptq`` trains nothing: the observers are calibrated on training batches and
 the model is evaluated and saved (0 optimizer steps).

@@ -2,6 +2,7 @@
 
     sparsify train RECIPE [--set key.path=value ...] [--resume | --overwrite]
     sparsify eval MODEL_DIR --task sst2 [--split validation] [--json]
+    sparsify eval MODEL_OR_ARTIFACT --task embedding --teacher TEACHER --config sst2 [--pairs-config mrpc]
     sparsify recipe check RECIPE [--set ...] [--print]
     sparsify report RUN_OR_MODEL_DIR [--json]
     sparsify search RUN_DIR --budget 0.5
@@ -69,13 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model directory on a task",
                        description="Evaluate a Hugging Face model directory (or a run directory) on a GLUE-style task.")
     p.add_argument("model", help="model directory, run directory or hub id")
-    p.add_argument("--task", required=True, help="GLUE task: sst2, mrpc, rte, qnli, cola, stsb, ...")
+    p.add_argument("--task", required=True, help="GLUE task: sst2, mrpc, rte, qnli, cola, stsb, ...; "
+                   "token-classification, question-answering (with --config or --file); or embedding")
     p.add_argument("--dataset", default="nyu-mll/glue", help="dataset hub id or directory (default: nyu-mll/glue)")
     p.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
     p.add_argument("--max-length", type=int, default=128, help="tokenizer max length (default: 128)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("-o", "--output", default=None, help="also write the metrics to this JSON file")
+    e = p.add_argument_group("--task embedding", "a sentence-embedding model (model or run directory, hub id, or an "
+                             "exported artifact, run by the CPU runtime): mean cosine to a teacher's embeddings of "
+                             "held-out texts and / or the ROC-AUC of the cosine similarity of labelled pairs")
+    e.add_argument("--teacher", default=None, help="the teacher (model or run directory, hub id, artifact)")
+    e.add_argument("--config", default=None, help="held-out texts: this configuration of --dataset, its --split "
+                   "(e.g. sst2: the SST-2 validation sentences); token-classification / question-answering: the "
+                   "dataset configuration")
+    e.add_argument("--file", default=None, help="held-out texts from a file instead (.txt: one per line); "
+                   "token-classification / question-answering: the evaluation file (jsonl, parquet, ...)")
+    e.add_argument("--text-column", action="append", default=None, help="text column(s) of the held-out data "
+                   "(default: the GLUE task's, or 'text' for a .txt file)")
+    e.add_argument("--pairs-config", default=None, help="labelled pairs: this configuration of --pairs-dataset "
+                   "(e.g. mrpc), its --pairs-split, columns sentence1, sentence2, label")
+    e.add_argument("--pairs-file", default=None, help="labelled pairs from a file instead (csv/tsv/json/parquet)")
+    e.add_argument("--pairs-dataset", default="nyu-mll/glue", help="default: nyu-mll/glue")
+    e.add_argument("--pairs-split", default="validation", help="default: validation")
 
     p = sub.add_parser("recipe", help="check recipes", description="Validate recipes without training.")
     rsub = p.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
@@ -131,11 +150,31 @@ def _run(args) -> int:
         train(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         return 0
     if args.command == "eval":
-        from sparsify.evaluation import evaluate_model_dir
+        if args.task == "embedding":
+            from sparsify.recipe import PairsConfig
+            from sparsify.sentence import evaluate_embedding_model
 
-        metrics = evaluate_model_dir(args.model, task=args.task, dataset=args.dataset, split=args.split,
-                                     max_length=args.max_length, batch_size=args.batch_size,
-                                     max_samples=args.max_samples)
+            pairs = None
+            if args.pairs_config is not None or args.pairs_file is not None:
+                if args.pairs_config is not None and args.pairs_file is not None:
+                    raise SparsifyError("give --pairs-config or --pairs-file, not both")
+                pairs = PairsConfig(dataset=None if args.pairs_file else args.pairs_dataset, config=args.pairs_config,
+                                    file=args.pairs_file, split=args.pairs_split)
+            metrics = evaluate_embedding_model(args.model, teacher=args.teacher, dataset=args.dataset,
+                                               config=args.config, split=args.split, file=args.file,
+                                               text_columns=args.text_column, pairs=pairs,
+                                               max_length=args.max_length, batch_size=args.batch_size,
+                                               max_samples=args.max_samples)
+        else:
+            from sparsify.evaluation import evaluate_model_dir
+
+            metrics = evaluate_model_dir(args.model, task=args.task, dataset=args.dataset, split=args.split,
+                                         max_length=args.max_length, batch_size=args.batch_size,
+                                         max_samples=args.max_samples, config=args.config, file=args.file)
+        if args.output is not None:
+            from pathlib import Path
+
+            Path(args.output).write_text(json.dumps(metrics, indent=1))
         if args.json:
             print(json.dumps(metrics, indent=1))
         else:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
-from sparsify.recipe import DataConfig, Recipe
+from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, DataConfig, PairsConfig, Recipe
 from sparsify.recipe import recipe_error as _recipe_error
 
 
@@ -19,17 +19,21 @@ def recipe_error(recipe: Recipe | None, path: tuple, message: str) -> SparsifyEr
         return SparsifyError(f"{'.'.join(map(str, path))}: {message}")
     return _recipe_error(recipe, path, message)
 
-FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                ".txt": "text"}  # .txt: one text per line, in a column named "text"
 
 
 @dataclass
 class TaskData:
-    """Tokenized train/eval splits with columns input_ids, attention_mask, (token_type_ids), labels, idx."""
+    """Tokenized train/eval splits with columns input_ids, attention_mask, (token_type_ids), labels, idx (no
+    labels for an embedding task, whose ``pairs`` are ``(first, second, labels)`` when the recipe has some)."""
 
     train: object  # datasets.Dataset
     eval: object
     label_names: list[str]
     is_regression: bool
+    pairs: tuple | None = None
+    answers: list | None = None  # question answering: per eval example (context, token offsets, gold answer texts)
 
     @property
     def num_labels(self) -> int:
@@ -44,21 +48,8 @@ def load_raw(cfg: DataConfig, recipe: Recipe | None = None):
         return recipe_error(recipe, ("data", key), message)
 
     if cfg.train_file is not None:
-        files = {"train": cfg.train_file, "eval": cfg.validation_file}
-        splits = {}
-        for split, key in (("train", "train_file"), ("eval", "validation_file")):
-            path = Path(files[split])
-            if not path.is_file():
-                raise fail(key, f"file not found: {path}")
-            fmt = FILE_FORMATS.get(path.suffix.lower())
-            if fmt is None:
-                raise fail(key, f"unsupported file type {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}")
-            kwargs = {"delimiter": "\t", "quoting": 3} if path.suffix.lower() == ".tsv" else {}
-            try:
-                splits[split] = datasets.load_dataset(fmt, data_files={"x": str(path)}, split="x", **kwargs)
-            except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
-                raise fail(key, f"cannot read {path} as {fmt}: {type(e).__name__}: {e}") from None
-        return splits["train"], splits["eval"]
+        return (read_file(cfg.train_file, lambda m: fail("train_file", m)),
+                read_file(cfg.validation_file, lambda m: fail("validation_file", m)))
 
     try:
         ds = datasets.load_dataset(cfg.dataset, cfg.config)
@@ -75,8 +66,32 @@ def load_raw(cfg: DataConfig, recipe: Recipe | None = None):
     return ds[cfg.train_split], ds[cfg.eval_split]
 
 
+def read_file(file: str, fail):
+    """A local data file as a `datasets.Dataset`; ``fail(message)`` builds the error for a missing, unknown or
+    unreadable file."""
+    import datasets
+
+    path = Path(file)
+    if not path.is_file():
+        raise fail(f"file not found: {path}")
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise fail(f"unsupported file type {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}")
+    kwargs = {"delimiter": "\t", "quoting": 3} if path.suffix.lower() == ".tsv" else {}
+    try:
+        return datasets.load_dataset(fmt, data_files={"x": str(path)}, split="x", **kwargs)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise fail(f"cannot read {path} as {fmt}: {type(e).__name__}: {e}") from None
+
+
 def load_task_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:
     """Load, check and tokenize a recipe's data; errors point into ``recipe`` when given."""
+    if cfg.metric_task == EMBEDDING:
+        return load_text_data(cfg, tokenizer, recipe)
+    if cfg.metric_task == TOKEN_CLASSIFICATION:
+        return load_token_data(cfg, tokenizer, recipe)
+    if cfg.metric_task == QUESTION_ANSWERING:
+        return load_qa_data(cfg, tokenizer, recipe)
     train, evaluation = load_raw(cfg, recipe)
     if cfg.max_train_samples is not None:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
@@ -105,6 +120,96 @@ def load_task_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> 
         return split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names, desc="tokenizing")
 
     return TaskData(tokenize(train), tokenize(evaluation), label_names, is_regression)
+
+
+def _texts(split, columns, name: str, key: tuple, recipe: Recipe | None) -> list[str]:
+    """Every non-blank text of ``columns`` (column after column), checked to exist and to hold text."""
+    missing = [c for c in columns if c not in split.column_names]
+    if missing:
+        raise recipe_error(recipe, key, f"column {missing[0]!r} not in the {name} data; its columns are "
+                                        f"{', '.join(split.column_names)}")
+    texts = []
+    for c in columns:
+        for value in split[c]:
+            if value is not None and not isinstance(value, str):
+                raise recipe_error(recipe, key, f"column {c!r} of the {name} data holds {type(value).__name__} "
+                                                f"values ({value!r}), not text")
+            if value is not None and value.strip():
+                texts.append(value)
+    return texts
+
+
+def _tokenize_texts(texts: list[str], tokenizer, max_length: int):
+    import datasets
+
+    def encode(batch, indices):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        enc["idx"] = indices
+        return enc
+
+    return datasets.Dataset.from_dict({"text": texts}).map(encode, with_indices=True, batched=True,
+                                                            remove_columns=["text"], desc="tokenizing")
+
+
+def load_text_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:
+    """An embedding task's data: the texts of the text columns, one example each, no labels; ``pairs`` tokenized
+    when the recipe has some."""
+    train, evaluation = load_raw(cfg, recipe)
+    splits = []
+    for name, split, limit in (("train", train, cfg.max_train_samples), ("eval", evaluation, cfg.max_eval_samples)):
+        texts = _texts(split, cfg.text_columns, name, ("data", "text_columns"), recipe)
+        if not texts:
+            raise recipe_error(recipe, ("data", "text_columns"), f"the {name} data holds no text in "
+                                                                 f"{', '.join(cfg.text_columns)}")
+        splits.append(_tokenize_texts(texts[:limit], tokenizer, cfg.max_length))
+    pairs = load_pairs(cfg.pairs, tokenizer, cfg.max_length, recipe) if cfg.pairs is not None else None
+    return TaskData(splits[0], splits[1], [], False, pairs)
+
+
+def load_pairs(cfg: PairsConfig, tokenizer, max_length: int, recipe: Recipe | None = None) -> tuple:
+    """``(first, second, labels)``: the two sentences of each labelled pair, tokenized, and the binary labels."""
+    first, second, labels = read_pairs(cfg, recipe)
+    return _tokenize_texts(first, tokenizer, max_length), _tokenize_texts(second, tokenizer, max_length), labels
+
+
+def read_pairs(cfg: PairsConfig, recipe: Recipe | None = None) -> tuple[list[str], list[str], list[int]]:
+    """``(first, second, labels)``: the two sentences of each labelled pair and the binary labels, checked."""
+    import datasets
+
+    def fail(key, message):
+        return recipe_error(recipe, ("data", "pairs", key), message)
+
+    if cfg.file is not None:
+        split = read_file(cfg.file, lambda m: fail("file", m))
+    else:
+        try:
+            split = datasets.load_dataset(cfg.dataset, cfg.config, split=cfg.split)
+        except Exception as e:  # noqa: BLE001 - hub/cache/dir/split errors all mean the same to the user
+            raise fail("dataset", f"cannot load split {cfg.split!r} of dataset {cfg.dataset!r} (config "
+                                  f"{cfg.config!r}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if cfg.max_samples is not None:
+        split = split.select(range(min(cfg.max_samples, len(split))))
+    for key, columns in (("text_columns", cfg.text_columns), ("label_column", (cfg.label_column,))):
+        missing = [c for c in columns if c not in split.column_names]
+        if missing:
+            raise fail(key, f"column {missing[0]!r} not in the pairs; their columns are {', '.join(split.column_names)}")
+    labels = []
+    for v in split[cfg.label_column]:
+        if isinstance(v, bool) or v in (0, 1):
+            labels.append(int(v))
+        else:
+            raise fail("label_column", f"label {v!r} is not binary: pairs need 1 (or true) for a positive pair and 0 "
+                                       "for a negative one (GLUE test labels are -1: use the validation split)")
+    if len(set(labels)) < 2:
+        raise fail("label_column", f"every pair has label {labels[0] if labels else None!r}: a ROC-AUC needs both "
+                                   "positive and negative pairs")
+    sides = []
+    for c in cfg.text_columns:
+        values = list(split[c])
+        if any(not isinstance(v, str) for v in values):
+            raise fail("text_columns", f"column {c!r} of the pairs holds values that are not text")
+        sides.append(values)
+    return sides[0], sides[1], labels
 
 
 def _labels(cfg: DataConfig, train, evaluation, recipe: Recipe | None):
@@ -138,8 +243,150 @@ def _labels(cfg: DataConfig, train, evaluation, recipe: Recipe | None):
     return names, False, lambda v: values[v] if v in values else by_name[str(v)]
 
 
-def collator(tokenizer):
-    """Pads each batch to its longest example (dynamic padding)."""
+def collator(tokenizer, task: str | None = None):
+    """Pads each batch to its longest example (dynamic padding); token labels with -100."""
+    if task == TOKEN_CLASSIFICATION:
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification(tokenizer, return_tensors="pt")
     from transformers import DataCollatorWithPadding
 
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+IGNORE = -100  # the label of a token that carries none (special tokens, every sub-word after a word's first)
+
+
+def load_token_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:
+    """A token-classification task's data: a list of words and a label per word, each example tokenized with
+    ``is_split_into_words``; the first token of each word carries the word's label, the others :data:`IGNORE`."""
+    import datasets
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise recipe_error(recipe, ("model", "name_or_path"), "token-classification aligns word labels with the "
+                           "tokens through a fast tokenizer's word ids; this model's tokenizer is not a fast one")
+    train, evaluation = load_raw(cfg, recipe)
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
+    words_column = cfg.text_columns[0]
+    for name, split in (("train", train), ("eval", evaluation)):
+        for key, column in (("text_columns", words_column), ("label_column", cfg.label_column)):
+            if column not in split.column_names:
+                raise recipe_error(recipe, ("data", key), f"column {column!r} not in the {name} data; its columns are "
+                                                          f"{', '.join(split.column_names)}")
+        for row, (words, tags) in enumerate(zip(split[words_column], split[cfg.label_column])):
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise recipe_error(recipe, ("data", "text_columns"), f"example {row} of the {name} data: "
+                                   f"{words_column!r} must be a list of words (strings), got {words!r:.80}")
+            if not isinstance(tags, list) or len(tags) != len(words):
+                raise recipe_error(recipe, ("data", "label_column"), f"example {row} of the {name} data: "
+                                   f"{cfg.label_column!r} must be a list of one label per word ({len(words)} words), "
+                                   f"got {tags!r:.80}")
+    if len(train) == 0 or len(evaluation) == 0:
+        raise recipe_error(recipe, ("data",), "the train or eval split is empty")
+    feature = train.features[cfg.label_column]
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.ClassLabel):
+        names = list(cfg.label_names or inner.names)
+        if len(names) != inner.num_classes:
+            raise recipe_error(recipe, ("data", "label_names"),
+                               f"{len(names)} names for {inner.num_classes} classes ({', '.join(inner.names)})")
+        values = {i: i for i in range(inner.num_classes)}
+    else:
+        seen = sorted({t for tags in train[cfg.label_column] for t in tags}, key=str)
+        names = [str(v) for v in (cfg.label_names or seen)]
+        values = {v: names.index(str(v)) for v in seen if str(v) in names}
+    for name, split in (("train", train), ("eval", evaluation)):
+        for v in {t for tags in split[cfg.label_column] for t in tags}:
+            if v not in values and str(v) not in names:
+                raise recipe_error(recipe, ("data", "label_column"), f"label {v!r} in the {name} data is outside the "
+                                   f"label set {names} (set data.label_names)")
+    by_name = {n: i for i, n in enumerate(names)}
+
+    def to_id(v):
+        return values[v] if v in values else by_name[str(v)]
+
+    def encode(batch, indices):
+        enc = tokenizer(batch[words_column], is_split_into_words=True, truncation=True, max_length=cfg.max_length)
+        labels = []
+        for i, tags in enumerate(batch[cfg.label_column]):
+            row, previous = [], None
+            for word in enc.word_ids(i):
+                row.append(IGNORE if word is None or word == previous else to_id(tags[word]))
+                previous = word
+            labels.append(row)
+        enc["labels"] = labels
+        enc["idx"] = indices
+        return enc
+
+    def tokenize(split):
+        return split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names, desc="tokenizing")
+
+    return TaskData(tokenize(train), tokenize(evaluation), names, False)
+
+
+def load_qa_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:
+    """Extractive QA data: (question, context) pairs tokenized with the context truncated (no sliding window, as
+    the runtime's ``answer``), the first answer's character span mapped to ``start_positions`` /
+    ``end_positions`` (0, the first token, when it was cut off or there is none); ``answers`` keeps, per eval
+    example, the context, the token offsets into it (None outside the context) and the gold answer texts."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise recipe_error(recipe, ("model", "name_or_path"), "question-answering maps answers to tokens through a "
+                           "fast tokenizer's offsets; this model's tokenizer is not a fast one")
+    train, evaluation = load_raw(cfg, recipe)
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
+    q_col, c_col = cfg.text_columns
+    for name, split in (("train", train), ("eval", evaluation)):
+        for key, column in (("text_columns", q_col), ("text_columns", c_col), ("label_column", cfg.label_column)):
+            if column not in split.column_names:
+                raise recipe_error(recipe, ("data", key), f"column {column!r} not in the {name} data; its columns are "
+                                                          f"{', '.join(split.column_names)}")
+        for row, (context, answers) in enumerate(zip(split[c_col], split[cfg.label_column])):
+            ok = isinstance(answers, dict) and isinstance(answers.get("text"), list) and \
+                isinstance(answers.get("answer_start"), list) and len(answers["text"]) == len(answers["answer_start"])
+            if not ok:
+                raise recipe_error(recipe, ("data", "label_column"), f"example {row} of the {name} data: "
+                                   f"{cfg.label_column!r} must be SQuAD-style answers {{'text': [...], 'answer_start': "
+                                   f"[...]}}, got {answers!r:.80}")
+            for text, start in zip(answers["text"], answers["answer_start"]):
+                if not isinstance(start, int) or context[start:start + len(text)] != text:
+                    raise recipe_error(recipe, ("data", "label_column"), f"example {row} of the {name} data: answer "
+                                       f"{text!r} is not at character {start!r} of its context")
+    if len(train) == 0 or len(evaluation) == 0:
+        raise recipe_error(recipe, ("data",), "the train or eval split is empty")
+
+    def encode(batch, indices):
+        enc = tokenizer(batch[q_col], batch[c_col], truncation="only_second", max_length=cfg.max_length,
+                        return_offsets_mapping=True)
+        starts, ends = [], []
+        for i, answers in enumerate(batch[cfg.label_column]):
+            seq, offsets = enc.sequence_ids(i), enc["offset_mapping"][i]
+            start = end = 0
+            if answers["text"]:
+                first, last = answers["answer_start"][0], answers["answer_start"][0] + len(answers["text"][0])
+                inside = [t for t, s in enumerate(seq) if s == 1]
+                if inside and offsets[inside[0]][0] <= first and offsets[inside[-1]][1] >= last:
+                    start = next(t for t in inside if offsets[t][1] > first)
+                    end = next(t for t in reversed(inside) if offsets[t][0] < last)
+            starts.append(start)
+            ends.append(end)
+        enc["start_positions"], enc["end_positions"] = starts, ends
+        enc["in_context"] = [[int(s == 1) for s in enc.sequence_ids(i)] for i in range(len(starts))]
+        enc["idx"] = indices
+        return enc
+
+    def tokenize(split):
+        return split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names, desc="tokenizing")
+
+    train_ds, eval_ds = tokenize(train), tokenize(evaluation)
+    answers = [(context, [tuple(o) if inside else None for o, inside in zip(offsets, in_context)], list(gold["text"]))
+               for context, offsets, in_context, gold in zip(evaluation[c_col], eval_ds["offset_mapping"],
+                                                             eval_ds["in_context"], evaluation[cfg.label_column])]
+    extra = ["offset_mapping", "in_context"]
+    return TaskData(train_ds.remove_columns(extra), eval_ds.remove_columns(extra), ["start", "end"], False,
+                    answers=answers)

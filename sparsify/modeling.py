@@ -40,9 +40,14 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
 
 def load_classifier(name_or_path: str, *, num_labels: int, label_names: list[str] | None = None,
                     revision: str | None = None, is_regression: bool = False, attn_implementation: str | None = None,
-                    dtype=None, dropout: float | None = None):
-    """A sequence-classification model; a new head is initialized when the checkpoint has none."""
-    from transformers import AutoModelForSequenceClassification
+                    dtype=None, dropout: float | None = None, head: str = "sequence-classification"):
+    """A sequence-classification model (``head``: ``"token-classification"``, ``"question-answering"``: those
+    heads); a new head is initialized when the checkpoint has none."""
+    import transformers
+
+    auto = {"sequence-classification": transformers.AutoModelForSequenceClassification,
+            "token-classification": transformers.AutoModelForTokenClassification,
+            "question-answering": transformers.AutoModelForQuestionAnswering}[head]
 
     kwargs = {"num_labels": num_labels, "revision": revision}
     if label_names:
@@ -60,7 +65,11 @@ def load_classifier(name_or_path: str, *, num_labels: int, label_names: list[str
     if dropout is not None:
         kwargs["hidden_dropout_prob"] = dropout
         kwargs["attention_probs_dropout_prob"] = dropout
-    model = _load(AutoModelForSequenceClassification.from_pretrained, name_or_path, "model", **kwargs)
+    if head == "token-classification":
+        config = _load(transformers.AutoConfig.from_pretrained, name_or_path, "model", revision=revision)
+        if not any(n.endswith("ForTokenClassification") for n in (config.architectures or [])):
+            kwargs["ignore_mismatched_sizes"] = True  # its "classifier" is another head's: a new token head
+    model = _load(auto.from_pretrained, name_or_path, "model", **kwargs)
     if model.config.num_labels != num_labels:
         raise SparsifyError(f"model {name_or_path!r} has {model.config.num_labels} labels, the data has {num_labels}")
     return model

@@ -55,6 +55,11 @@ class TeacherConfig(Config):
     device: str | None = Field(None, description="Default: the student's device.")
 
 
+EMBEDDING = "embedding"  # data.task of a sentence-embedding model (no labels)
+TOKEN_CLASSIFICATION = "token-classification"  # data.task of a per-token classifier (a list of words, a label each)
+QUESTION_ANSWERING = "question-answering"  # data.task of extractive QA (question, context, SQuAD-style answers)
+TOKEN_HEADS = (TOKEN_CLASSIFICATION, QUESTION_ANSWERING)  # heads that read every token
+
 GLUE_TEXT_COLUMNS = {
     "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2"),
     "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
@@ -62,12 +67,45 @@ GLUE_TEXT_COLUMNS = {
 }
 
 
+class PairsConfig(Config):
+    """Labelled sentence pairs that score an embedding task (``data.task: embedding``): the ROC-AUC of the cosine
+    similarity of the two embeddings of each pair for its binary label (MRPC: paraphrase or not)."""
+
+    dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
+    config: str | None = Field(None, description="Dataset configuration, e.g. mrpc.")
+    file: str | None = Field(None, description="Local csv/tsv/json/jsonl/parquet file instead of a dataset.")
+    split: str = Field("validation", description="Split of 'dataset'.")
+    text_columns: tuple[str, str] = Field(("sentence1", "sentence2"), description="The two sentences of a pair.")
+    label_column: str = Field("label", description="Binary labels: 1 (or true) for a positive pair.")
+    max_samples: int | None = Field(None, ge=1, description="Use the first N pairs only.")
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if (self.dataset is None) == (self.file is None):
+            raise FieldError("dataset", "give exactly one of 'dataset' (hub id or directory) or 'file'")
+        return self
+
+
 class DataConfig(Config):
-    """Training and evaluation data: a hub/local dataset by name and config, or local files."""
+    """Training and evaluation data: a hub/local dataset by name and config, or local files.
+
+    With ``task: embedding`` the data needs no labels: every text of the text columns (each column's texts on
+    their own, not as pairs) is one example, trained on and held out; ``.txt`` files hold one text per line
+    (column ``text``). ``pairs`` adds a labelled pair evaluation.
+
+    With ``task: token-classification`` an example is a list of words (``text_columns``, default ``tokens``) with
+    one label per word (``label_column``, default ``ner_tags``: class ids or names, e.g. B-PER / I-PER / O); the
+    first sub-word token of each word carries its label, the other tokens none.
+
+    With ``task: question-answering`` an example is a question and a context (``text_columns``, default
+    ``question, context``) and SQuAD-style answers (``label_column``, default ``answers``: ``{"text": [...],
+    "answer_start": [character offsets]}``); contexts longer than ``max_length`` are truncated (no sliding window,
+    as the runtime's ``answer``), and an answer cut off trains the model to point at the first token."""
 
     dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
     config: str | None = Field(None, description="Dataset configuration, e.g. sst2.")
-    train_file: str | None = Field(None, description="Local csv/tsv/json/jsonl/parquet file.")
+    train_file: str | None = Field(None, description="Local csv/tsv/json/jsonl/parquet file (or .txt, one text per "
+                                   "line, for task: embedding).")
     validation_file: str | None = Field(None, description="Evaluation file, with train_file.")
     train_split: str = Field("train", description="Split of 'dataset' to train on.")
     eval_split: str = Field("validation", description="Split of 'dataset' to evaluate on.")
@@ -81,16 +119,27 @@ class DataConfig(Config):
     max_train_samples: int | None = Field(None, ge=1, description="Train on the first N examples only.")
     max_eval_samples: int | None = Field(None, ge=1, description="Evaluate on the first N examples only.")
     task: str | None = Field(
-        None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...). Default: config or sst2."
+        None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...); 'embedding': a "
+        "sentence-embedding model learns its teacher's embeddings, no labels (metrics teacher_cosine, pair_roc_auc); "
+        "'token-classification': a label per word (entity f1, precision, recall; token accuracy); "
+        "'question-answering': extractive QA (SQuAD exact_match, f1). "
+        "Default: config or sst2."
     )
+    pairs: PairsConfig | None = Field(None, description="task: embedding only: labelled sentence pairs for the "
+                                      "pair_roc_auc metric, e.g. {dataset: nyu-mll/glue, config: mrpc}.")
 
     @model_validator(mode="before")
     @classmethod
     def _glue_columns(cls, data):
+        if isinstance(data, dict) and data.get("task") == TOKEN_CLASSIFICATION:
+            data = {"text_columns": ("tokens",), "label_column": "ner_tags", **data}
+        if isinstance(data, dict) and data.get("task") == QUESTION_ANSWERING:
+            data = {"text_columns": ("question", "context"), "label_column": "answers", **data}
         if isinstance(data, dict) and "text_columns" not in data:
-            task = data.get("task") or data.get("config")
-            if isinstance(task, str) and task in GLUE_TEXT_COLUMNS:
-                data = {**data, "text_columns": GLUE_TEXT_COLUMNS[task]}
+            for name in (data.get("task"), data.get("config")):
+                if isinstance(name, str) and name in GLUE_TEXT_COLUMNS:
+                    data = {**data, "text_columns": GLUE_TEXT_COLUMNS[name]}
+                    break
         return data
 
     @model_validator(mode="after")
@@ -99,6 +148,15 @@ class DataConfig(Config):
             raise FieldError("dataset", "give exactly one of 'dataset' (hub id or directory) or 'train_file'")
         if self.train_file is not None and self.validation_file is None:
             raise FieldError("validation_file", "is required with train_file")
+        if self.metric_task == TOKEN_CLASSIFICATION and len(self.text_columns) != 1:
+            raise FieldError("text_columns", "token-classification reads one column, a list of words per example, got "
+                                             f"{list(self.text_columns)}")
+        if self.metric_task == QUESTION_ANSWERING and len(self.text_columns) != 2:
+            raise FieldError("text_columns", "question-answering reads two columns, the question and the context, got "
+                                             f"{list(self.text_columns)}")
+        if self.pairs is not None and self.metric_task != EMBEDDING:
+            raise FieldError("pairs", f"scores sentence embeddings: it needs task: {EMBEDDING} (this task is "
+                                      f"{self.metric_task!r})")
         return self
 
     @property
@@ -112,7 +170,9 @@ MAX_THREADS = 1024
 def task_metrics(task: str) -> tuple[str, ...]:
     """The metrics an evaluation of ``task`` reports (higher is better), as sparsify.metrics computes them."""
     return {"cola": ("matthews_correlation",), "stsb": ("pearson", "spearmanr"), "mrpc": ("accuracy", "f1"),
-            "qqp": ("accuracy", "f1")}.get(task, ("accuracy",))
+            "qqp": ("accuracy", "f1"), EMBEDDING: ("teacher_cosine", "pair_roc_auc"),
+            TOKEN_CLASSIFICATION: ("f1", "precision", "recall", "accuracy"),
+            QUESTION_ANSWERING: ("f1", "exact_match")}.get(task, ("accuracy",))
 
 
 class TrainingConfig(Config):
@@ -181,6 +241,24 @@ class Recipe(Config):
                 raise FieldError(("training", "metric_for_best"),
                                  f"unknown metric {name!r} for task {self.data.metric_task!r}.{_suggest(name, list(allowed))}"
                                  f" Allowed: {', '.join(allowed)} (or length_config_<metric> with a length_config)")
+            if name.removeprefix("length_config_") == "pair_roc_auc" and self.data.pairs is None:
+                raise FieldError(("training", "metric_for_best"), "pair_roc_auc needs labelled pairs, and the "
+                                 "embedding data has no labels: add data.pairs (e.g. {dataset: nyu-mll/glue, config: "
+                                 "mrpc}) or use teacher_cosine")
+        return self
+
+    @model_validator(mode="after")
+    def _check_embedding_task(self):
+        task = self.data.metric_task
+        if self.training.fit_samples and task in (EMBEDDING, *TOKEN_HEADS):
+            raise FieldError(("training", "fit_samples"), f"compares one predicted label per training example with "
+                             f"its label; a {task} task has {'none' if task == EMBEDDING else 'other labels'}: set it "
+                             "to 0")
+        if task != EMBEDDING:
+            return self
+        if self.model.num_labels is not None:
+            raise FieldError(("model", "num_labels"), "an embedding model has no classes (data.task: embedding); "
+                             "remove model.num_labels")
         return self
 
     def technique(self, kind: str):
@@ -452,6 +530,20 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
                 check(recipe)
             except FieldError as e:
                 raise source.error(("techniques", i) + e.field, str(e)) from None
+    if recipe.data.metric_task == EMBEDDING:
+        if recipe.technique("distillation") is None:
+            raise source.error(("techniques",), "an embedding task has no labels: the student learns from a teacher; "
+                               "add a distillation technique (embedding term: cosine or mse on the pooled embedding) "
+                               "and a teacher")
+        for i, t in enumerate(techniques):
+            if t.kind == "pruning" and t.score == "taylor":
+                raise source.error(("techniques", i, "score"), "taylor scores need the gradient of a task loss, and an "
+                                   "embedding task has no labels: use l2, l1 or obs")
+    if recipe.data.metric_task in TOKEN_HEADS:
+        for i, t in enumerate(techniques):
+            if t.kind == "length_adaptive":
+                raise source.error(("techniques", i, "kind"), "length_adaptive drops tokens inside the encoder, and a "
+                                   f"{recipe.data.metric_task} head needs every token: remove it")
     if recipe.training.lr_schedule == "rewind" and recipe.technique("pruning") is None:
         raise source.error(("training", "lr_schedule"), "rewind restarts the learning rate at every pruning mask "
                            "update: it needs a pruning technique (with its window); use linear, cosine or constant")

@@ -11,6 +11,12 @@ directory is created. Then the loop runs; each compression technique is called e
     optimizer.step(); pruner.step()     masks applied right after every optimizer step (obs updates the weights)
     quantizer.step()                    fake quantization on from its start step, observers frozen after warm-up
 
+A recipe with ``data.task: embedding`` trains a sentence-embedding model (:mod:`sparsify.sentence`) on unlabelled
+text: its "logits" are the pooled sentence embedding, the distiller's ``embedding`` term pulls them towards the
+teacher's, and evaluation reports the mean cosine to the teacher on held-out text (and, with ``data.pairs``, the
+pair ROC-AUC); the loop is the same. ``token-classification`` and ``question-answering`` train those heads
+(entity F1; SQuAD exact match / F1), again through the same loop.
+
 A quantization recipe with ``mode: ptq`` trains nothing: the observers are calibrated on training batches and
 the model is evaluated and saved (0 optimizer steps).
 
@@ -34,11 +40,13 @@ from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, resume_checkpo
 from sparsify.config import FieldError
 from sparsify.data import collator, load_task_data
 from sparsify.errors import SparsifyError
-from sparsify.evaluation import evaluate
+from sparsify.evaluation import evaluate, evaluate_qa, evaluate_tokens
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
-from sparsify.recipe import Recipe, check_run_inputs, recipe_error
+from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, TOKEN_HEADS, Recipe, check_run_inputs, \
+    recipe_error
 from sparsify.schedules import rewind_schedule
+from sparsify.sentence import embed_batches, embedding_metrics, load_embedder, require_pooling
 from sparsify.techniques import TECHNIQUES
 
 
@@ -130,9 +138,16 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     lengthdrop = techniques.get("length_adaptive")
     quantizer = techniques.get("quantization")
     ptq = quantizer is not None and quantizer.config.mode == "ptq"
-    model = _located(recipe, ("model", "name_or_path"), load_classifier, recipe.model.name_or_path,
-                     num_labels=data.num_labels, label_names=data.label_names, revision=recipe.model.revision,
-                     is_regression=data.is_regression, dropout=recipe.model.dropout)
+    embedding = task == EMBEDDING  # a sentence-embedding model: its "logits" are its pooled embedding, no labels
+    head = task if task in TOKEN_HEADS else "sequence-classification"
+    if embedding:  # the teacher's pooling first: a student without one takes it
+        teacher_pooling = _located(recipe, ("teacher", "name_or_path"), require_pooling, recipe.teacher.name_or_path)
+        model = _located(recipe, ("model", "name_or_path"), load_embedder, recipe.model.name_or_path,
+                         revision=recipe.model.revision, dropout=recipe.model.dropout, pooling_from=teacher_pooling)
+    else:
+        model = _located(recipe, ("model", "name_or_path"), load_classifier, recipe.model.name_or_path,
+                         num_labels=data.num_labels, label_names=data.label_names, revision=recipe.model.revision,
+                         is_regression=data.is_regression, dropout=recipe.model.dropout, head=head)
     if recipe.model.layers is not None:
         from sparsify.student import shallow_student
 
@@ -146,13 +161,17 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     if recipe.teacher is not None:
         tcfg = recipe.teacher
         teacher_tokenizer = _located(recipe, ("teacher", "name_or_path"), load_tokenizer, tcfg.name_or_path, tcfg.revision)
-        teacher = _located(recipe, ("teacher", "name_or_path"), load_classifier, tcfg.name_or_path,
-                           num_labels=data.num_labels, label_names=data.label_names, revision=tcfg.revision,
-                           is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype))
+        if embedding:
+            teacher = _located(recipe, ("teacher", "name_or_path"), load_embedder, tcfg.name_or_path,
+                               revision=tcfg.revision, dtype=getattr(torch, tcfg.dtype), who="teacher")
+        else:
+            teacher = _located(recipe, ("teacher", "name_or_path"), load_classifier, tcfg.name_or_path,
+                               num_labels=data.num_labels, label_names=data.label_names, revision=tcfg.revision,
+                               is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype), head=head)
         teacher.to(tcfg.device or accelerator.device)
     check_run_inputs(recipe, data, model, teacher)  # output_dir, num_labels, max_length vs positions
 
-    collate = collator(tokenizer)
+    collate = collator(tokenizer, task)
     sampler = EpochSampler(len(data.train), tc.seed)
     # Own generators: a DataLoader otherwise draws a seed from the global RNG each time it is iterated, which
     # would shift the dropout RNG stream of a resumed run.
@@ -233,12 +252,33 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         quantizer.calibrate(model, train_dl)
 
     best_metric = tc.metric_for_best or main_metric(task)
+    reference = pairs = teacher_metrics = None
+    if embedding:  # held-out texts: the teacher's embeddings, once; labelled pairs: the teacher's own score
+        pairs = _pair_loaders(data.pairs, collate, tc, accelerator)
+        on_teacher = _on_device(teacher)
+        reference = embed_batches(teacher, eval_dl, accelerator=accelerator, forward=on_teacher)
+        teacher_metrics = embedding_metrics(teacher, eval_dl, reference, pairs, accelerator=accelerator,
+                                            forward=on_teacher)
+
+    def evaluate_model(forward=None, outputs=None) -> dict:
+        """The task's metrics on the eval split (an embedding model: cosine to the teacher, pair ROC-AUC; a token
+        classifier: entity F1; QA: SQuAD exact match and F1)."""
+        if embedding:
+            return embedding_metrics(model, eval_dl, reference, pairs, accelerator=accelerator, forward=forward,
+                                     embeddings_out=outputs)
+        if head == TOKEN_CLASSIFICATION:
+            return evaluate_tokens(model, eval_dl, data.label_names, accelerator=accelerator, forward=forward,
+                                   logits_out=outputs)
+        if head == QUESTION_ANSWERING:
+            return evaluate_qa(model, eval_dl, data.answers, accelerator=accelerator, forward=forward,
+                               logits_out=outputs)
+        return evaluate(model, eval_dl, task, is_regression=data.is_regression, accelerator=accelerator,
+                        forward=forward, logits_out=outputs)
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(model, eval_dl, task, is_regression=data.is_regression, accelerator=accelerator)
+        metrics = evaluate_model()
         if lengthdrop is not None and lengthdrop.eval_forward() is not None:  # also at the recipe's length_config
-            at_length = evaluate(model, eval_dl, task, is_regression=data.is_regression, accelerator=accelerator,
-                                 forward=lengthdrop.eval_forward())
+            at_length = evaluate_model(forward=lengthdrop.eval_forward())
             metrics.update({f"length_config_{k}": v for k, v in at_length.items()})
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         state["evals"].append({"step": step, **metrics})
@@ -280,7 +320,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                 inputs = {k: v for k, v in batch.items() if k != "idx"}
                 if distiller is not None:
                     outputs = model(**inputs, **distiller.student_forward_kwargs())
-                    loss, terms = distiller.loss(batch, outputs, inputs["labels"])
+                    loss, terms = distiller.loss(batch, outputs, inputs.get("labels", inputs.get("start_positions")))
                 else:
                     outputs = model(**inputs)
                     loss, terms = outputs.loss, {}
@@ -358,13 +398,20 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         # the fake-quant model against its int8 conversion (what the export reads), on the eval split
         from sparsify.techniques.quantization.parity import conversion_parity
 
-        parity = conversion_parity(quantizer, model, plain_model, eval_dl, task, is_regression=data.is_regression,
-                                   accelerator=accelerator)
+        parity = conversion_parity(quantizer, plain_model, lambda outputs: evaluate_model(outputs=outputs),
+                                   is_regression=data.is_regression, embeddings=embedding,
+                                   spans=head == QUESTION_ANSWERING)
         parity["step"] = step
+        if "span_agreement" in parity:
+            accelerator.print(f"int8 conversion vs fake quantization: {parity['span_agreement']:.2%} of "
+                              f"{parity['examples']} eval answer spans agree")
         if "label_agreement" in parity:
             accelerator.print(f"int8 conversion vs fake quantization: {parity['label_agreement']:.2%} of "
                               f"{parity['examples']} eval labels agree, largest logit difference "
                               f"{parity['max_abs_logit_diff']:.3g}")
+        if "min_cosine" in parity:
+            accelerator.print(f"int8 conversion vs fake quantization: lowest cosine of the {parity['examples']} "
+                              f"eval embeddings {parity['min_cosine']:.6f}")
     fit = None
     if tc.fit_samples:  # how well the final model fits training data (and its teacher) against dev: under/overfit
         fit = train_fit(model, teacher, data.train, collate, tc.fit_samples, tc.eval_batch_size, seed=tc.seed,
@@ -387,6 +434,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         }
         if parity is not None:
             summary["conversion_parity"] = parity
+        if teacher_metrics is not None:
+            summary["teacher_metrics"] = teacher_metrics  # the teacher's own pair_roc_auc, to compare with
         if fit is not None:
             summary["train_fit"] = fit
         if pruner is not None:
@@ -453,6 +502,22 @@ def train_fit(model, teacher, dataset, collate, n: int, batch_size: int, seed: i
     if teacher is not None:
         fit.update(teacher_agreement=agree / max(1, total), teacher_train_accuracy=teacher_hits / max(1, total))
     return fit
+
+
+def _on_device(module):
+    """``forward(model, inputs)`` that moves the inputs to ``module``'s device first (a teacher may sit elsewhere)."""
+    device = next(module.parameters()).device
+    return lambda m, inputs: m(**{k: v.to(device) for k, v in inputs.items()})
+
+
+def _pair_loaders(pairs, collate, tc, accelerator):
+    """``(first, second, labels)`` of an embedding task's labelled pairs as loaders, or None."""
+    if pairs is None:
+        return None
+    first, second, labels = pairs
+    loaders = [accelerator.prepare(DataLoader(side, batch_size=tc.eval_batch_size, shuffle=False, collate_fn=collate))
+               for side in (first, second)]
+    return loaders[0], loaders[1], labels
 
 
 def _reset_accelerate_state(mixed_precision: str) -> None:

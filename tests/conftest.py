@@ -53,6 +53,96 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+def write_sentence_transformers_files(path: Path, dim: int, modes=("mean",), normalize: bool = True,
+                                      max_seq_length: int = 32) -> Path:
+    """The sentence-transformers files of a bare encoder saved in ``path``: Transformer -> Pooling (-> Normalize)."""
+    import json
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (path / "2_Normalize").mkdir(exist_ok=True)
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": dim,
+                                                                "pooling_mode": list(modes)}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_st_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT as a sentence-transformers model: a bare encoder (no head), mean pooling, Normalize."""
+    import shutil
+
+    import torch
+    from transformers import BertModel
+
+    path = tmp_path_factory.mktemp("tiny-st")
+    torch.manual_seed(1)
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(path)
+    for f in tiny_model_dir.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copyfile(f, path / f.name)
+    return write_sentence_transformers_files(path, 32)
+
+
+def toy_tags(words: list[str]) -> list[str]:
+    """B-POS for positive words, B-NEG for negative ones, O for the rest: a tag that follows from the word."""
+    return ["B-POS" if w in POSITIVE else "B-NEG" if w in NEGATIVE else "O" for w in words]
+
+
+@pytest.fixture(scope="session")
+def toy_token_data(tmp_path_factory) -> dict[str, Path]:
+    """Toy token-classification data as jsonl: ``tokens`` (words) and ``ner_tags`` (tag names), train and validation."""
+    import json
+
+    path = tmp_path_factory.mktemp("toy-tokens")
+    out = {}
+    for split, (n, seed) in {"train": (192, 11), "validation": (64, 12)}.items():
+        rows = [{"tokens": s.split(), "ner_tags": toy_tags(s.split())} for s, _ in toy_sentences(n, seed)]
+        out[split] = path / f"{split}.jsonl"
+        out[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_qa_data(tmp_path_factory) -> dict[str, Path]:
+    """Toy extractive QA as jsonl: the question "good" asks for the one positive word of the context (SQuAD-style
+    ``answers``), train and validation."""
+    import json
+
+    path = tmp_path_factory.mktemp("toy-qa")
+    out = {}
+    for split, (n, seed) in {"train": (192, 21), "validation": (64, 22)}.items():
+        rng = random.Random(seed)
+        rows = []
+        for _ in range(n):
+            answer = rng.choice(POSITIVE)
+            words = rng.choices(NEUTRAL, k=rng.randint(2, 8)) + [answer, rng.choice(NEGATIVE)]
+            rng.shuffle(words)
+            context = " ".join(words)
+            start = next(i for i in range(len(context)) if context.startswith(answer, i) and
+                         (i == 0 or context[i - 1] == " ") and context[i + len(answer):i + len(answer) + 1] in ("", " "))
+            rows.append({"question": "good", "context": context, "answers": {"text": [answer], "answer_start": [start]}})
+        out[split] = path / f"{split}.jsonl"
+        out[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_pairs(tmp_path_factory) -> Path:
+    """Labelled sentence pairs (sentence1, sentence2, label: 1 when both sentences have the same sentiment)."""
+    import pandas as pd
+
+    a, b = toy_sentences(48, 5), toy_sentences(48, 6)
+    rows = [(x, y, int(lx == ly)) for (x, lx), (y, ly) in zip(a, b)]
+    path = tmp_path_factory.mktemp("toy-pairs") / "pairs.csv"
+    pd.DataFrame(rows, columns=["sentence1", "sentence2", "label"]).to_csv(path, index=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> dict[str, Path]:
     """Toy sentiment data as csv, tsv, jsonl and parquet (train and validation of each)."""

@@ -69,14 +69,48 @@ PRUNE_AND_DISTILL = {
 }
 
 
+# an embedding task (no labels): the sentence-transformers tiny model learns its own embeddings while pruned,
+# length-dropped and quantized (QAT on from step 8)
+EMBEDDING_COMPRESSION = {
+    "data": {"task": "embedding"},
+    "techniques": [
+        {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 1, "end_step": 8, "update_every": 2},
+        {"kind": "distillation", "embedding": {"weight": 1.0}, "hidden": {"weight": 1.0}, "minilm": {"weight": 1.0}},
+        {"kind": "length_adaptive", "length_drop_ratio_bound": 0.2, "num_sandwich": 1, "start_step": 2},
+        {"kind": "quantization", "start_step": 8, "freeze_after_steps": 1},
+    ],
+}
+
+
+# token classification (a label per word): pruned, distilled (logits per token, hidden states) and quantized
+TOKEN_COMPRESSION = {
+    "techniques": [
+        {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 1, "end_step": 8, "update_every": 2},
+        {"kind": "distillation", "logits": {"weight": 1.0}, "hidden": {"weight": 1.0}},
+        {"kind": "quantization", "start_step": 8, "freeze_after_steps": 1},
+    ],
+}
+
+
 @pytest.mark.parametrize("kill_at", [4, 8])
-@pytest.mark.parametrize("techniques", [False, True], ids=["dense", "prune+distill+lengthdrop"])
-def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, monkeypatch, kill_at, techniques):
+@pytest.mark.parametrize("techniques", [False, True, "embedding", "token-classification", "question-answering"],
+                         ids=["dense", "prune+distill+lengthdrop", "embedding:prune+distill+lengthdrop+qat",
+                              "token-classification:prune+distill+qat", "question-answering:prune+distill+qat"])
+def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tiny_st_dir, toy_token_data, toy_qa_data,
+                                                monkeypatch, kill_at, techniques):
     # 12 micro-batches per epoch, accumulation 2 -> 6 steps per epoch; 10 steps cross an epoch boundary, and the
     # kill points sit mid-epoch 0 and mid-epoch 1, so the data position, RNG (dropout), optimizer, schedule and
     # technique state (masks) must all resume.
     sections = {"training": {"steps": 10, "gradient_accumulation_steps": 2, "save_every": 4, "warmup_steps": 2}}
-    if techniques:
+    if techniques == "embedding":
+        sections.update(EMBEDDING_COMPRESSION, model={"name_or_path": str(tiny_st_dir)},
+                        teacher={"name_or_path": str(tiny_st_dir)})
+    elif techniques in ("token-classification", "question-answering"):  # distillation: logits per token / span
+        files = toy_token_data if techniques == "token-classification" else toy_qa_data
+        sections.update(TOKEN_COMPRESSION, teacher={"name_or_path": str(tiny_model_dir)},
+                        data={"task": techniques, "train_file": str(files["train"]),
+                              "validation_file": str(files["validation"])})
+    elif techniques:
         sections.update(PRUNE_AND_DISTILL, teacher={"name_or_path": str(tiny_model_dir)})
     full = make_recipe(**sections)
     assert run_cli("train", full) == 0
@@ -103,7 +137,13 @@ def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, mon
     assert expected.keys() == resumed.keys()
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
-    if techniques:
+    if techniques in ("embedding", "token-classification", "question-answering"):
+        for name in ("quantization.json", "quantization.safetensors"):  # the int8 conversion resumes too
+            assert (output_dir(killed) / "model" / name).read_bytes() == (output_dir(full) / "model" / name).read_bytes()
+        metrics = json.loads((output_dir(killed) / "metrics.json").read_text())
+        assert metrics["metrics"] == json.loads((output_dir(full) / "metrics.json").read_text())["metrics"]
+        assert ("teacher_cosine" if techniques == "embedding" else "f1") in metrics["metrics"]
+    elif techniques:
         report = json.loads((output_dir(killed) / "sparsity.json").read_text())
         assert report["total"]["follows_block"] and abs(report["total"]["sparsity"] - 0.5) < 0.01
         length_config = json.loads((output_dir(killed) / "model" / "length_config.json").read_text())

@@ -8,7 +8,8 @@ GLUE_METRIC_PATH = str(Path(__file__).parent / "glue")
 # The task names glue/glue.py accepts (that module must stay self-contained for `evaluate.load`).
 GLUE_TASKS = ("sst2", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli", "hans", "ax",
               "mrpc", "qqp", "cola", "stsb")
-MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson"}
+MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "embedding": "teacher_cosine",
+               "token-classification": "f1", "question-answering": "f1"}
 
 
 def load_metric(task: str):

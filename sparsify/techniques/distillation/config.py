@@ -3,7 +3,7 @@
     techniques:
       - kind: distillation
         task_weight: 0.5
-        logits: {weight: 0.5, temperature: 2.0}
+        logits: {weight: 0.5, temperature: 2.0}      # classifiers; embedding models: embedding: {loss: cosine}
         hidden: {weight: 1.0, layer_map: {0: 1, 1: 3, 2: 5}}
         minilmv2: {weight: 1.0, relation_heads: 48}
 
@@ -51,6 +51,22 @@ class LogitsTerm(Config):
         _check_weight(self.weight)
         if not self.temperature > 0:
             raise FieldError("temperature", f"must be > 0, got {self.temperature}")
+        return self
+
+
+class EmbeddingTerm(Config):
+    """Sentence-embedding models (``data.task: embedding``): the student's pooled sentence embedding against the
+    teacher's, ``cosine`` (1 - cosine similarity, averaged over examples) or ``mse`` (mean squared difference over
+    examples and dimensions). Needs no labels."""
+
+    weight: float = 1.0
+    loss: Literal["cosine", "mse"] = Field("cosine", description="cosine: 1 - cos(student, teacher); mse: mean "
+                                           "squared difference (of the embeddings as the model outputs them, "
+                                           "normalised when it lists Normalize).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_weight(self.weight)
         return self
 
 
@@ -125,7 +141,7 @@ class MiniLMv2Term(Config):
         return self
 
 
-TERMS = ("logits", "hidden", "attention", "minilm", "minilmv2")
+TERMS = ("logits", "embedding", "hidden", "attention", "minilm", "minilmv2")
 
 
 class DistillationConfig(Config):
@@ -139,6 +155,7 @@ class DistillationConfig(Config):
     kind: Literal["distillation"] = "distillation"
     task_weight: float = Field(1.0, description="Weight of the loss on the labels.")
     logits: LogitsTerm | None = None
+    embedding: EmbeddingTerm | None = None
     hidden: HiddenTerm | None = None
     attention: AttentionTerm | None = None
     minilm: MiniLMTerm | None = None
@@ -180,6 +197,18 @@ class DistillationConfig(Config):
         """Cross-checks against the whole recipe, before any model is loaded."""
         if getattr(recipe, "teacher", None) is None:
             raise FieldError((), "distillation needs a teacher: add a 'teacher' section with its name_or_path")
+        embedding_task = recipe.data.metric_task == "embedding"
+        if embedding_task:
+            if self.enabled("logits"):
+                raise FieldError(("logits",), "compares class distributions, and an embedding model has no classes "
+                                              "(data.task: embedding): use the embedding term (cosine or mse on the "
+                                              "pooled embedding)")
+            if self.keep_teacher_head:
+                raise FieldError(("keep_teacher_head",), "an embedding model has no classification head "
+                                                         "(data.task: embedding): remove it")
+        elif self.enabled("embedding"):
+            raise FieldError(("embedding",), f"compares pooled sentence embeddings: it needs data.task: embedding "
+                                             f"(this task is {recipe.data.metric_task!r}); use logits for a classifier")
         layers = getattr(getattr(recipe, "model", None), "layers", None)
         if layers is not None:
             n = len(layers)

@@ -155,6 +155,15 @@ class Distiller:
 
         if cfg.keep_teacher_head:
             copy_head(student, teacher)
+        if cfg.enabled("embedding"):
+            dims = [getattr(m, "embedding_dim", None) for m in (student, teacher)]
+            if None in dims:
+                raise FieldError(("embedding",), "compares pooled sentence embeddings: the student and the teacher "
+                                                 "must be embedding models (data.task: embedding)")
+            if dims[0] != dims[1]:
+                raise FieldError(("embedding",), f"the student's embeddings have {dims[0]} dimensions, the "
+                                                 f"teacher's {dims[1]}: the term compares them directly; use a "
+                                                 "student of the teacher's hidden size (and pooling)")
 
         # learned projections from the student's hidden size to the teacher's, when they differ
         self.projections = nn.ModuleDict()
@@ -203,6 +212,7 @@ class Distiller:
 
     def loss(self, batch: dict, student_outputs, labels=None) -> tuple[torch.Tensor, dict[str, float]]:
         """The total loss and each term's (unweighted) value, for logging: ``distill/task``, ``distill/logits``,
+        ``distill/embedding`` (an embedding model, whose ``logits`` are its pooled sentence embedding),
         ``distill/hidden``, ``distill/attention``, ``distill/minilm`` (with ``distill/minilm_attention`` and
         ``distill/minilm_value``), ``distill/minilmv2`` (with ``distill/minilmv2_qq``, ...) and
         ``distill/total``. Layer-wise terms are averaged over their layer pairs."""
@@ -211,7 +221,7 @@ class Distiller:
         cfg = self.config
         captured = dict(self._captured["student"])
         self._captured["student"].clear()
-        logits = student_outputs.logits
+        logits = task_logits(student_outputs)
         device = logits.device
         mask = batch["attention_mask"].to(device)
         teacher = self._teacher_outputs(batch, device)
@@ -225,8 +235,14 @@ class Distiller:
             terms["distill/task"] = student_outputs.loss
             total = total + cfg.task_weight * student_outputs.loss.float()
         if c := cfg.enabled("logits"):
-            terms["distill/logits"] = losses.logit_kl(logits, teacher["logits"], c.temperature, mask)
+            if hasattr(student_outputs, "start_logits"):  # extractive QA: distributions over the tokens
+                terms["distill/logits"] = losses.span_kl(logits, teacher["logits"], c.temperature, mask)
+            else:
+                terms["distill/logits"] = losses.logit_kl(logits, teacher["logits"], c.temperature, mask)
             total = total + c.weight * terms["distill/logits"]
+        if c := cfg.enabled("embedding"):  # an embedding model's "logits" are its pooled sentence embedding
+            terms["distill/embedding"] = losses.embedding_loss(logits, teacher["logits"], c.loss)
+            total = total + c.weight * terms["distill/embedding"]
         if c := cfg.enabled("hidden"):
             hidden = student_outputs.hidden_states
             if hidden is None:
@@ -304,7 +320,7 @@ class Distiller:
         store.clear()
         with torch.no_grad():
             out = teacher(**inputs, output_hidden_states=bool(self.config.enabled("hidden")))
-        result = {"logits": out.logits}
+        result = {"logits": task_logits(out)}
         if c := self.config.enabled("hidden"):
             for t in set(self.hidden_map.values()):
                 result[f"hidden.{t}"] = out.hidden_states[t + 1]
@@ -335,6 +351,9 @@ class Distiller:
             "captured": {str(t): sorted(parts) for t, parts in sorted(self._needs["teacher"].items())},
             "dtype": str(_device_dtype(self.teacher)[1]),
         }
+        pooling = getattr(self.teacher, "pooling", None)
+        if pooling is not None:  # an embedding teacher's "logits" are its pooled embedding: pooled how
+            outputs["pooling"] = {"modes": list(pooling["modes"]), "normalize": bool(pooling.get("normalize"))}
         self._disk = TeacherCache(directory, teacher=teacher_fingerprint(self.teacher), data=data_fingerprint,
                                   outputs=outputs, write=write)
         self._cache.update(self._disk.load())
@@ -422,6 +441,13 @@ class Distiller:
         for store in self._captured.values():
             store.clear()
         self._cache.clear()
+
+
+def task_logits(outputs) -> torch.Tensor:
+    """``outputs.logits``; for extractive QA the start and end logits stacked, ``(B, L, 2)``."""
+    if getattr(outputs, "start_logits", None) is not None:
+        return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
+    return outputs.logits
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:

@@ -45,6 +45,36 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 
     return per_row.mean()
 
 
+def span_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Extractive QA: ``(B, L, 2)`` start and end logits; the KL between the teacher's and the student's
+    distributions over the real tokens (softmax along the sequence, at ``temperature``), x T^2, averaged over the
+    examples and the two ends."""
+    s, t = _f32(student), _f32(teacher)
+    if s.shape != t.shape:
+        raise ValueError(f"student span logits {tuple(s.shape)} and teacher's {tuple(t.shape)} differ in shape")
+    keep = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device) if mask is None else mask.bool()
+    keep = keep.unsqueeze(-1)
+    low = torch.finfo(s.dtype).min
+    log_ps = F.log_softmax((s / temperature).masked_fill(~keep, low), dim=1)
+    log_pt = F.log_softmax((t / temperature).masked_fill(~keep, low), dim=1)
+    per_end = torch.where(keep, log_pt.exp() * (log_pt - log_ps), torch.zeros_like(log_ps)).sum(1)  # (B, 2)
+    return per_end.mean() * temperature**2
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Pooled sentence embeddings ``(B, D)``: ``cosine``, 1 - cos(student, teacher) averaged over the examples;
+    ``mse``, the squared difference averaged over examples and dimensions."""
+    s, t = _f32(student), _f32(teacher)
+    if s.shape != t.shape:
+        raise ValueError(f"student embeddings {tuple(s.shape)} and teacher embeddings {tuple(t.shape)} differ in shape")
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).mean()
+    if kind == "mse":
+        return (s - t).pow(2).mean()
+    raise ValueError(f"embedding loss {kind!r}: expected cosine or mse")
+
+
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """Mean squared error over the real tokens and the hidden units; ``student`` already projected to the
     teacher's hidden size. ``normalize``: the squared error divided by the teacher's squared norm over the same

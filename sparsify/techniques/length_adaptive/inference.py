@@ -146,10 +146,13 @@ def length_adaptive(model: nn.Module, length_config, attention_mask: torch.Tenso
     """Inside this block, ``model(...)`` runs with ``length_config`` applied; yields the per-pass state
     (``state.kept[i]``: tokens layer ``i`` kept per example; ``state.positions``: input positions of the tokens
     that reached the head). ``skip_layers``: layers to skip (LayerDrop; a skipped layer keeps its input)."""
-    layers = encoder_layers(unwrap(model))
+    inner = unwrap(model)
+    layers = encoder_layers(inner)
     length_config = check_length_config(length_config, len(layers))
     state = _State(length_config, attention_mask, skip_layers)
     handles = []
+    # a model that pools over its tokens (sparsify.sentence.SentenceEmbedder) reads which ones reached the end here
+    object.__setattr__(inner, "_length_adaptive_state", state)
     try:
         for i, layer in enumerate(layers):
             parts, heads = attention_projections(layer)
@@ -162,6 +165,7 @@ def length_adaptive(model: nn.Module, length_config, attention_mask: torch.Tenso
     finally:
         for handle in handles:
             handle.remove()
+        object.__setattr__(inner, "_length_adaptive_state", None)
         state.captured.clear()
         state.saved_input = None
 

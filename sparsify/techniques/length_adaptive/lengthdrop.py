@@ -16,7 +16,9 @@ technique's own ``torch.Generator``, seeded from the config's (or the recipe's) 
 dict, so that a resumed run samples exactly what the uninterrupted run would have.
 
 The sub-models' loss is the KL from the full model's logits (detached) to theirs, at ``temperature``, summed
-over the sub-models and weighted by ``inplace_distillation_weight``. All sub-model graphs are kept until the
+over the sub-models and weighted by ``inplace_distillation_weight``; for a sentence-embedding model
+(:class:`sparsify.sentence.SentenceEmbedder`, pooled over the tokens a sub-model kept) it is 1 - the cosine
+similarity of the sub-model's embedding to the full model's. All sub-model graphs are kept until the
 loop's single backward pass (memory: about 1 + (1 + num_sandwich) x the shrinking sub-models' activations).
 """
 
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from sparsify.config import FieldError
-from sparsify.techniques.distillation.losses import logit_kl
+from sparsify.techniques.distillation.losses import embedding_loss, logit_kl
 from sparsify.techniques.length_adaptive.config import LengthAdaptiveConfig, check_length_config, save_length_config
 from sparsify.techniques.length_adaptive.inference import check_model, forward_with_lengths, unwrap
 
@@ -75,6 +77,11 @@ class LengthDrop:
             raise FieldError("kind", f"this model cannot run length-adaptively: {e}") from None
         if cfg.length_config is not None:
             check_length_config(cfg.length_config, self.num_layers)
+            modes = (getattr(unwrap(model), "pooling", None) or {}).get("modes")
+            if modes is not None and list(modes) != ["cls"]:
+                raise FieldError("length_config", f"drops tokens at inference, and this embedding model pools "
+                                 f"{'+'.join(modes)} over every token: the runtime runs it at full length. Train "
+                                 "with LengthDrop without a length_config, or use a CLS-pooled model")
         try:
             self.start_step = cfg.resolve_start(steps_per_epoch)
         except ValueError as e:
@@ -118,9 +125,13 @@ class LengthDrop:
         target = full_outputs.logits.detach()
         sub_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "idx")}
         total, values = full_loss, {}
+        embedder = hasattr(unwrap(model), "embedding_dim")  # logits are pooled sentence embeddings
         for name, ratios, skip in self.sample():
             outputs = forward_with_lengths(model, sub_inputs, ratios, skip_layers=skip)
-            kl = logit_kl(outputs.logits, target, cfg.temperature)
+            if embedder:
+                kl = embedding_loss(outputs.logits, target, "cosine")
+            else:
+                kl = logit_kl(outputs.logits, target, cfg.temperature)
             values[name] = kl.detach()
             if cfg.inplace_distillation_weight > 0:
                 total = total + cfg.inplace_distillation_weight * kl

@@ -380,7 +380,7 @@ class BlockPruner:
         try:
             for batch in self.calibration():
                 inputs = {k: v.to(device) for k, v in batch.items() if k != "idx"}
-                if backward and "labels" not in inputs:
+                if backward and "labels" not in inputs and "start_positions" not in inputs:
                     raise SparsifyError("pruning: score: taylor needs labelled calibration batches")
                 if before is not None:
                     before(inputs)

@@ -11,37 +11,39 @@ from __future__ import annotations
 
 import torch
 
-from sparsify.evaluation import evaluate
 from sparsify.techniques.quantization.convert import convert_activations, load_converted
 
 
-def conversion_parity(quantizer, model, plain_model, dataloader, task: str, *, is_regression: bool = False,
-                      accelerator=None) -> dict:
-    """Evaluate ``model`` as fake-quant, then as its conversion, and compare the logits.
+def conversion_parity(quantizer, plain_model, evaluate_fn, *, is_regression: bool = False,
+                      embeddings: bool = False, spans: bool = False) -> dict:
+    """Evaluate the model as fake-quant, then as its conversion, and compare the outputs.
 
-    ``plain_model`` is the unwrapped module the quantizer was prepared on (``model`` itself outside
-    accelerate). The quantizer is removed from the model afterwards (the model runs plain float32 again), so
-    call this once training is over."""
+    ``evaluate_fn(outputs)`` evaluates the model (the loop's evaluation: task metrics, or an embedding model's)
+    and appends its outputs per batch (logits, or sentence embeddings) to the list ``outputs``. ``plain_model`` is
+    the unwrapped module the quantizer was prepared on. The quantizer is removed from the model afterwards (the
+    model runs plain float32 again), so call this once training is over. Classifiers get ``label_agreement``,
+    embedding models ``min_cosine`` (the lowest cosine similarity of an example's two embeddings), extractive QA
+    (``spans``: the outputs are each example's predicted start and end tokens) ``span_agreement``."""
     fake_logits: list[torch.Tensor] = []
-    fake = evaluate(model, dataloader, task, is_regression=is_regression, accelerator=accelerator,
-                    logits_out=fake_logits)
+    fake = evaluate_fn(fake_logits)
     converted, activations = quantizer.convert(plain_model), convert_activations(quantizer)
-    embeddings = quantizer.embedding_name
+    embedding_name = quantizer.embedding_name
     quantizer.remove()
-    undo = load_converted(plain_model, converted, activations, embeddings)
+    undo = load_converted(plain_model, converted, activations, embedding_name)
     try:
         conv_logits: list[torch.Tensor] = []
-        conv = evaluate(model, dataloader, task, is_regression=is_regression, accelerator=accelerator,
-                        logits_out=conv_logits)
+        conv = evaluate_fn(conv_logits)
     finally:
         undo()
     a, b = torch.cat(fake_logits), torch.cat(conv_logits)
-    out = {
-        "examples": int(a.shape[0]),
-        "max_abs_logit_diff": float((a - b).abs().max()) if a.numel() else 0.0,
-        "fake_quant": fake,
-        "converted": conv,
-    }
-    if not is_regression:
+    out = {"examples": int(a.shape[0]), "fake_quant": fake, "converted": conv}
+    if spans:
+        out["span_agreement"] = float((a == b).all(-1).float().mean()) if a.numel() else 1.0
+        return out
+    out["max_abs_logit_diff"] = float((a - b).abs().max()) if a.numel() else 0.0
+    if embeddings:
+        cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+        out["min_cosine"] = float(cos.min()) if a.numel() else 1.0
+    elif not is_regression:
         out["label_agreement"] = float((a.argmax(-1) == b.argmax(-1)).float().mean()) if a.numel() else 1.0
     return out

@@ -237,6 +237,48 @@ def _quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ packing
+EMBEDDINGS = ("auto", "int8", "int4", "int2", "float32")
+
+
+def _word_bits(embeddings: str, trained_bits: int | None) -> int | None:
+    """Bits of the stored word-embedding rows (None: float32) for ``--embeddings`` and what the run trained."""
+    if embeddings == "auto":
+        return trained_bits
+    return {"int8": 8, "int4": 4, "int2": 2, "float32": None}[embeddings]
+
+
+def _embeddings_meta(bits: int | None, width: int) -> dict:
+    if bits is None:
+        return {"word": "float32"}
+    if bits == 8:
+        return {"word": "int8, symmetric, one scale per row (word_embeddings.scales)", "bits": 8}
+    from sparsify.packing import packed_cols
+    from sparsify.techniques.quantization.lowbit import describe
+
+    packing = ("two codes per byte, the first in the low nibble, stored as code + 8" if bits == 4 else
+               "four codes per byte, the first in the lowest two bits")
+    return {"word": f"{describe(bits)} (word_embeddings.packed, .scales" + (", .offsets)" if bits == 2 else ")"),
+            "bits": bits, "packing": packing, "width": width, "packed_width": packed_cols(width, bits)}
+
+
+def _pack_word_rows(base: str, table: np.ndarray, bits: int) -> dict[str, np.ndarray]:
+    """The word-embedding table at 4 or 2 bits per value (the rows QAT trained with: one implementation,
+    :mod:`sparsify.techniques.quantization.lowbit`): ``BASE.packed`` uint8 ``(vocab, ceil(width * bits / 8))``,
+    ``BASE.scales`` float32 ``(vocab,)`` and, at 2 bits, ``BASE.offsets`` float32 ``(vocab,)``."""
+    import torch
+
+    from sparsify.packing import pack_int4, pack_uint2
+    from sparsify.techniques.quantization.lowbit import quantize_rows
+
+    codes, scales, offsets = quantize_rows(torch.from_numpy(table), bits)
+    codes = codes.numpy()
+    out = {base + "packed": pack_int4(codes) if bits == 4 else pack_uint2(codes.astype(np.uint8)),
+           base + "scales": np.ascontiguousarray(scales.numpy(), np.float32)}
+    if offsets is not None:
+        out[base + "offsets"] = np.ascontiguousarray(offsets.numpy(), np.float32)
+    return out
+
+
 def _infer_block(w: np.ndarray, preferred: tuple[int, int] | None) -> tuple[tuple[int, int] | None, float]:
     """(block shape or None for dense, block sparsity)."""
     import torch
@@ -474,7 +516,7 @@ def _max_length(src: _Source, out: Path) -> int:
 
 
 def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict | None, acts: dict | None = None,
-                   embeddings: str = "auto", trained_int8_embeddings: bool = False) -> dict:
+                   embeddings: str = "auto", trained_embedding_bits: int | None = None) -> dict:
     import torch
 
     from sparsify.runtime.model import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256_file
@@ -498,13 +540,16 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
     act_meta, act_tensors = _activation_points(acts or {}, int(src.canon["hidden_size"]), src.norms)
     tensors.update(act_tensors)
     word_key = f"{prefix}{src.arch.embeddings['word']}.weight"
-    word_int8 = embeddings == "int8" or (embeddings == "auto" and trained_int8_embeddings)
+    word_bits = _word_bits(embeddings, trained_embedding_bits)
     packed = {n + s for n in linears for s in (".weight", ".bias")}
     for k, v in state.items():
         if k.endswith("position_ids") or k in packed:
             continue
-        if k == word_key and word_int8:  # int8 rows + one scale per row, dequantized at lookup
+        if k == word_key and word_bits == 8:  # int8 rows + one scale per row, dequantized at lookup
             tensors[k], tensors[k[:-len("weight")] + "scales"] = _quantize_rows(np.asarray(v, np.float32))
+            continue
+        if k == word_key and word_bits is not None:  # 4 / 2-bit rows packed into bytes, decoded at lookup
+            tensors.update(_pack_word_rows(k[:-len("weight")], np.asarray(v, np.float32), word_bits))
             continue
         tensors[k] = np.ascontiguousarray(v, np.float32)
     out.mkdir(parents=True, exist_ok=True)
@@ -535,8 +580,7 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
         "length_config": _length_config(model_dir, int(src.canon["num_hidden_layers"])),
         "quantized": bool(quant),
         "activations": act_meta,
-        "embeddings": {"word": "int8, symmetric, one scale per row (word_embeddings.scales)" if word_int8
-                       else "float32"},
+        "embeddings": _embeddings_meta(word_bits, int(state[word_key].shape[1])),
         "weights": WEIGHTS,
         "layers": layers,
         "files": files,
@@ -574,9 +618,9 @@ def _version() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ hf / onnx
-def dense_equivalent_model(model_dir: Path, quant: dict | None, *, int8_embeddings: bool = False):
+def dense_equivalent_model(model_dir: Path, quant: dict | None, *, embedding_bits: int | None = None):
     """The transformers model with masks applied (they are zeros already), int8 weights dequantized, and the
-    word embeddings rounded to their int8 rows when the run trained them so."""
+    word embeddings rounded to their int8 / int4 / 2-bit rows when the run trained them so."""
     import torch
 
     from sparsify.modeling import load_classifier
@@ -604,11 +648,17 @@ def dense_equivalent_model(model_dir: Path, quant: dict | None, *, int8_embeddin
                 modules[name].weight.copy_(w)
                 if q.get("bias") is not None:
                     modules[name].bias.copy_(torch.from_numpy(np.asarray(q["bias"], np.float32)))
-    if int8_embeddings:
+    if embedding_bits == 8:
         table = model.get_input_embeddings().weight
         with torch.no_grad():
             codes, scales = _quantize_rows(table.detach().numpy())
             table.copy_(torch.from_numpy(codes.astype(np.float32) * scales[:, None]))
+    elif embedding_bits is not None:
+        from sparsify.techniques.quantization.lowbit import rounded_rows
+
+        table = model.get_input_embeddings().weight
+        with torch.no_grad():
+            table.copy_(rounded_rows(table.detach(), embedding_bits))
     return model
 
 
@@ -694,8 +744,8 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
     quantizer had ``embeddings: true``)."""
     if format not in FORMATS:
         raise SparsifyError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if embeddings not in ("auto", "int8", "float32"):
-        raise SparsifyError(f"--embeddings must be 'auto', 'int8' or 'float32', got {embeddings!r}")
+    if embeddings not in EMBEDDINGS:
+        raise SparsifyError(f"--embeddings must be one of {', '.join(map(repr, EMBEDDINGS))}, got {embeddings!r}")
     model_dir, run_dir = _resolve(run_or_model_dir)
     from sparsify.runtime.validate import require_finite
     from sparsify.sparsity import load_report_weights
@@ -707,11 +757,11 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
             raise SparsifyError(f"{out}: exists and is not empty (choose another -o or pass --overwrite)")
         shutil.rmtree(out)
     quant, acts = _load_quantization(model_dir, quantized, activations)
-    from sparsify.techniques.quantization.convert import trained_embeddings
+    from sparsify.techniques.quantization.convert import trained_embedding_bits
 
-    trained_int8 = quantized is None and trained_embeddings(model_dir) is not None
+    trained_bits = trained_embedding_bits(model_dir) if quantized is None else None
     summary: dict[str, Any] = {"format": format, "out": str(out), "source": str(run_or_model_dir), "notes": []}
-    if format == "sparsify" and embeddings == "auto" and quant and not trained_int8:
+    if format == "sparsify" and embeddings == "auto" and quant and trained_bits is None:
         summary["notes"].append("word embeddings kept float32: the run did not train them int8 (quantization "
                                 "embeddings: true); --embeddings int8 stores them in a quarter of the space but changes "
                                 "the model slightly")
@@ -719,14 +769,14 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
 
     dense_bytes = sum(v.numel() * 4 for k, v in load_report_weights(model_dir).items() if not k.endswith("position_ids"))
     if format == "sparsify":
-        manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings, trained_int8)
+        manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings, trained_bits)
         summary["manifest"] = manifest
     else:
         if format == "onnx" and _auto_class(model_dir, _read_json(model_dir / "config.json")) is not None:
             raise SparsifyError(f"{model_dir}: --format onnx writes sequence classifiers (output 'logits') only; use "
                                 "--format sparsify or hf for token classification, question answering and embeddings")
         out.mkdir(parents=True, exist_ok=True)
-        model = dense_equivalent_model(model_dir, quant, int8_embeddings=trained_int8)
+        model = dense_equivalent_model(model_dir, quant, embedding_bits=trained_bits)
         if format == "hf":
             model.save_pretrained(str(out), safe_serialization=True)
             from sparsify.modeling import load_tokenizer
@@ -758,9 +808,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", help="run directory (uses RUN/model) or Hugging Face model directory")
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--format", default="sparsify", choices=FORMATS, help="artifact format (default: sparsify)")
-    parser.add_argument("--embeddings", default="auto", choices=("auto", "int8", "float32"),
-                        help="word embeddings in the sparsify format: int8 with one scale per row, float32, or auto "
-                             "(default: as the run trained them, int8 when its quantization had embeddings: true)")
+    parser.add_argument("--embeddings", default="auto", choices=EMBEDDINGS,
+                        help="word embeddings in the sparsify format: int8 with one scale per row, int4 / int2 packed "
+                             "rows, float32, or auto (default: as the run trained them, from quantization embeddings: "
+                             "true and embedding_bits)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)

@@ -478,7 +478,8 @@ def _save_model(accelerator, model, tokenizer, path: Path, quantizer=None) -> No
             # the export reads from the model directory
             from sparsify.techniques.quantization.convert import convert_activations, save_converted
 
-            save_converted(path, quantizer.convert(model), convert_activations(quantizer), quantizer.embedding_name)
+            save_converted(path, quantizer.convert(model), convert_activations(quantizer), quantizer.embedding_name,
+                           quantizer.config.embedding_bits)
 
 
 def _hparams(recipe: Recipe) -> dict:

@@ -134,6 +134,12 @@ class QuantizationConfig(Config):
         "(a quarter of their float32 size, the largest tensor of a small encoder): the model trains and is "
         "evaluated with the rows it will be exported with. false: float32, and the export keeps them float32."
     )
+    embedding_bits: Literal[8, 4, 2] = Field(
+        8, description="Bits per word-embedding value with embeddings: true. 8: int8, symmetric, a scale per row; 4: "
+        "int4, symmetric full range (codes -8..7), a signed scale per row, two codes per byte in the artifact; 2: "
+        "codes 0..3 with a scale and an offset per row, the range chosen per row by a squared-error search, four "
+        "codes per byte. Trained (QAT) and stored (export) the same way; the runtime decodes rows at lookup."
+    )
 
     @field_validator("include", "exclude", "keep_16bit", mode="before")
     @classmethod
@@ -161,6 +167,9 @@ class QuantizationConfig(Config):
             if self.freeze_after_steps < 1:
                 raise FieldError("freeze_after_steps", "QAT needs at least 1 optimizer step of observer warm-up to "
                                                        "set the activation ranges")
+        if self.embedding_bits != 8 and not self.embeddings:
+            raise FieldError("embedding_bits", f"embedding_bits: {self.embedding_bits} needs embeddings: true (the "
+                                               f"word embeddings are not quantized with embeddings: false)")
         if not (self.activations.linear_inputs or self.activations.residual_sums or self.activations.layernorm_outputs):
             if self.peg is not None:
                 raise FieldError("peg", "no activation is quantized (activations: all false): nothing for PEG to "

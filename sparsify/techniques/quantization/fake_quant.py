@@ -107,10 +107,15 @@ def quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None = None) -> t
     return codes.to(torch.int8), scale.float()
 
 
-def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+def fake_quantize_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Each vector along the last dimension rounded to int8, symmetric, one scale ``max|row| / 127`` per vector
     (1 for an all-zero one), straight-through gradient. Applied to looked-up word embeddings it equals looking up
-    the int8 rows the export stores (``--embeddings int8``): the same operations in float32, rounding half to even."""
+    the int8 rows the export stores (``--embeddings int8``): the same operations in float32, rounding half to even.
+    ``bits`` 4 or 2: the rows of :mod:`sparsify.techniques.quantization.lowbit` instead."""
+    if bits != 8:
+        from sparsify.techniques.quantization.lowbit import fake_quantize_rows as lowbit_rows
+
+        return lowbit_rows(x, bits)
     amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
     q = (torch.round(x.detach().float() / scale).clamp(WEIGHT_QMIN, WEIGHT_QMAX) * scale).to(x.dtype)

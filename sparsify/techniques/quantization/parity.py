@@ -28,7 +28,8 @@ def conversion_parity(quantizer, model, plain_model, dataloader, task: str, *, i
     converted, activations = quantizer.convert(plain_model), convert_activations(quantizer)
     embeddings = quantizer.embedding_name
     quantizer.remove()
-    undo = load_converted(plain_model, converted, activations, embeddings)
+    undo = load_converted(plain_model, converted, activations, embeddings,
+                          embedding_bits=quantizer.config.embedding_bits)
     try:
         conv_logits: list[torch.Tensor] = []
         conv = evaluate(model, dataloader, task, is_regression=is_regression, accelerator=accelerator,

@@ -248,7 +248,7 @@ class Quantizer:
             layer.module.forward = self._linear_forward(layer)
         if self._embedding is not None:
             self._handles.append(self._embedding.register_forward_hook(
-                lambda mod, args, output: fake_quantize_rows(output) if self._active else None))
+                lambda mod, args, output: fake_quantize_rows(output, self.config.embedding_bits) if self._active else None))
         for name, module in norms:
             if f"{name}.input" in self.points:
                 point = self.points[f"{name}.input"]

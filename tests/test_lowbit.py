@@ -1,0 +1,209 @@
+"""Low-bit storage: packing of 4- and 2-bit codes, int4 / 2-bit word-embedding rows (QAT, export, runtime decode),
+int4 Linear weights, FP8 fake quantization, and the artifact's size by part.
+
+Tiny models built in code or from the conftest fixtures; no network, no real checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from pydantic import ValidationError
+
+from sparsify.packing import pack_int4, pack_uint2, packed_cols, unpack_int4, unpack_uint2
+from sparsify.techniques.quantization import QuantizationConfig, Quantizer, calibrate, convert_activations
+from sparsify.techniques.quantization import lowbit
+
+TEXTS = ["the movie was good and fun", "a dull boring plot", "great", "the film is very bad and the music is sad",
+         "superb lovely story and a bright scene", "weak"]
+
+
+# -- packing ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cols", [1, 2, 3, 7, 8, 33])
+def test_packing_round_trips_and_is_row_addressable(cols):
+    rng = np.random.default_rng(cols)
+    c4 = rng.integers(-8, 8, (5, cols)).astype(np.int8)
+    p4 = pack_int4(c4)
+    assert p4.dtype == np.uint8 and p4.shape == (5, packed_cols(cols, 4)) == (5, (cols + 1) // 2)
+    np.testing.assert_array_equal(unpack_int4(p4, cols), c4)
+    np.testing.assert_array_equal(unpack_int4(p4[3:4], cols), c4[3:4])  # each row starts on a byte
+    c2 = rng.integers(0, 4, (5, cols)).astype(np.uint8)
+    p2 = pack_uint2(c2)
+    assert p2.shape == (5, (cols + 3) // 4)
+    np.testing.assert_array_equal(unpack_uint2(p2, cols), c2)
+    # the documented bit layout: first code in the low bits
+    assert pack_int4(np.array([[-8, 7]]))[0, 0] == 0x00 | (15 << 4)
+    assert pack_uint2(np.array([[1, 2, 3, 0]]))[0, 0] == 1 | (2 << 2) | (3 << 4)
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(np.array([[8]]))
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        pack_uint2(np.array([[4]]))
+
+
+# -- word-embedding rows ---------------------------------------------------------------------------------------
+
+
+def _table(rows=64, width=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(rows, width, generator=g) * 0.05
+    t[3, 5] = 0.9  # an outlier (positive extreme)
+    t[4, 6] = -0.7  # a negative extreme
+    t[7] = 0.0  # an all-zero row
+    return t
+
+
+def test_int4_rows_are_symmetric_full_range():
+    t = _table()
+    codes, scales, offsets = lowbit.quantize_rows(t, 4)
+    assert offsets is None and codes.dtype == torch.int8
+    assert int(codes.min()) == -8 and int(codes.max()) <= 7
+    deq = lowbit.dequantize_rows(codes, scales)
+    amax = t.abs().amax(dim=1)
+    nonzero = amax > 0
+    # the row's extreme value lands on code -8 exactly (sign of the scale chosen for it)
+    extreme = t.gather(1, t.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    assert torch.equal(deq.gather(1, t.abs().argmax(dim=1, keepdim=True)).squeeze(1)[nonzero], extreme[nonzero])
+    assert (codes.gather(1, t.abs().argmax(dim=1, keepdim=True)).squeeze(1)[nonzero] == -8).all()
+    assert scales[3] < 0 and scales[4] > 0  # positive extreme -> negative scale
+    # every value within half a step, except the opposite extreme that code 7 cannot reach (one step)
+    err = (deq - t).abs()
+    assert (err <= scales.abs()[:, None] * 0.5 + 1e-7).float().mean() > 0.99
+    assert (err <= scales.abs()[:, None] + 1e-7).all()
+    assert torch.equal(deq[7], torch.zeros(32)) and scales[7] == 1.0
+
+
+def test_int2_rows_take_the_least_squared_error_range():
+    t = _table()
+    codes, scales, offsets = lowbit.quantize_rows(t, 2)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 3
+    deq = lowbit.dequantize_rows(codes, scales, offsets)
+    err = (deq.double() - t.double()).pow(2).sum(1)
+    # brute force over the same candidates, row by row
+    for r in range(t.shape[0]):
+        row = t[r]
+        best = None
+        for a in lowbit.INT2_ALPHAS:
+            lo, hi = float(row.min()) * a, float(row.max()) * a
+            s = (hi - lo) / 3 or 1.0
+            q = torch.round((row - lo) / s).clamp(0, 3) * s + lo
+            e = float((q.double() - row.double()).pow(2).sum())
+            best = e if best is None else min(best, e)
+        assert float(err[r]) <= best * (1 + 1e-5) + 1e-12, r
+    # the search matters: the outlier row is clipped (alpha < 1), better than the min-max range
+    lo, hi = float(t[3].min()), float(t[3].max())
+    s = (hi - lo) / 3
+    minmax = float(((torch.round((t[3] - lo) / s).clamp(0, 3) * s + lo - t[3]) ** 2).sum())
+    assert float(err[3]) < 0.75 * minmax  # measured 0.29 against 0.51
+    # a row quantized alone chooses what it chooses within the table (QAT lookups vs the export)
+    for r in (0, 3, 7):
+        c1, s1, o1 = lowbit.quantize_rows(t[r:r + 1], 2)
+        assert torch.equal(c1[0], codes[r]) and s1[0] == scales[r] and o1[0] == offsets[r]
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_qat_rows_are_the_rows_the_export_packs(bits):
+    """With embedding_bits 4 / 2 the looked-up rows during QAT are exactly the packed rows of the export, decoded
+    as the runtime decodes them (numba), and the table still gets gradients."""
+    from sparsify.export import _pack_word_rows
+    from sparsify.runtime.ops import decode_rows
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    model = transformers.BertForSequenceClassification(cfg)
+    table = model.get_input_embeddings().weight
+    q = Quantizer(QuantizationConfig(start_step=0, freeze_after_steps=2, embedding_bits=bits))
+    q.prepare(model, total_steps=10)
+    seen = {}
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.update(out=out))
+    ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 0])).loss.backward()
+    packed = _pack_word_rows("w.", table.detach().numpy(), bits)
+    rows = decode_rows(ids.reshape(-1).numpy(), packed["w.packed"], bits, packed["w.scales"],
+                       packed.get("w.offsets"), 32)
+    assert torch.equal(seen["out"].reshape(-1, 32), torch.from_numpy(rows))
+    assert not torch.equal(seen["out"], table.detach()[ids])  # rounding changed them: the check can fail
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    assert packed["w.packed"].shape == (100, 32 * bits // 8)
+
+
+def test_embedding_bits_config_errors_name_the_key():
+    with pytest.raises(ValidationError, match="embedding_bits"):
+        QuantizationConfig(embedding_bits=3)
+    with pytest.raises(ValidationError, match="embedding_bits.*needs embeddings: true"):
+        QuantizationConfig(embedding_bits=4, embeddings=False)
+
+
+def _sparse_dir(src: Path, dst: Path, sparsity=0.6, seed=0) -> Path:
+    torch.manual_seed(seed)
+    model = transformers.BertForSequenceClassification.from_pretrained(src).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.mul_(8.0 if name == "classifier" else 3.0)
+                if "encoder" in name:
+                    keep = torch.rand(mod.weight.shape[0] // 4, mod.weight.shape[1]) >= sparsity
+                    mod.weight.mul_(keep.repeat_interleave(4, 0))
+        emb = model.get_input_embeddings().weight
+        emb.mul_(10.0)  # the rows dominate the embedding sum: their rounding shows in the logits
+    model.save_pretrained(dst)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / f).is_file():
+            shutil.copyfile(src / f, dst / f)
+    return dst
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_lowbit_embedding_artifact_matches_the_fake_quant_model(tiny_model_dir, tmp_path, bits):
+    """PTQ with embedding_bits 4 / 2 (int8 Linear layers, uint8 inputs): the exported artifact stores the packed
+    rows (two / four codes per byte), the runtime decodes them at lookup, and its logits equal the fake-quant
+    PyTorch model's (labels 100%); the run's quantization.json makes the export choose the bits by itself."""
+    from safetensors.numpy import load_file
+
+    from sparsify.export import export
+    from sparsify.runtime import SparseModel
+    from sparsify.runtime.model import WEIGHTS
+    from sparsify.techniques.quantization import save_converted
+
+    src = _sparse_dir(tiny_model_dir, tmp_path / "m")
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    model = transformers.BertForSequenceClassification.from_pretrained(src).eval()
+    q = calibrate(model, [dict(batch)], QuantizationConfig(mode="ptq", calibration_batches=1, embedding_bits=bits))
+    with torch.no_grad():
+        fake = model(**batch).logits.numpy()
+    save_converted(src, q.convert(), convert_activations(q), q.embedding_name, bits)
+    summary = export(src, tmp_path / "a")
+    m = summary["manifest"]
+    assert m["embeddings"]["bits"] == bits and m["embeddings"]["word"].startswith("int4" if bits == 4 else "2-bit")
+    t = load_file(str(tmp_path / "a" / WEIGHTS))
+    vocab, width = model.get_input_embeddings().weight.shape
+    base = "bert.embeddings.word_embeddings."
+    assert t[base + "packed"].dtype == np.uint8 and t[base + "packed"].shape == (vocab, width * bits // 8)
+    assert base + "weight" not in t and (base + "offsets" in t) == (bits == 2)
+    rt = SparseModel.from_pretrained(tmp_path / "a", threads=1)
+    got = rt(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    np.testing.assert_allclose(got, fake, atol=1e-4, rtol=0)  # measured 6e-8 (4 and 2 bits)
+    assert (got.argmax(1) == fake.argmax(1)).all()
+    # the same artifact with float32 rows is much further off: the check above can fail
+    export(src, tmp_path / "f32", embeddings="float32")
+    f32 = SparseModel.from_pretrained(tmp_path / "f32", threads=1)(batch["input_ids"], batch["attention_mask"],
+                                                                   batch["token_type_ids"])
+    assert np.abs(f32 - fake).max() > 10 * np.abs(got - fake).max()
+    q.remove()
+    # the runtime's decoded table is the rounded table
+    np.testing.assert_array_equal(rt.word_table(), lowbit.rounded_rows(model.get_input_embeddings().weight, bits)
+                                  .detach().numpy())
+    # hf export holds the same rounded rows
+    export(src, tmp_path / "hf", "hf")
+    hf = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert torch.equal(hf.get_input_embeddings().weight, lowbit.rounded_rows(model.get_input_embeddings().weight,
+                                                                                 bits))

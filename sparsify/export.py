@@ -436,6 +436,9 @@ def _pack_linear(name: str, w: np.ndarray, bias: np.ndarray, q: dict | None,
         w_eff = np.where((w != 0) | (qw != 0), np.float32(1), np.float32(0))
     else:
         qw, scale, w_eff = None, None, w
+    int4 = qw is not None and int(q.get("bits", 8)) == 4
+    if int4 and qw.size and (qw.min() < -7 or qw.max() > 7):
+        raise SparsifyError(f"{name}: bits 4 but weight codes in [{qw.min()}, {qw.max()}], not [-7, 7]")
     block, sparsity = _infer_block(np.ascontiguousarray(w_eff), preferred)
     meta: dict[str, Any] = {"shape": list(w.shape), "block": None if block is None else format_block(block),
                             "block_shape": None if block is None else list(block),
@@ -461,11 +464,20 @@ def _pack_linear(name: str, w: np.ndarray, bias: np.ndarray, q: dict | None,
         if m.scales is not None:
             tensors[name + ".scales"] = m.scales
         meta.update(nnz_blocks=m.nnz_blocks, dtype=str(m.dtype))
+    if int4:  # two codes per byte; the runtime unpacks them to the int8 codes at load
+        from sparsify.packing import pack_int4
+
+        key = name + (".weight" if block is None else ".data")
+        codes = tensors[key]
+        meta.update(dtype="int4", codes_shape=list(codes.shape), packing="two codes per byte, the first in the low "
+                    "nibble, stored as code + 8; rows of the dense weight, or the block data flattened")
+        tensors[key] = pack_int4(codes) if block is None else pack_int4(codes.reshape(1, -1))[0]
     tensors[name + ".bias"] = np.ascontiguousarray(bias, np.float32)
     if q is not None:
         qdesc: dict[str, Any] = {"bits": int(q.get("bits", 8))}
         if qw is not None:
-            qdesc["weight"] = "int8, symmetric, per output channel"
+            qdesc["weight"] = ("int4 (codes -7..7, packed two per byte), symmetric, per output channel" if int4
+                               else "int8, symmetric, per output channel")
         iq = _input_quant(q, w.shape[1], name)
         if iq is not None:
             s_in, z_in, qdesc["input"] = iq

@@ -207,3 +207,157 @@ def test_lowbit_embedding_artifact_matches_the_fake_quant_model(tiny_model_dir, 
     hf = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf")
     assert torch.equal(hf.get_input_embeddings().weight, lowbit.rounded_rows(model.get_input_embeddings().weight,
                                                                                  bits))
+
+
+# -- int4 weights -------------------------------------------------------------------------------------------------
+
+
+def test_int4_weights_per_channel_and_masks_exact():
+    from sparsify.techniques.quantization import fake_quant as fq
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    mask = torch.rand(8, 16, generator=g) > 0.5
+    codes, scale = fq.quantize_weight(w, mask, bits=4)
+    assert int(codes.abs().max()) == 7 and codes.dtype == torch.int8
+    assert (codes[~mask] == 0).all()
+    fake = fq.fake_quantize_weight(w, mask, bits=4)
+    assert torch.equal(fake, codes.float() * scale[:, None])
+    assert (fake[~mask] == 0).all()
+    err = (fake - w * mask).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all() and err.max() > scale.min() / 8  # 15 levels, visibly coarse
+    assert torch.equal(scale, (w * mask).abs().amax(1) / 7)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_group_rtn_weights(symmetric):
+    from sparsify.techniques.quantization import fake_quant as fq
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 32, generator=g) + (0.0 if symmetric else 0.7)
+    w[:, 8:16] *= 20  # one group with a wider range: its own scale
+    mask = torch.rand(4, 32, generator=g) > 0.3
+    q = fq.rtn_group_weight(w, mask, bits=4, group_size=8, symmetric=symmetric)
+    assert (q[~mask] == 0).all()  # pruned weights stay exactly zero
+    wm = (w * mask).reshape(4, 4, 8)
+    if symmetric:
+        step = wm.abs().amax(-1, keepdim=True) / 7
+    else:
+        step = (wm.amax(-1, keepdim=True).clamp(min=0) - wm.amin(-1, keepdim=True).clamp(max=0)) / 15
+    err = (q.reshape(4, 4, 8) - wm).abs()
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-6).all()
+    levels = [len(torch.unique(q.reshape(4, 4, 8)[r, c])) for r in range(4) for c in range(4)]
+    assert max(levels) <= (15 if symmetric else 16)
+    # per channel would be much worse on the narrow groups: the groups matter
+    per_channel = fq.fake_quantize_weight(w, mask, bits=4)
+    assert (per_channel - w * mask)[:, :8].abs().mean() > 3 * (q - w * mask)[:, :8].abs().mean()
+
+
+def _field(excinfo):
+    from sparsify.config import FieldError
+
+    first = excinfo.value.errors()[0]
+    inner = first.get("ctx", {}).get("error")
+    return tuple(first["loc"]) + (inner.field if isinstance(inner, FieldError) else ())
+
+
+@pytest.mark.parametrize("kw, field, message", [
+    ({"weight_bits": 2}, ("weight_bits",), "8 or 4"),
+    ({"weight_group_size": 32}, ("weight_group_size",), "post-training mode"),
+    ({"mode": "ptq", "weight_group_size": 4}, ("weight_group_size",), "greater than or equal to 8"),
+    ({"mode": "ptq", "weight_scheme": "asymmetric"}, ("weight_scheme",), "need weight_group_size"),
+    ({"mode": "ptq", "weight_group_size": 32, "weight_scheme": "zero"}, ("weight_scheme",), "symmetric"),
+    ({"embedding_bits": 3}, ("embedding_bits",), "8, 4 or 2"),
+    ({"embedding_bits": 4, "embeddings": False}, ("embedding_bits",), "needs embeddings: true"),
+])
+def test_new_keys_validate_themselves(kw, field, message):
+    with pytest.raises(ValidationError, match=message) as e:
+        QuantizationConfig(**kw)
+    assert _field(e) == field
+
+
+def test_weight_config_errors_name_the_key():
+    from sparsify.config import FieldError
+
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(FieldError, match="does not divide in_features 32") as e:
+        Quantizer(QuantizationConfig(mode="ptq", weight_group_size=24)).prepare(model)
+    assert e.value.field == ("weight_group_size",)
+
+
+def _w4_qat(src: Path, batch, steps=4):
+    """W4A8 QAT of ``src``'s encoder Linear layers with their pruning masks (zeros of the weights), a few steps."""
+    model = transformers.BertForSequenceClassification.from_pretrained(src)
+    masks = {n: m.weight != 0 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n}
+    q = Quantizer(QuantizationConfig(start_step=0, freeze_after_steps=2, weight_bits=4))
+    q.prepare(model, total_steps=steps + 1, masks=masks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    labels = torch.tensor([1, 0, 1, 0, 1, 0])
+    model.train()
+    for step in range(1, steps + 1):
+        model(**batch, labels=labels).loss.backward()
+        for n, m in model.named_modules():
+            if n in masks:
+                m.weight.grad.mul_(masks[n])
+        opt.step()
+        opt.zero_grad()
+        q.step(step)
+    q.finalize(model)
+    return model, q, masks
+
+
+def test_w4a8_qat_artifact_matches_the_fake_quant_model(tiny_model_dir, tmp_path):
+    """W4A8 QAT: the conversion holds codes in [-7, 7] with the pruned weights exactly 0; the artifact packs them two
+    per byte (int4 layers), the runtime unpacks them to exactly those int8 codes, and its logits equal the
+    fake-quant model's, labels 100%."""
+    from safetensors.numpy import load_file
+
+    from sparsify.export import export
+    from sparsify.runtime import SparseModel
+    from sparsify.runtime.model import WEIGHTS
+    from sparsify.techniques.quantization import save_converted
+
+    src = _sparse_dir(tiny_model_dir, tmp_path / "m")
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    batch = dict(tok(TEXTS, padding=True, return_tensors="pt"))
+    model, q, masks = _w4_qat(src, batch)
+    with torch.no_grad():
+        fake = model(**batch).logits.numpy()
+    conv = q.convert()
+    for name, e in conv.items():
+        codes = e["weight_int8"]
+        assert e["bits"] == 4 and int(codes.abs().max()) <= 7 and int(codes.abs().max()) == 7
+        assert (codes[~masks[name]] == 0).all(), name  # masks stay exact zeros
+    model.save_pretrained(src)  # the trained float weights, as the trainer saves them
+    save_converted(src, conv, convert_activations(q), q.embedding_name, 8)
+    summary = export(src, tmp_path / "a")
+    layers = summary["manifest"]["layers"]
+    assert all(m["dtype"] == "int4" and m["block"] == "4x1" for m in layers.values())
+    t = load_file(str(tmp_path / "a" / WEIGHTS))
+    name = "bert.encoder.layer.0.intermediate.dense"
+    n_codes = int(np.prod(layers[name]["codes_shape"]))
+    assert t[name + ".data"].dtype == np.uint8 and t[name + ".data"].shape == ((n_codes + 1) // 2,)
+    keep = SparseModel.from_pretrained(tmp_path / "a", threads=1, int8_weights="keep")
+    m = keep.layers[0].inter
+    assert m.dtype == np.int8
+    from sparsify.kernels.format import BlockSparseMatrix
+
+    codes_only = BlockSparseMatrix(m.shape, m.block, m.indptr, m.indices, m.data, np.ones(m.shape[0], np.float32))
+    np.testing.assert_array_equal(codes_only.to_dense(), conv[name]["weight_int8"].numpy())
+    for mode in ("keep", "dequantize"):
+        rt = SparseModel.from_pretrained(tmp_path / "a", threads=1, int8_weights=mode)
+        got = rt(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        np.testing.assert_allclose(got, fake, atol=2e-3, rtol=1e-3)
+        assert (got.argmax(1) == fake.argmax(1)).all()
+    # an int8 export of the same trained weights differs: int4 rounding reached the logits
+    q8 = {n: dict(e, bits=8) for n, e in conv.items()}
+    from sparsify.techniques.quantization import fake_quant as fq
+
+    for n, e in q8.items():
+        w = dict(model.named_modules())[n].weight
+        e["weight_int8"], e["weight_scale"] = fq.quantize_weight(w, masks[n], bits=8)
+    export(src, tmp_path / "b", quantized=q8, activations=convert_activations(q))
+    got8 = SparseModel.from_pretrained(tmp_path / "b", threads=1)(batch["input_ids"], batch["attention_mask"],
+                                                                  batch["token_type_ids"])
+    assert np.abs(got8 - fake).max() > 5 * np.abs(got - fake).max()

@@ -420,6 +420,7 @@ class SparseModel:
         check_manifest_types(root)
         manifest = read_manifest(root, verify=verify)
         tensors = load_tensors(root / manifest["weights"])
+        _unpack_int4_layers(root, manifest, tensors)  # packed int4 codes -> the int8 codes the kernels take
         validate_artifact(root, manifest, tensors)  # the manifest against the tensors, finite weights, tokenizer
         return cls(root, manifest, tensors, threads, length_config, int8_weights)
 
@@ -820,6 +821,38 @@ def _as_int64(a, name: str) -> np.ndarray:
     if a.dtype.kind not in "iub":
         raise SparsifyError(f"{name} must be integers, got dtype {a.dtype}")
     return a.astype(np.int64, copy=False)
+
+
+def _unpack_int4_layers(root: Path, manifest: dict, tensors: dict) -> None:
+    """In place: each layer stored as packed int4 codes (manifest ``"dtype": "int4"``) gets its int8 codes back
+    (dense ``NAME.weight`` or block ``NAME.data`` of shape ``codes_shape``); nothing else changes, so the rest of
+    the loading sees an int8 layer with per-output-channel scales."""
+    from sparsify.packing import packed_cols, unpack_int4
+
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict):
+        return
+    for name, meta in layers.items():
+        if not isinstance(meta, dict) or meta.get("dtype") != "int4":
+            continue
+        key = name + (".weight" if meta.get("block") is None else ".data")
+        shape = meta.get("codes_shape")
+        packed = tensors.get(key)
+        if packed is None or packed.dtype != np.uint8 or not isinstance(shape, list) or not shape or \
+                not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ArtifactError(f"{root}: int4 layer {name!r}: {key} must be uint8 packed codes with a codes_shape in "
+                                "the manifest")
+        if meta.get("block") is None:
+            if len(shape) != 2 or packed.shape != (shape[0], packed_cols(shape[1], 4)):
+                raise ArtifactError(f"{root}: int4 layer {name!r}: {key} has shape {packed.shape}, not the packed "
+                                    f"rows of {shape}")
+            tensors[key] = unpack_int4(packed, shape[1])
+        else:
+            n = int(np.prod(shape))
+            if packed.shape != (packed_cols(n, 4),):
+                raise ArtifactError(f"{root}: int4 layer {name!r}: {key} has shape {packed.shape}, not {n} packed "
+                                    f"codes")
+            tensors[key] = unpack_int4(packed[None, :], n).reshape(shape)
 
 
 def _same_quant(a, b) -> bool:

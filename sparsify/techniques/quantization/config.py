@@ -134,6 +134,21 @@ class QuantizationConfig(Config):
         "(a quarter of their float32 size, the largest tensor of a small encoder): the model trains and is "
         "evaluated with the rows it will be exported with. false: float32, and the export keeps them float32."
     )
+    weight_bits: Literal[8, 4] = Field(
+        8, description="Bits of the Linear weights, symmetric per output channel: 8 (codes -127..127) or 4 (codes "
+        "-7..7, trained as such in QAT; the artifact packs two codes per byte and the runtime unpacks them at load to "
+        "the int8 codes its kernels take, so the numbers are the trained ones). Activations stay 8-bit (W4A8)."
+    )
+    weight_group_size: int | None = Field(
+        None, ge=8, description="mode: ptq only: group-wise round-to-nearest weights, one scale (and zero point) per "
+        "group of this many consecutive input features of a row (Intel Neural Compressor's RTN weight-only mode); "
+        "must divide every quantized layer's in_features. An evaluation mode: the artifact stores per-channel codes "
+        "only, so such a model is not exported. null: one scale per output channel."
+    )
+    weight_scheme: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="Group-wise weights (weight_group_size): symmetric codes, or asymmetric codes "
+        "0..2**bits-1 with a zero point per group (the range includes 0, so pruned weights stay 0)."
+    )
     embedding_bits: Literal[8, 4, 2] = Field(
         8, description="Bits per word-embedding value with embeddings: true. 8: int8, symmetric, a scale per row; 4: "
         "int4, symmetric full range (codes -8..7), a signed scale per row, two codes per byte in the artifact; 2: "
@@ -167,6 +182,12 @@ class QuantizationConfig(Config):
             if self.freeze_after_steps < 1:
                 raise FieldError("freeze_after_steps", "QAT needs at least 1 optimizer step of observer warm-up to "
                                                        "set the activation ranges")
+        if self.weight_group_size is not None and self.mode != "ptq":
+            raise FieldError("weight_group_size", "group-wise round-to-nearest is a post-training mode: use mode: "
+                                                  "ptq, or per-channel weights (weight_group_size: null) for QAT")
+        if self.weight_scheme == "asymmetric" and self.weight_group_size is None:
+            raise FieldError("weight_scheme", "asymmetric weights need weight_group_size (group-wise RTN); per-channel "
+                                              "weights are symmetric, the codes the kernels take")
         if self.embedding_bits != 8 and not self.embeddings:
             raise FieldError("embedding_bits", f"embedding_bits: {self.embedding_bits} needs embeddings: true (the "
                                                f"word embeddings are not quantized with embeddings: false)")

@@ -7,7 +7,8 @@ calibration.
 
 Each entry (what the export consumes; one per quantized ``nn.Linear``, keyed by module name):
 
-    weight_int8         int8 (out, in), symmetric codes in [-127, 127]; pruned weights are exactly 0
+    weight_int8         int8 (out, in), symmetric codes in [-127, 127] ([-7, 7] when bits is 4); pruned
+                        weights are exactly 0
     weight_scale        float32 (out,): w = weight_int8 * weight_scale[:, None]
     bias                float32 (out,) or None
     input_scale         float32, scalar (per tensor) or (groups,) (PEG); None when the input is not 8-bit
@@ -17,7 +18,7 @@ Each entry (what the export consumes; one per quantized ``nn.Linear``, keyed by 
                         input_permutation[g * in/K : (g + 1) * in/K] (None: contiguous groups)
     input_bits          8; 16 for an input kept in 16-bit floating point (keep_16bit); 32 for an input that is
                         not quantized (activations.linear_inputs false, or never observed)
-    bits                8 (the weights)
+    bits                8 or 4 (the weights: weight_bits)
 
 Residual sums and LayerNorm outputs are not Linear inputs: :func:`convert_activations` gives their parameters
 (same fields, prefixed ``scale``/``zero_point``/``groups``/``permutation``/``bits``), keyed by point name.
@@ -72,6 +73,11 @@ def convert(quantizer, model: nn.Module | None = None) -> dict[str, dict]:
     if not quantizer.frozen:
         raise SparsifyError("quantization: convert() needs frozen observers: call finalize(model) after QAT, or "
                             "calibrate(...) for PTQ")
+    cfg = quantizer.config
+    if cfg.weight_group_size is not None:
+        raise SparsifyError("quantization: group-wise weights (weight_group_size) are a post-training evaluation "
+                            "mode; the artifact stores one scale per output channel: use weight_group_size: null to "
+                            "export")
     quantizer._refresh_masks()
     modules = None if model is None else {canonical_name(n): m for n, m in model.named_modules()}
     out = {}
@@ -79,7 +85,7 @@ def convert(quantizer, model: nn.Module | None = None) -> dict[str, dict]:
         module = layer.module if modules is None else modules.get(name)
         if module is None:
             raise SparsifyError(f"quantization: the model has no layer {name}")
-        codes, scale = quantize_weight(module.weight, layer.mask)
+        codes, scale = quantize_weight(module.weight, layer.mask, cfg.weight_bits)
         params = _point_params(quantizer, layer.point)
         out[name] = {
             "weight_int8": codes.cpu(),
@@ -90,7 +96,7 @@ def convert(quantizer, model: nn.Module | None = None) -> dict[str, dict]:
             "input_groups": params["groups"],
             "input_permutation": params["permutation"],
             "input_bits": params["bits"],
-            "bits": 8,
+            "bits": int(cfg.weight_bits),
         }
     return out
 

@@ -59,6 +59,7 @@ from sparsify.techniques.quantization.fake_quant import (
     fake_quantize,
     fake_quantize_rows,
     fake_quantize_weight,
+    rtn_group_weight,
     lsq_fake_quantize,
     qparams_from_range,
 )
@@ -195,7 +196,13 @@ class Quantizer:
 
     def _select(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
         linears = [(canonical_name(n), m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        return select_layers(linears, self.config.include, self.config.exclude, action="quantize")
+        selected = select_layers(linears, self.config.include, self.config.exclude, action="quantize")
+        size = self.config.weight_group_size
+        for name, module in selected:
+            if size is not None and module.in_features % size:
+                raise FieldError("weight_group_size", f"{size} does not divide in_features {module.in_features} of "
+                                                      f"{name}: choose a divisor of every quantized layer's input width")
+        return selected
 
     def _check_patterns(self, widths: dict[str, int]) -> None:
         cfg = self.config
@@ -280,9 +287,18 @@ class Quantizer:
             mask = layer.mask
             if mask is not None and mask.device != module.weight.device:
                 mask = layer.mask = mask.to(module.weight.device)
-            return F.linear(input, fake_quantize_weight(module.weight, mask), module.bias)
+            return F.linear(input, self._fake_weight(module.weight, mask), module.bias)
 
         return forward
+
+    def _fake_weight(self, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The weight as the quantized layer computes with it: per-channel symmetric codes of ``weight_bits``
+        (straight-through gradient), or group-wise round-to-nearest (PTQ)."""
+        cfg = self.config
+        if cfg.weight_group_size is not None:
+            return rtn_group_weight(weight, mask, bits=cfg.weight_bits, group_size=cfg.weight_group_size,
+                                    symmetric=cfg.weight_scheme == "symmetric")
+        return fake_quantize_weight(weight, mask, cfg.weight_bits)
 
     def _pre_hook(self, module: nn.Module, point: _Point):
         def hook(mod, args):
@@ -410,7 +426,7 @@ class Quantizer:
             w = layer.module.weight.detach()
             if layer.mask is not None:
                 w = w * layer.mask.to(device=w.device, dtype=w.dtype)
-            q = fake_quantize_weight(w)
+            q = self._fake_weight(w, None)
             errors.append(float((q - w).float().pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-12)))
         if errors:
             out["quant/weight_error"] = sum(errors) / len(errors)

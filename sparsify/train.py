@@ -345,7 +345,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         if lengthdrop is not None:
             lengthdrop.save_length_config(run_dir / "model")  # the recipe's length_config, if any
     parity = None
-    if quantizer is not None and quantizer.frozen:
+    if quantizer is not None and quantizer.frozen and quantizer.config.exportable:
         # the fake-quant model against its int8 conversion (what the export reads), on the eval split
         from sparsify.techniques.quantization.parity import conversion_parity
 
@@ -473,7 +473,7 @@ def _save_model(accelerator, model, tokenizer, path: Path, quantizer=None) -> No
             shutil.rmtree(path)
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
-        if quantizer is not None and quantizer.frozen:
+        if quantizer is not None and quantizer.frozen and quantizer.config.exportable:
             # int8 weights + scales and the frozen activation parameters: quantization.{json,safetensors}, which
             # the export reads from the model directory
             from sparsify.techniques.quantization.convert import convert_activations, save_converted

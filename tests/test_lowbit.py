@@ -361,3 +361,208 @@ def test_w4a8_qat_artifact_matches_the_fake_quant_model(tiny_model_dir, tmp_path
     got8 = SparseModel.from_pretrained(tmp_path / "b", threads=1)(batch["input_ids"], batch["attention_mask"],
                                                                   batch["token_type_ids"])
     assert np.abs(got8 - fake).max() > 5 * np.abs(got - fake).max()
+
+
+# -- FP8 ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, count, largest, tiniest", [
+    ("e4m3", 253, 448.0, 2.0 ** -9), ("e5m2", 247, 57344.0, 2.0 ** -16), ("e3m4", 253, 30.0, 2.0 ** -6)])
+def test_fp8_rounding_against_the_exhaustive_table(name, count, largest, tiniest):
+    """Every finite value of the format (decoded from its 256 bit patterns) is kept exactly; midpoints go to the
+    even mantissa; anything else goes to the nearest value; beyond the largest magnitude it saturates."""
+    from sparsify.techniques.quantization import fp8
+
+    table = fp8.representable_values(name)
+    assert len(table) == count and table.max() == largest and table[table > 0].min() == tiniest
+    assert torch.equal(fp8.round_to_fp8(table.float(), name).double(), table)
+    pos = table[table >= 0]  # bit patterns 0, 1, 2, ... in increasing value: mantissa parity = index parity
+    mid = ((pos[:-1] + pos[1:]) / 2).float()
+    assert torch.equal(mid.double(), (pos[:-1] + pos[1:]) / 2)  # the midpoints are exact in float32
+    got = fp8.round_to_fp8(mid, name).double()
+    even = torch.where(torch.arange(len(pos) - 1) % 2 == 0, pos[:-1], pos[1:])
+    assert torch.equal(got, even)
+    assert torch.equal(fp8.round_to_fp8(-mid, name).double(), -even)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g) * largest / 3, torch.randn(20000, generator=g) * tiniest * 30])
+    q = fp8.round_to_fp8(x, name).double()
+    xd = x.double().clamp(-largest, largest)
+    nearest = (xd[:, None] - table[None, :]).abs().min(dim=1).values
+    assert torch.equal((q - xd).abs(), nearest)
+    assert torch.isin(q, table).all()
+    big = torch.tensor([largest * 1.02, largest * 10, 1e30, float("inf"), -float("inf")])
+    assert torch.equal(fp8.round_to_fp8(big, name), torch.tensor([largest] * 4 + [-largest]))
+    assert torch.isnan(fp8.round_to_fp8(torch.tensor([float("nan")]), name)).all()
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2"])
+def test_fp8_matches_torch_casts_after_a_clamp(name):
+    """torch's float8 casts round the same way but do not saturate (NaN / inf): equal once clamped."""
+    from sparsify.techniques.quantization import fp8
+
+    dtype = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[name]
+    largest = fp8.FORMATS[name].max_value
+    x = torch.randn(100000, generator=torch.Generator().manual_seed(1)) * largest / 4
+    assert torch.equal(fp8.round_to_fp8(x, name), x.clamp(-largest, largest).to(dtype).float())
+    if name == "e5m2":  # torch 2.13 on CPU: E5M2 overflows to infinity (its E4M3FN cast saturates): we clamp
+        assert not torch.isfinite(torch.tensor([largest * 2]).to(dtype).float()).all()
+
+
+def test_e3m4_matches_ml_dtypes_in_their_common_range():
+    """ml_dtypes' float8_e3m4 is the IEEE-like variant (largest 15.5); below that both hold the same values."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from sparsify.techniques.quantization import fp8
+
+    x = torch.randn(100000, generator=torch.Generator().manual_seed(2)) * 4
+    x = x[x.abs() < 15.5]
+    ref = torch.from_numpy(x.numpy().astype(ml_dtypes.float8_e3m4).astype(np.float32))
+    assert torch.equal(fp8.round_to_fp8(x, "e3m4"), ref)
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def on_grid_ok(v: torch.Tensor, table: torch.Tensor) -> bool:
+    """Every value of ``v`` is a value of ``table`` up to float32 rounding (``v`` = FP8 value x scale / scale)."""
+    v = v.double().flatten()
+    nearest = table[(v[:, None] - table[None, :]).abs().argmin(dim=1)]
+    return bool(((v - nearest).abs() <= 1e-6 * nearest.abs() + 1e-30).all())
+
+
+def on_grid(v, table):
+    assert on_grid_ok(v, table)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e3m4"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_fp8_ptq_weights_and_activations(fmt, granularity):
+    """PTQ: every quantized Linear computes with FP8 weights (a scale per tensor / output channel, pruned weights
+    still 0) on FP8 activations (a scale per tensor / feature from the calibrated range); convert refuses."""
+    from sparsify.errors import SparsifyError
+    from sparsify.techniques.quantization import fp8
+
+    model = _tiny().eval()
+    ids = torch.randint(0, 100, (4, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    name = "bert.encoder.layer.0.intermediate.dense"
+    layer = dict(model.named_modules())[name]
+    mask = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(4)) > 0.5
+    cfg = QuantizationConfig(mode="ptq", calibration_batches=1, weight_format=fmt, activation_format=fmt,
+                             fp8_granularity=granularity)
+    q = calibrate(model, [{"input_ids": ids}], cfg, masks={name: mask})
+    table = fp8.representable_values(fmt)
+    largest = fp8.FORMATS[fmt].max_value
+    w = q._fake_weight(layer.weight, q.layers[name].mask).detach()
+    assert (w[~mask] == 0).all()
+    amax = (layer.weight * mask).abs().detach()
+    amax = amax.amax(1, keepdim=True) if granularity == "channel" else amax.amax()
+    scale = amax / largest
+    on_grid(w / scale, table)  # FP8 values times the scale
+    assert not on_grid_ok(layer.weight.detach() * mask / scale, table)  # the float weights are not: it can fail
+    point = q.points[f"{name}.input"]
+    assert point.scale.shape == ((32,) if granularity == "channel" else ())
+    captured = {}
+    layer.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    xs = captured["x"]  # what the Linear received, after the quantizer's fake quantization inside its forward
+    assert not torch.equal(out, ref)
+    seen = {}
+
+    def spy(x, scale, f, _orig=fp8.fake_quantize_fp8):
+        y = _orig(x, scale, f)
+        seen.setdefault("pairs", []).append((x, scale, y))
+        return y
+
+    import sparsify.techniques.quantization.quantizer as qmod
+
+    qmod.fp8_ops.fake_quantize_fp8, orig = spy, qmod.fp8_ops.fake_quantize_fp8
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        qmod.fp8_ops.fake_quantize_fp8 = orig
+    x, s, y = next((x, s, y) for x, s, y in seen["pairs"] if x.shape[-1] == 32 and torch.equal(x, xs.float()))
+    on_grid(y / s, table)
+    assert not on_grid_ok(x / s, table)
+    with pytest.raises(SparsifyError, match="emulation only"):
+        q.convert()
+
+
+def test_fp8_qat_trains_and_freezes():
+    model = _tiny()
+    q = Quantizer(QuantizationConfig(start_step=0, freeze_after_steps=2, weight_format="e4m3",
+                                     activation_format="e4m3", fp8_granularity="channel"))
+    q.prepare(model, total_steps=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(5)
+    for step in range(1, 4):
+        ids = torch.randint(0, 100, (4, 9), generator=g)
+        loss = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss
+        loss.backward()
+        w = model.bert.encoder.layer[0].intermediate.dense.weight
+        assert w.grad is not None and w.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        logs = q.step(step)
+    assert q.frozen and logs["quant/frozen"] == 1.0 and logs["quant/weight_error"] > 0
+    point = q.points["bert.encoder.layer.0.intermediate.dense.input"]
+    assert point.scale.shape == (32,) and (point.scale > 0).all()
+    state = q.state_dict()
+    q2 = Quantizer(q.config)
+    q2.prepare(_tiny(), total_steps=10)
+    q2.load_state_dict(state)
+    assert torch.equal(q2.points[point.name].scale, point.scale)
+
+
+@pytest.mark.parametrize("kw, field, message", [
+    ({"fp8_granularity": "channel"}, ("fp8_granularity",), "FP8 formats only"),
+    ({"weight_format": "e4m3", "weight_bits": 4}, ("weight_bits",), "integer weights"),
+    ({"activation_format": "e5m2", "peg": {"groups": 4}}, ("peg",), "fp8_granularity: channel"),
+    ({"activation_format": "e3m4", "observer": "lsq"}, ("observer",), "minmax"),
+    ({"weight_format": "e2m5"}, ("weight_format",), "e4m3"),
+    ({"fp8_granularity": "group", "weight_format": "e4m3"}, ("fp8_granularity",), "tensor"),
+])
+def test_fp8_keys_validate_themselves(kw, field, message):
+    with pytest.raises(ValidationError, match=message) as e:
+        QuantizationConfig(**kw)
+    assert _field(e) == field
+
+
+def test_fp8_ptq_through_the_trainer_writes_no_conversion(make_recipe):
+    """A PTQ recipe with FP8 formats runs through the trainer (calibration, evaluation of the fake-quant model);
+    there is nothing to convert or export, so no quantization.json and no conversion parity."""
+    from sparsify.recipe import load_recipe
+    from sparsify.train import train
+
+    ptq = {"kind": "quantization", "mode": "ptq", "calibration_batches": 2, "weight_format": "e4m3",
+           "activation_format": "e4m3", "fp8_granularity": "channel"}
+    recipe = load_recipe(make_recipe(training={"steps": 1, "eval_every": None, "save_every": None},
+                                     techniques=[ptq]))
+    run_dir = train(recipe, progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "accuracy" in metrics["metrics"] and "conversion_parity" not in metrics
+    assert not (run_dir / "model" / "quantization.json").exists()
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("embedding_bits", 3, "8, 4 or 2"), ("weight_bits", 2, "8 or 4"), ("weight_format", "fp8", "'e4m3'"),
+    ("activation_format", "e4m2", "'e3m4'"), ("weight_scheme", "zero", "'asymmetric'")])
+def test_recipe_errors_give_file_line_key_and_allowed_values(make_recipe, key, value, allowed):
+    from sparsify.errors import RecipeError
+    from sparsify.recipe import load_recipe
+
+    bad = {"kind": "quantization", "mode": "ptq", key: value}
+    if key == "weight_scheme":
+        bad["weight_group_size"] = 32
+    with pytest.raises(RecipeError) as e:
+        load_recipe(make_recipe(techniques=[bad]))
+    message = str(e.value)
+    assert len(message.strip().splitlines()) == 1, message
+    assert f"techniques[0].{key}" in message and allowed in message
+    assert __import__("re").search(r"recipe\d+\.yaml:\d+: ", message), message

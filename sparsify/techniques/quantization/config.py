@@ -149,6 +149,20 @@ class QuantizationConfig(Config):
         "symmetric", description="Group-wise weights (weight_group_size): symmetric codes, or asymmetric codes "
         "0..2**bits-1 with a zero point per group (the range includes 0, so pruned weights stay 0)."
     )
+    weight_format: Literal["int", "e4m3", "e5m2", "e3m4"] = Field(
+        "int", description="int: integer codes (weight_bits); e4m3 / e5m2 / e3m4: FP8 fake quantization of the "
+        "Linear weights (saturating, round to nearest even, a scale per tensor or per output channel: "
+        "fp8_granularity). FP8 is emulation only: it measures accuracy, makes nothing faster, and is not exported."
+    )
+    activation_format: Literal["int", "e4m3", "e5m2", "e3m4"] = Field(
+        "int", description="int: uint8 codes (activation_scheme, peg); e4m3 / e5m2 / e3m4: FP8 fake quantization "
+        "of the quantized activations, a scale per tensor or per feature (fp8_granularity) from the observed "
+        "range. Emulation only, as weight_format."
+    )
+    fp8_granularity: Literal["tensor", "channel"] | None = Field(
+        None, description="FP8 scales: one per tensor (default) or per channel (per output channel of a weight, "
+        "per feature of an activation); only with an FP8 weight_format or activation_format."
+    )
     embedding_bits: Literal[8, 4, 2] = Field(
         8, description="Bits per word-embedding value with embeddings: true. 8: int8, symmetric, a scale per row; 4: "
         "int4, symmetric full range (codes -8..7), a signed scale per row, two codes per byte in the artifact; 2: "
@@ -188,6 +202,20 @@ class QuantizationConfig(Config):
         if self.weight_scheme == "asymmetric" and self.weight_group_size is None:
             raise FieldError("weight_scheme", "asymmetric weights need weight_group_size (group-wise RTN); per-channel "
                                               "weights are symmetric, the codes the kernels take")
+        fp8_w, fp8_a = self.weight_format != "int", self.activation_format != "int"
+        if self.fp8_granularity is not None and not (fp8_w or fp8_a):
+            raise FieldError("fp8_granularity", "applies to FP8 formats only: set weight_format or activation_format "
+                                                "to e4m3, e5m2 or e3m4")
+        if fp8_w and (self.weight_bits != 8 or self.weight_group_size is not None):
+            which = "weight_bits" if self.weight_bits != 8 else "weight_group_size"
+            raise FieldError(which, f"{which} applies to integer weights (weight_format: int), not to "
+                                    f"weight_format: {self.weight_format}")
+        if fp8_a and self.peg is not None:
+            raise FieldError("peg", "PEG groups are for uint8 activations; FP8 activations (activation_format: "
+                                    f"{self.activation_format}) take fp8_granularity: channel instead")
+        if fp8_a and self.observer == "lsq":
+            raise FieldError("observer", "lsq learns uint8 activation scales; use observer: minmax with FP8 "
+                                         "activations")
         if self.embedding_bits != 8 and not self.embeddings:
             raise FieldError("embedding_bits", f"embedding_bits: {self.embedding_bits} needs embeddings: true (the "
                                                f"word embeddings are not quantized with embeddings: false)")
@@ -198,6 +226,20 @@ class QuantizationConfig(Config):
         return self
 
     # -- derived values ------------------------------------------------------------------------------------
+
+    @property
+    def fp8(self) -> bool:
+        """True when weights or activations are FP8 (emulation: nothing to export)."""
+        return self.weight_format != "int" or self.activation_format != "int"
+
+    @property
+    def fp8_per_channel(self) -> bool:
+        return self.fp8_granularity == "channel"
+
+    @property
+    def exportable(self) -> bool:
+        """True when the conversion can be exported: integer per-channel weights (no FP8, no group-wise RTN)."""
+        return not self.fp8 and self.weight_group_size is None
 
     @property
     def uses_epochs(self) -> bool:

@@ -74,6 +74,9 @@ def convert(quantizer, model: nn.Module | None = None) -> dict[str, dict]:
         raise SparsifyError("quantization: convert() needs frozen observers: call finalize(model) after QAT, or "
                             "calibrate(...) for PTQ")
     cfg = quantizer.config
+    if cfg.fp8:
+        raise SparsifyError("quantization: FP8 (weight_format / activation_format) is emulation only: there is no "
+                            "FP8 artifact to export; its accuracy is the fake-quant model's")
     if cfg.weight_group_size is not None:
         raise SparsifyError("quantization: group-wise weights (weight_group_size) are a post-training evaluation "
                             "mode; the artifact stores one scale per output channel: use weight_group_size: null to "

@@ -50,6 +50,7 @@ from sparsify.config import FieldError
 from sparsify.errors import SparsifyError
 from sparsify.sparsity import canonical_name
 from sparsify.layers import select_layers
+from sparsify.techniques.quantization import fp8 as fp8_ops
 from sparsify.techniques.quantization import peg as peg_ops
 from sparsify.techniques.quantization.config import DEFAULT_PEG_TARGETS, QuantizationConfig
 from sparsify.techniques.quantization.fake_quant import (
@@ -174,7 +175,8 @@ class Quantizer:
             keep = any(re.search(p, name) for p in cfg.keep_16bit)
             is_peg = cfg.peg is not None and not keep and any(re.search(p, name) for p in cfg.peg.targets)
             groups = cfg.peg.groups if is_peg else 1
-            observer = None if keep else MinMaxObserver(cfg.observer_momentum, width if is_peg else None)
+            per_feature = is_peg or (cfg.activation_format != "int" and cfg.fp8_per_channel)
+            observer = None if keep else MinMaxObserver(cfg.observer_momentum, width if per_feature else None)
             point = _Point(name, width, groups, is_peg, bool(is_peg and cfg.peg.permute), keep, observer)
             if cfg.observer == "lsq" and not keep:
                 shape = (groups,) if is_peg else ()
@@ -295,6 +297,8 @@ class Quantizer:
         """The weight as the quantized layer computes with it: per-channel symmetric codes of ``weight_bits``
         (straight-through gradient), or group-wise round-to-nearest (PTQ)."""
         cfg = self.config
+        if cfg.weight_format != "int":
+            return fp8_ops.fake_quantize_weight_fp8(weight, mask, cfg.weight_format, cfg.fp8_per_channel)
         if cfg.weight_group_size is not None:
             return rtn_group_weight(weight, mask, bits=cfg.weight_bits, group_size=cfg.weight_group_size,
                                     symmetric=cfg.weight_scheme == "symmetric")
@@ -324,6 +328,18 @@ class Quantizer:
             observer.update(x)
         if not observer.initialized and point.scale is None:
             return x
+        if self.config.activation_format != "int":  # FP8 emulation: a scale per tensor or per feature
+            if point.scale is not None:
+                if point.scale.device != x.device:
+                    point.scale = point.scale.to(x.device)
+                scale = point.scale
+            else:
+                scale = self._fp8_scale(point).to(x.device)
+            y = fp8_ops.fake_quantize_fp8(x.float(), scale, self.config.activation_format)
+            with torch.no_grad():
+                xd = x.detach().float()
+                point.error = (y.detach() - xd).pow(2).mean() / xd.pow(2).mean().clamp(min=1e-12)
+            return y.to(x.dtype)
         scale, zero_point, index = self._qparams(point, x.device)
         xf = x.float()  # quantize in float32, also under bf16 autocast
         if point.lsq is not None and self.frozen:
@@ -353,6 +369,12 @@ class Quantizer:
         if point.peg:
             index = peg_ops.group_index(point.width, point.groups, permutation).to(device)
         return scale.to(device), zero_point.to(device), index
+
+    def _fp8_scale(self, point: _Point) -> torch.Tensor:
+        """FP8 activation scale from the observer: ``max(|lo|, |hi|) / largest``, scalar or per feature."""
+        obs = point.observer
+        amax = torch.maximum(obs.lo.abs(), obs.hi.abs())
+        return fp8_ops.fp8_scale(amax, self.config.activation_format)
 
     def _ranges(self, point: _Point) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         obs = point.observer
@@ -405,6 +427,10 @@ class Quantizer:
             if not obs.initialized:
                 never.append(point.name)
                 continue
+            if self.config.activation_format != "int":
+                point.scale = self._fp8_scale(point)
+                point.zero_point = torch.zeros_like(point.scale, dtype=torch.int32)
+                continue
             lo, hi, permutation = self._ranges(point)
             point.scale, point.zero_point = qparams_from_range(lo, hi, symmetric)
             point.permutation = permutation
@@ -436,7 +462,11 @@ class Quantizer:
         for point in self.points.values():
             if not point.quantized or not point.observer.initialized:
                 continue
-            if point.scale is not None:
+            if self.config.activation_format != "int":
+                fmt = fp8_ops.FORMATS[self.config.activation_format]
+                scale = point.scale if point.scale is not None else self._fp8_scale(point)
+                lo, hi = -fmt.max_value * scale, fmt.max_value * scale
+            elif point.scale is not None:
                 scale = torch.clamp(point.lsq, min=_MIN_SCALE) if point.lsq is not None else point.scale
                 lo = (ACT_QMIN - point.zero_point.to(scale.device)) * scale
                 hi = (ACT_QMAX - point.zero_point.to(scale.device)) * scale

@@ -571,6 +571,9 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
     tok_files = _copy_tokenizer(model_dir, out)
     files = {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in [WEIGHTS, *tok_files]}
     weight_bytes = files[WEIGHTS]["bytes"]
+    parts = _size_parts(tensors, linears, prefix, src.arch)
+    parts["other"] += weight_bytes - sum(parts.values())  # the safetensors header
+    parts["tokenizer"] = sum(files[f]["bytes"] for f in tok_files)
     sparse_layers = [m for m in layers.values() if m["block"]]
     pooling = src.pooling
     if pooling is None and src.head == "embeddings":
@@ -597,12 +600,40 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
         "layers": layers,
         "files": files,
         "size": {"weights_bytes": weight_bytes, "dense_fp32_bytes": dense_bytes,
-                 "ratio": round(weight_bytes / dense_bytes, 4)},
+                 "ratio": round(weight_bytes / dense_bytes, 4), "parts_bytes": parts},
         "summary": {"sparse_layers": len(sparse_layers), "dense_layers": len(layers) - len(sparse_layers),
                     "blocks": sorted({m["block"] for m in sparse_layers})},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return manifest
+
+
+SIZE_PARTS = ("embeddings", "encoder_weights", "indices", "scales", "tokenizer", "other")
+_SCALE_SUFFIXES = (".scales", ".input_scale", ".input_zero_point", ".scale", ".zero_point")
+
+
+def _size_parts(tensors: dict[str, np.ndarray], linears, prefix: str, arch) -> dict[str, int]:
+    """Bytes of the weight file's tensors by part: ``embeddings`` (the embedding tables, their layer norm and
+    projection, and the word rows' scales / offsets), ``encoder_weights`` (the encoder Linear layers' values and
+    biases), ``indices`` (their block-sparse ``indptr`` / ``indices``), ``scales`` (weight scales and activation
+    scales / zero points), ``other`` (layer norms, the head). ``tokenizer`` is filled by the caller."""
+    parts = dict.fromkeys(SIZE_PARTS, 0)
+    emb = [f"{prefix}{n}." for n in arch.embeddings.values() if n] + ([f"{prefix}{arch.project}."] if arch.project
+                                                                       else [])
+    for key, a in tensors.items():
+        module, _, field = key.rpartition(".")
+        if any(key.startswith(e) for e in emb):
+            part = "embeddings"
+        elif module in linears and field in ("indptr", "indices"):
+            part = "indices"
+        elif key.endswith(_SCALE_SUFFIXES):
+            part = "scales"
+        elif module in linears and field in ("data", "weight", "bias"):
+            part = "encoder_weights"
+        else:
+            part = "other"
+        parts[part] += int(a.nbytes)
+    return parts
 
 
 def _copy_tokenizer(model_dir: Path, out: Path) -> list[str]:
@@ -801,6 +832,10 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
             export_onnx(model, out / "model.onnx")
             _copy_tokenizer(model_dir, out)
     summary["artifact_bytes"] = _dir_bytes(out)
+    if format == "sparsify":  # by part; "other" also holds the manifest, so that the parts add up to the artifact
+        parts = dict(summary["manifest"]["size"]["parts_bytes"])
+        parts["other"] += summary["artifact_bytes"] - sum(parts.values())
+        summary["size_by_part"] = parts
     summary["dense_fp32_bytes"] = dense_bytes
     summary["ratio"] = summary["artifact_bytes"] / dense_bytes
     return summary
@@ -846,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
               f"length config: {m['length_config']['lengths'] if m['length_config'] else 'none'}")
     print(f"  size: {_mb(s['artifact_bytes'])} vs dense fp32 model {_mb(s['dense_fp32_bytes'])} "
           f"({100 * s['ratio']:.1f}%)")
+    if s.get("size_by_part"):
+        print("  size by part: " + ", ".join(f"{k.replace('_', ' ')} {_mb(v)}" for k, v in s["size_by_part"].items()))
     for note in s["notes"]:
         print(f"  note: {note}")
     return 0

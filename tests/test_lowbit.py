@@ -566,3 +566,63 @@ def test_recipe_errors_give_file_line_key_and_allowed_values(make_recipe, key, v
     assert len(message.strip().splitlines()) == 1, message
     assert f"techniques[0].{key}" in message and allowed in message
     assert __import__("re").search(r"recipe\d+\.yaml:\d+: ", message), message
+
+
+# -- size by part -------------------------------------------------------------------------------------------------
+
+
+def test_export_reports_the_size_by_part(tiny_model_dir, tmp_path, capsys):
+    """The summary dict and the CLI give the artifact's bytes by part; the parts add up to the artifact, each
+    part equals the bytes of its tensors or files, and low-bit rows shrink the embeddings part as computed."""
+    from safetensors.numpy import load_file
+
+    from sparsify.export import SIZE_PARTS, export, main
+    from sparsify.runtime.model import WEIGHTS
+
+    src = _sparse_dir(tiny_model_dir, tmp_path / "m")
+    sizes = {}
+    for emb in ("float32", "int8", "int4", "int2"):
+        s = export(src, tmp_path / emb, embeddings=emb)
+        parts = s["size_by_part"]
+        assert tuple(parts) == SIZE_PARTS and sum(parts.values()) == s["artifact_bytes"]
+        t = load_file(str(tmp_path / emb / WEIGHTS))
+        assert parts["embeddings"] == sum(a.nbytes for k, a in t.items() if k.startswith("bert.embeddings."))
+        assert parts["indices"] == sum(a.nbytes for k, a in t.items() if k.endswith((".indptr", ".indices")))
+        assert parts["encoder_weights"] == sum(a.nbytes for k, a in t.items() if "encoder" in k and "LayerNorm"
+                                               not in k and k.endswith((".data", ".weight", ".bias")))
+        assert parts["tokenizer"] == sum((tmp_path / emb / f).stat().st_size for f in s["manifest"]["files"]
+                                         if f != WEIGHTS)
+        assert parts["indices"] > 0 and parts["encoder_weights"] > 0 and parts["other"] > 0
+        assert parts["scales"] == 0  # float32 Linear layers here (the word rows' scales count as embeddings)
+        sizes[emb] = parts["embeddings"]
+    vocab, width = transformers.AutoConfig.from_pretrained(src).vocab_size, 32
+    rest = sizes["float32"] - vocab * width * 4
+    assert sizes["int8"] == rest + vocab * width + vocab * 4
+    assert sizes["int4"] == rest + vocab * width // 2 + vocab * 4
+    assert sizes["int2"] == rest + vocab * width // 4 + vocab * 8  # scales and offsets
+    assert main([str(src), "-o", str(tmp_path / "cli"), "--embeddings", "int4"]) == 0
+    out = capsys.readouterr().out
+    assert "size by part: embeddings" in out and "encoder weights" in out and "tokenizer" in out
+
+
+def test_size_by_part_counts_quantization_scales(tiny_model_dir, tmp_path):
+    """An int8 / int4 export: weight and activation scales are their own part, and int4 layers halve the encoder
+    weights part against int8 (same blocks)."""
+    from sparsify.export import export
+
+    src = _sparse_dir(tiny_model_dir, tmp_path / "m")
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    parts = {}
+    for bits in (8, 4):
+        model = transformers.BertForSequenceClassification.from_pretrained(src).eval()
+        q = calibrate(model, [dict(batch)], QuantizationConfig(mode="ptq", calibration_batches=1, weight_bits=bits))
+        s = export(src, tmp_path / str(bits), quantized=q.convert(), activations=convert_activations(q))
+        parts[bits] = s["size_by_part"]
+        layers = s["manifest"]["layers"].values()
+        n_out = sum(m["shape"][0] for m in layers)
+        assert parts[bits]["scales"] == n_out * 4 + sum(m["shape"][1] * 8 for m in layers)  # weight + input
+    codes8 = parts[8]["encoder_weights"] - sum(m["shape"][0] * 4 for m in s["manifest"]["layers"].values())
+    codes4 = parts[4]["encoder_weights"] - sum(m["shape"][0] * 4 for m in s["manifest"]["layers"].values())
+    assert codes4 == (codes8 + 1) // 2 or abs(codes4 - codes8 / 2) <= len(s["manifest"]["layers"])
+    assert parts[4]["indices"] == parts[8]["indices"]

@@ -378,6 +378,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         }
         if parity is not None:
             summary["conversion_parity"] = parity
+        if quantizer is not None and quantizer.signround_stats is not None:
+            summary["signround"] = quantizer.signround_stats
         if fit is not None:
             summary["train_fit"] = fit
         if pruner is not None:

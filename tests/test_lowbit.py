@@ -626,3 +626,86 @@ def test_size_by_part_counts_quantization_scales(tiny_model_dir, tmp_path):
     codes4 = parts[4]["encoder_weights"] - sum(m["shape"][0] * 4 for m in s["manifest"]["layers"].values())
     assert codes4 == (codes8 + 1) // 2 or abs(codes4 - codes8 / 2) <= len(s["manifest"]["layers"])
     assert parts[4]["indices"] == parts[8]["indices"]
+
+
+# -- SignRound ----------------------------------------------------------------------------------------------------
+
+
+def _calib_batches(n=4, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 100, (4, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0  # padding: left out of the loss
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 0, 1])})
+    return out
+
+
+def test_signround_lowers_the_block_error_and_keeps_masks():
+    from sparsify.techniques.quantization import fake_quant as fq
+    from sparsify.techniques.quantization.signround import signround
+
+    model = _tiny(1).eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in n}
+    g = torch.Generator().manual_seed(8)
+    masks = {n: (torch.rand(m.weight.shape, generator=g) > 0.5) for n, m in linears.items()}
+    with torch.no_grad():
+        for n, m in linears.items():
+            m.weight.mul_(masks[n])
+    before = {n: m.weight.detach().clone() for n, m in linears.items()}
+    codes, stats = signround(model, _calib_batches(), linears, bits=4, iters=40, num_batches=4, masks=masks)
+    assert set(codes) == set(linears) and len(stats["blocks"]) == 2
+    for n, m in linears.items():
+        c, s = codes[n]
+        assert c.dtype == torch.int8 and int(c.abs().max()) <= 7
+        assert (c[~masks[n]] == 0).all() and (m.weight[~masks[n]] == 0).all()  # pruned weights stay exactly 0
+        assert torch.equal(m.weight.detach(), c.float() * s[:, None])
+        # clipping only shrinks the range: the scale is at most round-to-nearest's
+        _, s_rtn = fq.quantize_weight(before[n], masks[n], bits=4)
+        assert (s <= s_rtn * (1 + 1e-6)).all()
+    for b in stats["blocks"]:
+        assert b["signround_loss"] <= b["rtn_loss"]
+    assert any(b["signround_loss"] < 0.9 * b["rtn_loss"] for b in stats["blocks"]), stats
+    assert any(not torch.equal(codes[n][0], fq.quantize_weight(before[n], masks[n], bits=4)[0]) for n in linears)
+
+
+def test_signround_ptq_through_the_quantizer_exports_as_w4(tiny_model_dir, tmp_path):
+    """rounding: signround in PTQ: the fake-quant model computes with SignRound's codes, convert hands them to the
+    export (int4 layers, float inputs: weight-only), and the runtime computes what the fake-quant model does."""
+    from sparsify.export import export
+    from sparsify.runtime import SparseModel
+
+    src = _sparse_dir(tiny_model_dir, tmp_path / "m")
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    batch = dict(tok(TEXTS, padding=True, return_tensors="pt"))
+    model = transformers.BertForSequenceClassification.from_pretrained(src).eval()
+    masks = {n: m.weight != 0 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in n}
+    cfg = QuantizationConfig(mode="ptq", calibration_batches=2, weight_bits=4, rounding="signround",
+                             signround_iters=20, embeddings=False, activations={"linear_inputs": False})
+    q = calibrate(model, [batch, batch], cfg, masks=masks)
+    assert q.signround_stats["iters"] == 20 and set(q.rounded) == set(masks)
+    with torch.no_grad():
+        fake = model(**batch).logits.numpy()
+    conv = q.convert()
+    for n, e in conv.items():
+        assert torch.equal(e["weight_int8"], q.rounded[n][0]) and e["bits"] == 4 and e["input_bits"] == 32
+        assert (e["weight_int8"][~masks[n]] == 0).all()
+    s = export(src, tmp_path / "a", quantized=conv, activations=convert_activations(q), embeddings="float32")
+    assert all(m["dtype"] == "int4" for m in s["manifest"]["layers"].values())
+    got = SparseModel.from_pretrained(tmp_path / "a", threads=1)(batch["input_ids"], batch["attention_mask"],
+                                                                 batch["token_type_ids"])
+    np.testing.assert_allclose(got, fake, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw, field, message", [
+    ({"rounding": "signround"}, ("rounding",), "mode: ptq"),
+    ({"mode": "ptq", "rounding": "signround", "weight_format": "e4m3"}, ("rounding",), "per-channel integer"),
+    ({"mode": "ptq", "signround_iters": 10}, ("signround_iters",), "rounding: signround only"),
+    ({"mode": "ptq", "rounding": "signround", "signround_iters": 0}, ("signround_iters",), "greater than or equal"),
+    ({"mode": "ptq", "rounding": "adaround"}, ("rounding",), "'signround'"),
+])
+def test_signround_keys_validate_themselves(kw, field, message):
+    with pytest.raises(ValidationError, match=message) as e:
+        QuantizationConfig(**kw)
+    assert _field(e) == field

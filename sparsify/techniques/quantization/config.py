@@ -163,6 +163,15 @@ class QuantizationConfig(Config):
         None, description="FP8 scales: one per tensor (default) or per channel (per output channel of a weight, "
         "per feature of an activation); only with an FP8 weight_format or activation_format."
     )
+    rounding: Literal["nearest", "signround"] = Field(
+        "nearest", description="How integer weights are rounded. nearest: round to nearest; signround (mode: ptq "
+        "only): SignRound, rounding offsets and a clipping per output channel learned by signed gradient descent, "
+        "encoder layer by encoder layer, against the float layer's output on calibration_batches training batches "
+        "(pruned weights stay 0); the result is per-channel codes, exported like any weight_bits model."
+    )
+    signround_iters: int | None = Field(None, ge=1, description="SignRound steps per encoder layer (default 200).")
+    signround_lr: float | None = Field(None, gt=0, description="SignRound step size at the start, decaying linearly "
+                                       "to 0 (default 1 / signround_iters).")
     embedding_bits: Literal[8, 4, 2] = Field(
         8, description="Bits per word-embedding value with embeddings: true. 8: int8, symmetric, a scale per row; 4: "
         "int4, symmetric full range (codes -8..7), a signed scale per row, two codes per byte in the artifact; 2: "
@@ -216,6 +225,16 @@ class QuantizationConfig(Config):
         if fp8_a and self.observer == "lsq":
             raise FieldError("observer", "lsq learns uint8 activation scales; use observer: minmax with FP8 "
                                          "activations")
+        if self.rounding == "signround":
+            if self.mode != "ptq":
+                raise FieldError("rounding", "signround is a post-training method: use mode: ptq")
+            if self.weight_format != "int" or self.weight_group_size is not None:
+                raise FieldError("rounding", "signround learns per-channel integer codes: use weight_format: int and "
+                                             "weight_group_size: null")
+        else:
+            for name in ("signround_iters", "signround_lr"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, f"{name} applies to rounding: signround only")
         if self.embedding_bits != 8 and not self.embeddings:
             raise FieldError("embedding_bits", f"embedding_bits: {self.embedding_bits} needs embeddings: true (the "
                                                f"word embeddings are not quantized with embeddings: false)")

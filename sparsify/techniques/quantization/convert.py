@@ -88,7 +88,10 @@ def convert(quantizer, model: nn.Module | None = None) -> dict[str, dict]:
         module = layer.module if modules is None else modules.get(name)
         if module is None:
             raise SparsifyError(f"quantization: the model has no layer {name}")
-        codes, scale = quantize_weight(module.weight, layer.mask, cfg.weight_bits)
+        if name in quantizer.rounded:  # SignRound's codes
+            codes, scale = (t.clone() for t in quantizer.rounded[name])
+        else:
+            codes, scale = quantize_weight(module.weight, layer.mask, cfg.weight_bits)
         params = _point_params(quantizer, layer.point)
         out[name] = {
             "weight_int8": codes.cpu(),

@@ -121,6 +121,8 @@ class Quantizer:
         self._calibrating = False
         self._mask_source: Callable[[], Mapping] | None = None
         self._handles: list = []
+        self.rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # SignRound: layer -> (codes, scales)
+        self.signround_stats: dict | None = None
         self.embedding_name: str | None = None  # the word embeddings, quantized per row (config.embeddings)
         self._embedding: nn.Embedding | None = None
 
@@ -289,14 +291,17 @@ class Quantizer:
             mask = layer.mask
             if mask is not None and mask.device != module.weight.device:
                 mask = layer.mask = mask.to(module.weight.device)
-            return F.linear(input, self._fake_weight(module.weight, mask), module.bias)
+            return F.linear(input, self._fake_weight(module.weight, mask, layer.name), module.bias)
 
         return forward
 
-    def _fake_weight(self, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _fake_weight(self, weight: torch.Tensor, mask: torch.Tensor | None, name: str | None = None) -> torch.Tensor:
         """The weight as the quantized layer computes with it: per-channel symmetric codes of ``weight_bits``
-        (straight-through gradient), or group-wise round-to-nearest (PTQ)."""
+        (straight-through gradient), the codes SignRound chose (PTQ), group-wise round-to-nearest (PTQ) or FP8."""
         cfg = self.config
+        if name is not None and name in self.rounded:
+            codes, scale = self.rounded[name]
+            return (codes.to(weight.device, torch.float32) * scale.to(weight.device).unsqueeze(1)).to(weight.dtype)
         if cfg.weight_format != "int":
             return fp8_ops.fake_quantize_weight_fp8(weight, mask, cfg.weight_format, cfg.fp8_per_channel)
         if cfg.weight_group_size is not None:
@@ -452,7 +457,7 @@ class Quantizer:
             w = layer.module.weight.detach()
             if layer.mask is not None:
                 w = w * layer.mask.to(device=w.device, dtype=w.dtype)
-            q = self._fake_weight(w, None)
+            q = self._fake_weight(w, None, layer.name)
             errors.append(float((q - w).float().pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-12)))
         if errors:
             out["quant/weight_error"] = sum(errors) / len(errors)
@@ -484,7 +489,28 @@ class Quantizer:
         ``idx`` are dropped). Returns the number of batches seen."""
         from sparsify.techniques.quantization.convert import run_calibration
 
-        return run_calibration(self, model, batches, num_batches or self.config.num_calibration_batches)
+        num_batches = num_batches or self.config.num_calibration_batches
+        if self.config.rounding == "signround" and not self.rounded:
+            self._signround(model, batches, num_batches)
+        return run_calibration(self, model, batches, num_batches)
+
+    def _signround(self, model: nn.Module, batches, num_batches: int) -> None:
+        """SignRound over the quantized layers, on the float model (fake quantization off meanwhile); the codes
+        are kept in ``self.rounded`` and the model's weights become ``code * scale``."""
+        from sparsify.techniques.quantization.signround import signround
+
+        cfg = self.config
+        self._refresh_masks()
+        was, self._active = self._active, False
+        try:
+            self.rounded, self.signround_stats = signround(
+                model, batches, {n: layer.module for n, layer in self.layers.items()}, bits=cfg.weight_bits,
+                iters=cfg.signround_iters or 200, lr=cfg.signround_lr, num_batches=num_batches,
+                masks={n: layer.mask for n, layer in self.layers.items() if layer.mask is not None})
+        finally:
+            self._active = was
+        s = self.signround_stats
+        log.info("quantization: SignRound over %d encoder layers in %.1f s", len(s["blocks"]), s["seconds"])
 
     # -- state ------------------------------------------------------------------------------------------------
 

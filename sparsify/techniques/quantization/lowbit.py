@@ -85,9 +85,10 @@ def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     xf = x.detach().float()
     if bits == 2:
         codes = torch.round((xf - offset) / scale).clamp(0, 3)
+    elif bits == 4:
+        codes = torch.round(xf / scale).clamp(-8, 7)
     else:
-        q = 127 if bits == 8 else None
-        codes = torch.round(xf / scale).clamp(-q, q) if q else torch.round(xf / scale).clamp(-8, 7)
+        codes = torch.round(xf / scale).clamp(-127, 127)
     return codes.to(torch.int8), scale.squeeze(-1), None if offset is None else offset.squeeze(-1)
 
 

@@ -709,3 +709,33 @@ def test_signround_keys_validate_themselves(kw, field, message):
     with pytest.raises(ValidationError, match=message) as e:
         QuantizationConfig(**kw)
     assert _field(e) == field
+
+
+def test_packed_artifacts_with_a_wrong_manifest_are_refused(tiny_model_dir, tmp_path):
+    """The manifest says how the rows and layers are packed; an artifact whose manifest does not fit its tensors
+    is refused with one line naming the part."""
+    from sparsify.export import export
+    from sparsify.runtime import ArtifactError, SparseModel
+    from sparsify.runtime.model import MANIFEST
+
+    src = _sparse_dir(tiny_model_dir, tmp_path / "m")
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    batch = dict(tok(TEXTS, padding=True, return_tensors="pt"))
+    model = transformers.BertForSequenceClassification.from_pretrained(src).eval()
+    q = calibrate(model, [batch], QuantizationConfig(mode="ptq", calibration_batches=1, weight_bits=4))
+    export(src, tmp_path / "a", quantized=q.convert(), activations=convert_activations(q), embeddings="int4")
+    SparseModel.from_pretrained(tmp_path / "a", threads=1)  # as exported: fine
+    good = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    name = "bert.encoder.layer.0.intermediate.dense"
+    for change, message in [
+        (lambda m: m["embeddings"].update(bits=3), "embeddings.bits must be 8, 4 or 2"),
+        (lambda m: m["embeddings"].update(bits=2), "2-bit token embeddings must be uint8"),
+        (lambda m: m["layers"][name].update(codes_shape=[3, 4, 1]), "int4 layer"),
+        (lambda m: m["layers"][name].pop("codes_shape"), "codes_shape"),
+    ]:
+        bad = json.loads(json.dumps(good))
+        change(bad)
+        (tmp_path / "a" / MANIFEST).write_text(json.dumps(bad))
+        with pytest.raises(ArtifactError, match=message) as e:
+            SparseModel.from_pretrained(tmp_path / "a", threads=1)
+        assert len(str(e.value).splitlines()) == 1

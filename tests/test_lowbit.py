@@ -739,3 +739,36 @@ def test_packed_artifacts_with_a_wrong_manifest_are_refused(tiny_model_dir, tmp_
         with pytest.raises(ArtifactError, match=message) as e:
             SparseModel.from_pretrained(tmp_path / "a", threads=1)
         assert len(str(e.value).splitlines()) == 1
+
+
+def test_w4a8_qat_with_2bit_rows_through_the_trainer_and_export(make_recipe):
+    """Pruning + W4A8 QAT with 2-bit word rows through the trainer: the conversion parity is recorded, the run's
+    quantization.json says bits 4 / 2, and the default export packs both (int4 layers, 2-bit rows) into an
+    artifact whose runtime agrees with the fake-quant evaluation."""
+    from sparsify.export import export
+    from sparsify.recipe import load_recipe
+    from sparsify.runtime import SparseModel
+    from sparsify.techniques.quantization.convert import read_converted, trained_embedding_bits
+    from sparsify.train import train
+
+    pruning = {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 0, "end_step": 4,
+               "update_every": 2}
+    qat = {"kind": "quantization", "start_step": 4, "freeze_after_steps": 2, "weight_bits": 4, "embedding_bits": 2}
+    recipe = load_recipe(make_recipe(training={"steps": 8, "eval_every": None, "save_every": None},
+                                     techniques=[pruning, qat]))
+    run_dir = train(recipe, progress=False)
+    parity = json.loads((run_dir / "metrics.json").read_text())["conversion_parity"]
+    assert parity["label_agreement"] >= 0.95 and parity["max_abs_logit_diff"] < 1e-3
+    assert trained_embedding_bits(run_dir / "model") == 2
+    converted, _ = read_converted(run_dir / "model")
+    assert all(e["bits"] == 4 and int(e["weight_int8"].abs().max()) <= 7 for e in converted.values())
+    s = export(run_dir, run_dir / "artifact")
+    m = s["manifest"]
+    assert m["embeddings"]["bits"] == 2 and all(x["dtype"] == "int4" for x in m["layers"].values())
+    assert s["size_by_part"]["embeddings"] > 0
+    rt = SparseModel.from_pretrained(run_dir / "artifact", threads=1)
+    import pandas as pd
+
+    val = pd.read_csv(recipe.data.validation_file)
+    acc = float((rt.logits(list(val["sentence"])).argmax(1) == val["label"].to_numpy()).mean())
+    assert abs(acc - parity["converted"]["accuracy"]) <= 2 / len(val)  # at most two of the 64 labels differ

@@ -1,4 +1,5 @@
-"""Recipe configuration of 8-bit quantization (QAT, or PTQ calibration). Imports no torch.
+"""Recipe configuration of quantization (QAT, or PTQ calibration): 8-bit by default, with int4 weights, int4 / 2-bit
+word-embedding rows, group-wise RTN, SignRound and FP8 emulation as options (docs/lowbit.md). Imports no torch.
 
     - kind: quantization
       mode: qat                  # or ptq: calibrate on calibration_batches training batches, no training
@@ -101,7 +102,8 @@ class QuantizationConfig(Config):
         "qat", description="qat: fake quantization during training from start_step; ptq: calibrate the observers on "
         "calibration_batches training batches, no training."
     )
-    bits: Literal[8] = Field(8, description="Bit width of weights (int8) and activations (uint8); only 8.")
+    bits: Literal[8] = Field(8, description="Bit width of the integer activations (uint8); only 8. The weights' "
+                             "bits: weight_bits; the word rows': embedding_bits.")
     start_step: int | None = Field(None, ge=0, description="QAT: optimizer step at which fake quantization switches on "
                                    "(default 0); not before the end of a pruning window in the same recipe.")
     start_epoch: float | None = Field(None, ge=0, description="Instead of start_step; converted to optimizer steps.")

@@ -772,3 +772,26 @@ def test_w4a8_qat_with_2bit_rows_through_the_trainer_and_export(make_recipe):
     val = pd.read_csv(recipe.data.validation_file)
     acc = float((rt.logits(list(val["sentence"])).argmax(1) == val["label"].to_numpy()).mean())
     assert abs(acc - parity["converted"]["accuracy"]) <= 2 / len(val)  # at most two of the 64 labels differ
+
+
+def test_signround_ptq_through_the_trainer(make_recipe):
+    """rounding: signround in a PTQ recipe: the trainer runs SignRound before calibrating, records its statistics in
+    metrics.json, and saves SignRound's codes (bits 4) for the export."""
+    from sparsify.export import export
+    from sparsify.recipe import load_recipe
+    from sparsify.techniques.quantization.convert import read_converted
+    from sparsify.train import train
+
+    ptq = {"kind": "quantization", "mode": "ptq", "calibration_batches": 2, "weight_bits": 4, "rounding": "signround",
+           "signround_iters": 5, "activations": {"linear_inputs": False}, "embeddings": False}
+    recipe = load_recipe(make_recipe(training={"steps": 1, "eval_every": None, "save_every": None},
+                                     techniques=[ptq]))
+    run_dir = train(recipe, progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    stats = metrics["signround"]
+    assert stats["iters"] == 5 and len(stats["blocks"]) == 2 and stats["seconds"] > 0
+    assert metrics["conversion_parity"]["label_agreement"] == 1.0
+    converted, _ = read_converted(run_dir / "model")
+    assert all(e["bits"] == 4 and e["input_bits"] == 32 for e in converted.values())
+    s = export(run_dir, run_dir / "artifact")
+    assert all(m["dtype"] == "int4" for m in s["manifest"]["layers"].values())

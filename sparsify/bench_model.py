@@ -126,7 +126,7 @@ def dense_torch_model(sm):
     cfg = BertConfig(**{k: v for k, v in arch.items() if k != "model_type"}, num_labels=n)
     model = BertForSequenceClassification(cfg).eval()
     p = sm.manifest.get("prefix", "bert.")
-    word = sm.word if sm.word_scales is None else sm.word.astype(np.float32) * sm.word_scales[:, None]  # int8 rows
+    word = sm.word_table()  # int8 / packed low-bit rows decoded
     sd = {f"{p}embeddings.word_embeddings.weight": word, f"{p}embeddings.position_embeddings.weight": sm.pos,
           f"{p}embeddings.token_type_embeddings.weight": sm.typ, f"{p}embeddings.LayerNorm.weight": sm.emb_ln[0],
           f"{p}embeddings.LayerNorm.bias": sm.emb_ln[1], "classifier.weight": sm.classifier[0],

@@ -237,6 +237,48 @@ def _quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ packing
+EMBEDDINGS = ("auto", "int8", "int4", "int2", "float32")
+
+
+def _word_bits(embeddings: str, trained_bits: int | None) -> int | None:
+    """Bits of the stored word-embedding rows (None: float32) for ``--embeddings`` and what the run trained."""
+    if embeddings == "auto":
+        return trained_bits
+    return {"int8": 8, "int4": 4, "int2": 2, "float32": None}[embeddings]
+
+
+def _embeddings_meta(bits: int | None, width: int) -> dict:
+    if bits is None:
+        return {"word": "float32"}
+    if bits == 8:
+        return {"word": "int8, symmetric, one scale per row (word_embeddings.scales)", "bits": 8}
+    from sparsify.packing import packed_cols
+    from sparsify.techniques.quantization.lowbit import describe
+
+    packing = ("two codes per byte, the first in the low nibble, stored as code + 8" if bits == 4 else
+               "four codes per byte, the first in the lowest two bits")
+    return {"word": f"{describe(bits)} (word_embeddings.packed, .scales" + (", .offsets)" if bits == 2 else ")"),
+            "bits": bits, "packing": packing, "width": width, "packed_width": packed_cols(width, bits)}
+
+
+def _pack_word_rows(base: str, table: np.ndarray, bits: int) -> dict[str, np.ndarray]:
+    """The word-embedding table at 4 or 2 bits per value (the rows QAT trained with: one implementation,
+    :mod:`sparsify.techniques.quantization.lowbit`): ``BASE.packed`` uint8 ``(vocab, ceil(width * bits / 8))``,
+    ``BASE.scales`` float32 ``(vocab,)`` and, at 2 bits, ``BASE.offsets`` float32 ``(vocab,)``."""
+    import torch
+
+    from sparsify.packing import pack_int4, pack_uint2
+    from sparsify.techniques.quantization.lowbit import quantize_rows
+
+    codes, scales, offsets = quantize_rows(torch.from_numpy(table), bits)
+    codes = codes.numpy()
+    out = {base + "packed": pack_int4(codes) if bits == 4 else pack_uint2(codes.astype(np.uint8)),
+           base + "scales": np.ascontiguousarray(scales.numpy(), np.float32)}
+    if offsets is not None:
+        out[base + "offsets"] = np.ascontiguousarray(offsets.numpy(), np.float32)
+    return out
+
+
 def _infer_block(w: np.ndarray, preferred: tuple[int, int] | None) -> tuple[tuple[int, int] | None, float]:
     """(block shape or None for dense, block sparsity)."""
     import torch
@@ -394,6 +436,9 @@ def _pack_linear(name: str, w: np.ndarray, bias: np.ndarray, q: dict | None,
         w_eff = np.where((w != 0) | (qw != 0), np.float32(1), np.float32(0))
     else:
         qw, scale, w_eff = None, None, w
+    int4 = qw is not None and int(q.get("bits", 8)) == 4
+    if int4 and qw.size and (qw.min() < -7 or qw.max() > 7):
+        raise SparsifyError(f"{name}: bits 4 but weight codes in [{qw.min()}, {qw.max()}], not [-7, 7]")
     block, sparsity = _infer_block(np.ascontiguousarray(w_eff), preferred)
     meta: dict[str, Any] = {"shape": list(w.shape), "block": None if block is None else format_block(block),
                             "block_shape": None if block is None else list(block),
@@ -419,11 +464,20 @@ def _pack_linear(name: str, w: np.ndarray, bias: np.ndarray, q: dict | None,
         if m.scales is not None:
             tensors[name + ".scales"] = m.scales
         meta.update(nnz_blocks=m.nnz_blocks, dtype=str(m.dtype))
+    if int4:  # two codes per byte; the runtime unpacks them to the int8 codes at load
+        from sparsify.packing import pack_int4
+
+        key = name + (".weight" if block is None else ".data")
+        codes = tensors[key]
+        meta.update(dtype="int4", codes_shape=list(codes.shape), packing="two codes per byte, the first in the low "
+                    "nibble, stored as code + 8; rows of the dense weight, or the block data flattened")
+        tensors[key] = pack_int4(codes) if block is None else pack_int4(codes.reshape(1, -1))[0]
     tensors[name + ".bias"] = np.ascontiguousarray(bias, np.float32)
     if q is not None:
         qdesc: dict[str, Any] = {"bits": int(q.get("bits", 8))}
         if qw is not None:
-            qdesc["weight"] = "int8, symmetric, per output channel"
+            qdesc["weight"] = ("int4 (codes -7..7, packed two per byte), symmetric, per output channel" if int4
+                               else "int8, symmetric, per output channel")
         iq = _input_quant(q, w.shape[1], name)
         if iq is not None:
             s_in, z_in, qdesc["input"] = iq
@@ -474,7 +528,7 @@ def _max_length(src: _Source, out: Path) -> int:
 
 
 def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict | None, acts: dict | None = None,
-                   embeddings: str = "auto", trained_int8_embeddings: bool = False) -> dict:
+                   embeddings: str = "auto", trained_embedding_bits: int | None = None) -> dict:
     import torch
 
     from sparsify.runtime.model import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256_file
@@ -498,13 +552,16 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
     act_meta, act_tensors = _activation_points(acts or {}, int(src.canon["hidden_size"]), src.norms)
     tensors.update(act_tensors)
     word_key = f"{prefix}{src.arch.embeddings['word']}.weight"
-    word_int8 = embeddings == "int8" or (embeddings == "auto" and trained_int8_embeddings)
+    word_bits = _word_bits(embeddings, trained_embedding_bits)
     packed = {n + s for n in linears for s in (".weight", ".bias")}
     for k, v in state.items():
         if k.endswith("position_ids") or k in packed:
             continue
-        if k == word_key and word_int8:  # int8 rows + one scale per row, dequantized at lookup
+        if k == word_key and word_bits == 8:  # int8 rows + one scale per row, dequantized at lookup
             tensors[k], tensors[k[:-len("weight")] + "scales"] = _quantize_rows(np.asarray(v, np.float32))
+            continue
+        if k == word_key and word_bits is not None:  # 4 / 2-bit rows packed into bytes, decoded at lookup
+            tensors.update(_pack_word_rows(k[:-len("weight")], np.asarray(v, np.float32), word_bits))
             continue
         tensors[k] = np.ascontiguousarray(v, np.float32)
     out.mkdir(parents=True, exist_ok=True)
@@ -514,6 +571,9 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
     tok_files = _copy_tokenizer(model_dir, out)
     files = {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in [WEIGHTS, *tok_files]}
     weight_bytes = files[WEIGHTS]["bytes"]
+    parts = _size_parts(tensors, linears, prefix, src.arch)
+    parts["other"] += weight_bytes - sum(parts.values())  # the safetensors header
+    parts["tokenizer"] = sum(files[f]["bytes"] for f in tok_files)
     sparse_layers = [m for m in layers.values() if m["block"]]
     pooling = src.pooling
     if pooling is None and src.head == "embeddings":
@@ -535,18 +595,45 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
         "length_config": _length_config(model_dir, int(src.canon["num_hidden_layers"])),
         "quantized": bool(quant),
         "activations": act_meta,
-        "embeddings": {"word": "int8, symmetric, one scale per row (word_embeddings.scales)" if word_int8
-                       else "float32"},
+        "embeddings": _embeddings_meta(word_bits, int(state[word_key].shape[1])),
         "weights": WEIGHTS,
         "layers": layers,
         "files": files,
         "size": {"weights_bytes": weight_bytes, "dense_fp32_bytes": dense_bytes,
-                 "ratio": round(weight_bytes / dense_bytes, 4)},
+                 "ratio": round(weight_bytes / dense_bytes, 4), "parts_bytes": parts},
         "summary": {"sparse_layers": len(sparse_layers), "dense_layers": len(layers) - len(sparse_layers),
                     "blocks": sorted({m["block"] for m in sparse_layers})},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return manifest
+
+
+SIZE_PARTS = ("embeddings", "encoder_weights", "indices", "scales", "tokenizer", "other")
+_SCALE_SUFFIXES = (".scales", ".input_scale", ".input_zero_point", ".scale", ".zero_point")
+
+
+def _size_parts(tensors: dict[str, np.ndarray], linears, prefix: str, arch) -> dict[str, int]:
+    """Bytes of the weight file's tensors by part: ``embeddings`` (the embedding tables, their layer norm and
+    projection, and the word rows' scales / offsets), ``encoder_weights`` (the encoder Linear layers' values and
+    biases), ``indices`` (their block-sparse ``indptr`` / ``indices``), ``scales`` (weight scales and activation
+    scales / zero points), ``other`` (layer norms, the head). ``tokenizer`` is filled by the caller."""
+    parts = dict.fromkeys(SIZE_PARTS, 0)
+    emb = [f"{prefix}{n}." for n in arch.embeddings.values() if n] + ([f"{prefix}{arch.project}."] if arch.project
+                                                                       else [])
+    for key, a in tensors.items():
+        module, _, field = key.rpartition(".")
+        if any(key.startswith(e) for e in emb):
+            part = "embeddings"
+        elif module in linears and field in ("indptr", "indices"):
+            part = "indices"
+        elif key.endswith(_SCALE_SUFFIXES):
+            part = "scales"
+        elif module in linears and field in ("data", "weight", "bias"):
+            part = "encoder_weights"
+        else:
+            part = "other"
+        parts[part] += int(a.nbytes)
+    return parts
 
 
 def _copy_tokenizer(model_dir: Path, out: Path) -> list[str]:
@@ -574,9 +661,9 @@ def _version() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ hf / onnx
-def dense_equivalent_model(model_dir: Path, quant: dict | None, *, int8_embeddings: bool = False):
+def dense_equivalent_model(model_dir: Path, quant: dict | None, *, embedding_bits: int | None = None):
     """The transformers model with masks applied (they are zeros already), int8 weights dequantized, and the
-    word embeddings rounded to their int8 rows when the run trained them so."""
+    word embeddings rounded to their int8 / int4 / 2-bit rows when the run trained them so."""
     import torch
 
     from sparsify.modeling import load_classifier
@@ -604,11 +691,17 @@ def dense_equivalent_model(model_dir: Path, quant: dict | None, *, int8_embeddin
                 modules[name].weight.copy_(w)
                 if q.get("bias") is not None:
                     modules[name].bias.copy_(torch.from_numpy(np.asarray(q["bias"], np.float32)))
-    if int8_embeddings:
+    if embedding_bits == 8:
         table = model.get_input_embeddings().weight
         with torch.no_grad():
             codes, scales = _quantize_rows(table.detach().numpy())
             table.copy_(torch.from_numpy(codes.astype(np.float32) * scales[:, None]))
+    elif embedding_bits is not None:
+        from sparsify.techniques.quantization.lowbit import rounded_rows
+
+        table = model.get_input_embeddings().weight
+        with torch.no_grad():
+            table.copy_(rounded_rows(table.detach(), embedding_bits))
     return model
 
 
@@ -694,8 +787,8 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
     quantizer had ``embeddings: true``)."""
     if format not in FORMATS:
         raise SparsifyError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if embeddings not in ("auto", "int8", "float32"):
-        raise SparsifyError(f"--embeddings must be 'auto', 'int8' or 'float32', got {embeddings!r}")
+    if embeddings not in EMBEDDINGS:
+        raise SparsifyError(f"--embeddings must be one of {', '.join(map(repr, EMBEDDINGS))}, got {embeddings!r}")
     model_dir, run_dir = _resolve(run_or_model_dir)
     from sparsify.runtime.validate import require_finite
     from sparsify.sparsity import load_report_weights
@@ -707,11 +800,11 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
             raise SparsifyError(f"{out}: exists and is not empty (choose another -o or pass --overwrite)")
         shutil.rmtree(out)
     quant, acts = _load_quantization(model_dir, quantized, activations)
-    from sparsify.techniques.quantization.convert import trained_embeddings
+    from sparsify.techniques.quantization.convert import trained_embedding_bits
 
-    trained_int8 = quantized is None and trained_embeddings(model_dir) is not None
+    trained_bits = trained_embedding_bits(model_dir) if quantized is None else None
     summary: dict[str, Any] = {"format": format, "out": str(out), "source": str(run_or_model_dir), "notes": []}
-    if format == "sparsify" and embeddings == "auto" and quant and not trained_int8:
+    if format == "sparsify" and embeddings == "auto" and quant and trained_bits is None:
         summary["notes"].append("word embeddings kept float32: the run did not train them int8 (quantization "
                                 "embeddings: true); --embeddings int8 stores them in a quarter of the space but changes "
                                 "the model slightly")
@@ -719,14 +812,14 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
 
     dense_bytes = sum(v.numel() * 4 for k, v in load_report_weights(model_dir).items() if not k.endswith("position_ids"))
     if format == "sparsify":
-        manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings, trained_int8)
+        manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings, trained_bits)
         summary["manifest"] = manifest
     else:
         if format == "onnx" and _auto_class(model_dir, _read_json(model_dir / "config.json")) is not None:
             raise SparsifyError(f"{model_dir}: --format onnx writes sequence classifiers (output 'logits') only; use "
                                 "--format sparsify or hf for token classification, question answering and embeddings")
         out.mkdir(parents=True, exist_ok=True)
-        model = dense_equivalent_model(model_dir, quant, int8_embeddings=trained_int8)
+        model = dense_equivalent_model(model_dir, quant, embedding_bits=trained_bits)
         if format == "hf":
             model.save_pretrained(str(out), safe_serialization=True)
             from sparsify.modeling import load_tokenizer
@@ -739,6 +832,10 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
             export_onnx(model, out / "model.onnx")
             _copy_tokenizer(model_dir, out)
     summary["artifact_bytes"] = _dir_bytes(out)
+    if format == "sparsify":  # by part; "other" also holds the manifest, so that the parts add up to the artifact
+        parts = dict(summary["manifest"]["size"]["parts_bytes"])
+        parts["other"] += summary["artifact_bytes"] - sum(parts.values())
+        summary["size_by_part"] = parts
     summary["dense_fp32_bytes"] = dense_bytes
     summary["ratio"] = summary["artifact_bytes"] / dense_bytes
     return summary
@@ -758,9 +855,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", help="run directory (uses RUN/model) or Hugging Face model directory")
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--format", default="sparsify", choices=FORMATS, help="artifact format (default: sparsify)")
-    parser.add_argument("--embeddings", default="auto", choices=("auto", "int8", "float32"),
-                        help="word embeddings in the sparsify format: int8 with one scale per row, float32, or auto "
-                             "(default: as the run trained them, int8 when its quantization had embeddings: true)")
+    parser.add_argument("--embeddings", default="auto", choices=EMBEDDINGS,
+                        help="word embeddings in the sparsify format: int8 with one scale per row, int4 / int2 packed "
+                             "rows, float32, or auto (default: as the run trained them, from quantization embeddings: "
+                             "true and embedding_bits)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
@@ -783,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
               f"length config: {m['length_config']['lengths'] if m['length_config'] else 'none'}")
     print(f"  size: {_mb(s['artifact_bytes'])} vs dense fp32 model {_mb(s['dense_fp32_bytes'])} "
           f"({100 * s['ratio']:.1f}%)")
+    if s.get("size_by_part"):
+        print("  size by part: " + ", ".join(f"{k.replace('_', ' ')} {_mb(v)}" for k, v in s["size_by_part"].items()))
     for note in s["notes"]:
         print(f"  note: {note}")
     return 0

@@ -394,7 +394,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         if lengthdrop is not None:
             lengthdrop.save_length_config(run_dir / "model")  # the recipe's length_config, if any
     parity = None
-    if quantizer is not None and quantizer.frozen:
+    if quantizer is not None and quantizer.frozen and quantizer.config.exportable:
         # the fake-quant model against its int8 conversion (what the export reads), on the eval split
         from sparsify.techniques.quantization.parity import conversion_parity
 
@@ -436,6 +436,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             summary["conversion_parity"] = parity
         if teacher_metrics is not None:
             summary["teacher_metrics"] = teacher_metrics  # the teacher's own pair_roc_auc, to compare with
+        if quantizer is not None and quantizer.signround_stats is not None:
+            summary["signround"] = quantizer.signround_stats
         if fit is not None:
             summary["train_fit"] = fit
         if pruner is not None:
@@ -547,12 +549,13 @@ def _save_model(accelerator, model, tokenizer, path: Path, quantizer=None) -> No
             shutil.rmtree(path)
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
-        if quantizer is not None and quantizer.frozen:
+        if quantizer is not None and quantizer.frozen and quantizer.config.exportable:
             # int8 weights + scales and the frozen activation parameters: quantization.{json,safetensors}, which
             # the export reads from the model directory
             from sparsify.techniques.quantization.convert import convert_activations, save_converted
 
-            save_converted(path, quantizer.convert(model), convert_activations(quantizer), quantizer.embedding_name)
+            save_converted(path, quantizer.convert(model), convert_activations(quantizer), quantizer.embedding_name,
+                           quantizer.config.embedding_bits)
 
 
 def _hparams(recipe: Recipe) -> dict:

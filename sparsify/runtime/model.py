@@ -53,8 +53,9 @@ __all__ = ["SparseModel", "ArtifactError", "FORMAT", "FORMAT_VERSION", "MANIFEST
            "read_manifest", "parse_length_config", "load_tensors", "decode_span"]
 
 FORMAT = "sparsify-artifact"
-FORMAT_VERSION = 3  # 2: activation quantization points, int8 dense layers and word embeddings; 3: architectures
-# besides BERT, heads (manifest "head": token classification, question answering, embeddings) and "pooling"
+FORMAT_VERSION = 4  # 2: activation quantization points, int8 dense layers and word embeddings; 3: architectures
+# besides BERT, heads (manifest "head": token classification, question answering, embeddings) and "pooling";
+# 4: packed 4-bit / 2-bit word embeddings (manifest "embeddings": bits, width) and int4 Linear weights
 INT8_WEIGHTS = ("dequantize", "keep")  # how the runtime holds int8 Linear weights (SparseModel.from_pretrained)
 MANIFEST = "sparsify.json"
 WEIGHTS = "model.safetensors"
@@ -302,7 +303,31 @@ class SparseModel:
         p = prefix
         E = self.arch.embeddings
         word = tensors.get(f"{p}{E['word']}.weight")
-        if word is not None and word.dtype == np.int8:  # int8 rows, one scale per row
+        emb_meta = manifest.get("embeddings") or {}
+        self.word_bits = int(emb_meta.get("bits", 8)) if isinstance(emb_meta, dict) else 8
+        self.word_offsets = None
+        if self.word_bits in (4, 2):  # packed rows, decoded at lookup (sparsify.packing)
+            self.word = np.ascontiguousarray(tensors.get(f"{p}{E['word']}.packed"))
+            if self.word.dtype != np.uint8 or self.word.ndim != 2:
+                raise ArtifactError(f"{path}: word_embeddings.packed missing or not a 2-D uint8 array (the manifest "
+                                    f"says {self.word_bits}-bit word embeddings)")
+            try:
+                self.word_width = int(emb_meta["width"])
+            except (KeyError, TypeError, ValueError):
+                raise ArtifactError(f"{path}: manifest embeddings lacks the row width of the packed rows") from None
+            if self.word.shape[1] != -(-self.word_width * self.word_bits // 8):
+                raise ArtifactError(f"{path}: word_embeddings.packed has {self.word.shape[1]} bytes per row, not "
+                                    f"{self.word_width} codes of {self.word_bits} bits")
+            self.word_scales = t(f"{p}{E['word']}.scales")
+            if self.word_bits == 2:
+                self.word_offsets = t(f"{p}{E['word']}.offsets")
+            for what, a in (("scales", self.word_scales), ("offsets", self.word_offsets)):
+                if a is not None and a.shape != (self.word.shape[0],):
+                    raise ArtifactError(f"{path}: word_embeddings.{what} has shape {a.shape}, expected "
+                                        f"({self.word.shape[0]},)")
+        elif self.word_bits != 8:
+            raise ArtifactError(f"{path}: {self.word_bits}-bit word embeddings are not supported (8, 4 or 2)")
+        elif word is not None and word.dtype == np.int8:  # int8 rows, one scale per row
             self.word = word
             self.word_scales = t(f"{p}{E['word']}.scales")
             if self.word_scales.shape != (word.shape[0],):
@@ -313,7 +338,9 @@ class SparseModel:
             self.word_scales = None
         self.pos = t(f"{p}{E['position']}.weight")
         # no token types (DistilBERT): one all-zero type row, so that every architecture takes the same kernel
-        self.typ = t(f"{p}{E['token_type']}.weight") if E["token_type"] else np.zeros((1, self.word.shape[1]),
+        if self.word_bits == 8:
+            self.word_width = int(self.word.shape[1])
+        self.typ = t(f"{p}{E['token_type']}.weight") if E["token_type"] else np.zeros((1, self.word_width),
                                                                                       np.float32)
         self.emb_ln = (t(f"{p}{E['norm']}.weight"), t(f"{p}{E['norm']}.bias"))
         proj = self.arch.project and f"{p}{self.arch.project}.weight" in tensors
@@ -346,6 +373,18 @@ class SparseModel:
         self.default_length_config = parse_length_config(manifest.get("length_config"), self.n_layers)
         self.length_config = (self.default_length_config if length_config == "default"
                               else parse_length_config(length_config, self.n_layers))
+
+    def word_table(self) -> np.ndarray:
+        """The word embeddings as float32 ``(vocab, width)``, as the lookup computes them (int8 and packed
+        low-bit rows decoded)."""
+        from . import ops
+
+        if self.word_bits in (4, 2):
+            return ops.decode_rows(np.arange(self.word.shape[0]), self.word, self.word_bits, self.word_scales,
+                                   self.word_offsets, self.word_width)
+        if self.word_scales is not None:
+            return self.word.astype(np.float32) * self.word_scales[:, None]
+        return self.word
 
     def _head_steps(self, path: Path, prefix: str, tensors: dict, t) -> list[tuple]:
         """The head's Linear layers as ``(weight, bias, activation)``: the architecture's sequence head (its
@@ -381,6 +420,7 @@ class SparseModel:
         check_manifest_types(root)
         manifest = read_manifest(root, verify=verify)
         tensors = load_tensors(root / manifest["weights"])
+        _unpack_int4_layers(root, manifest, tensors)  # packed int4 codes -> the int8 codes the kernels take
         validate_artifact(root, manifest, tensors)  # the manifest against the tensors, finite weights, tokenizer
         return cls(root, manifest, tensors, threads, length_config, int8_weights)
 
@@ -480,9 +520,17 @@ class SparseModel:
         input_lens = lens.copy()
         starts = np.zeros_like(lens)
         np.cumsum(lens[:-1], out=starts[1:])
-        x = ops.embed_layernorm(np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(positions, np.int64),
-                                np.ascontiguousarray(types, np.int64), self.word, self.pos, self.typ,
-                                *self.emb_ln, self.eps, word_scales=self.word_scales)
+        ids = np.ascontiguousarray(ids, np.int64)
+        if self.word_bits in (4, 2):  # decode the looked-up rows, then the same embedding kernel over them
+            rows = ops.decode_rows(ids, self.word, self.word_bits, self.word_scales, self.word_offsets,
+                                   self.word_width)
+            x = ops.embed_layernorm(np.arange(ids.shape[0], dtype=np.int64), np.ascontiguousarray(positions, np.int64),
+                                    np.ascontiguousarray(types, np.int64), rows, self.pos, self.typ, *self.emb_ln,
+                                    self.eps)
+        else:
+            x = ops.embed_layernorm(ids, np.ascontiguousarray(positions, np.int64),
+                                    np.ascontiguousarray(types, np.int64), self.word, self.pos, self.typ,
+                                    *self.emb_ln, self.eps, word_scales=self.word_scales)
         th = self.threads
         if self.project is not None:  # ELECTRA: embedding_size -> hidden_size
             x = spmm(x, self.project, threads=th)
@@ -773,6 +821,38 @@ def _as_int64(a, name: str) -> np.ndarray:
     if a.dtype.kind not in "iub":
         raise SparsifyError(f"{name} must be integers, got dtype {a.dtype}")
     return a.astype(np.int64, copy=False)
+
+
+def _unpack_int4_layers(root: Path, manifest: dict, tensors: dict) -> None:
+    """In place: each layer stored as packed int4 codes (manifest ``"dtype": "int4"``) gets its int8 codes back
+    (dense ``NAME.weight`` or block ``NAME.data`` of shape ``codes_shape``); nothing else changes, so the rest of
+    the loading sees an int8 layer with per-output-channel scales."""
+    from sparsify.packing import packed_cols, unpack_int4
+
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict):
+        return
+    for name, meta in layers.items():
+        if not isinstance(meta, dict) or meta.get("dtype") != "int4":
+            continue
+        key = name + (".weight" if meta.get("block") is None else ".data")
+        shape = meta.get("codes_shape")
+        packed = tensors.get(key)
+        if packed is None or packed.dtype != np.uint8 or not isinstance(shape, list) or not shape or \
+                not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ArtifactError(f"{root}: int4 layer {name!r}: {key} must be uint8 packed codes with a codes_shape in "
+                                "the manifest")
+        if meta.get("block") is None:
+            if len(shape) != 2 or packed.shape != (shape[0], packed_cols(shape[1], 4)):
+                raise ArtifactError(f"{root}: int4 layer {name!r}: {key} has shape {packed.shape}, not the packed "
+                                    f"rows of {shape}")
+            tensors[key] = unpack_int4(packed, shape[1])
+        else:
+            n = int(np.prod(shape))
+            if packed.shape != (packed_cols(n, 4),):
+                raise ArtifactError(f"{root}: int4 layer {name!r}: {key} has shape {packed.shape}, not {n} packed "
+                                    f"codes")
+            tensors[key] = unpack_int4(packed[None, :], n).reshape(shape)
 
 
 def _same_quant(a, b) -> bool:

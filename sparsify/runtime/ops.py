@@ -21,7 +21,8 @@ from numba.extending import intrinsic
 from ..kernels.spmm import empty_aligned
 from ..kernels.threads import get_num_threads
 
-__all__ = ["embed_layernorm", "layernorm_", "layernorm_quant_", "fake_quant", "linear64", "check_packed"]
+__all__ = ["embed_layernorm", "decode_rows", "layernorm_", "layernorm_quant_", "fake_quant", "linear64",
+           "check_packed"]
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True, boundscheck=False, error_model="numpy")
 
@@ -69,6 +70,28 @@ def _embed_rows(ids, pos, types, word, wscale, posemb, typeemb, gamma, beta, eps
         for k in range(H):
             out[t, k] = (np.float32(word[i, k]) * s + typeemb[ty, k]) + posemb[p, k]
     _ln_rows(out, lo, hi, gamma, beta, eps)
+
+
+# no fastmath: ``code * scale + offset`` must round twice (a multiply, then an add) as PyTorch does, not fuse
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _decode_rows(ids, packed, bits, scales, offsets, out):
+    """Rows ``ids`` of a packed 4-bit (two codes per byte, low nibble first, code + 8) or 2-bit (four codes per
+    byte, lowest bits first) table into float32 ``out``: ``code * scale`` (4 bits), ``code * scale + offset``
+    (2 bits)."""
+    H = out.shape[1]
+    for t in range(ids.shape[0]):
+        i = ids[t]
+        s = scales[i]
+        if bits == 4:
+            for k in range(H):
+                b = np.int32(packed[i, k >> 1])
+                c = (b >> 4) if (k & 1) else (b & 15)
+                out[t, k] = np.float32(c - 8) * s
+        else:
+            o = offsets[i]
+            for k in range(H):
+                c = (np.int32(packed[i, k >> 2]) >> (2 * (k & 3))) & 3
+                out[t, k] = np.float32(c) * s + o
 
 
 @njit(parallel=True, **_OPTS)
@@ -317,6 +340,34 @@ def embed_layernorm(ids, positions, token_types, word, pos, typ, gamma, beta, ep
     if n:
         _embed_ln(ids, positions, token_types, word, word_scales, pos, typ, gamma, beta, np.float32(eps), out,
                   _chunks(n, H))
+    return out
+
+
+def decode_rows(ids, packed: np.ndarray, bits: int, scales: np.ndarray, offsets: np.ndarray | None,
+                width: int) -> np.ndarray:
+    """float32 ``(len(ids), width)``: the rows ``ids`` of a packed low-bit table (see
+    :mod:`sparsify.packing`), decoded as ``code * scale`` (4 bits, signed codes) or ``code * scale + offset``
+    (2 bits, codes 0..3), one scale (and offset) per row."""
+    if bits not in (4, 2):
+        raise ValueError(f"decode_rows: bits must be 4 or 2, got {bits}")
+    per = 8 // bits
+    if (not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 2
+            or packed.shape[1] != -(-width // per) or not packed.flags.c_contiguous):
+        raise ValueError(f"decode_rows: packed rows must be C-contiguous uint8 of shape (rows, {-(-width // per)})")
+    rows = packed.shape[0]
+    _f32_1d("scales", scales, rows)
+    if bits == 2:
+        _f32_1d("offsets", offsets, rows)
+    else:
+        offsets = _ones(1)
+    ids = np.ascontiguousarray(ids, np.int64)
+    if ids.ndim != 1:
+        raise ValueError("decode_rows: ids must be 1-D")
+    if ids.size and (ids.min() < 0 or ids.max() >= rows):
+        raise ValueError(f"decode_rows: ids out of range [0, {rows})")
+    out = empty_aligned((ids.shape[0], width), np.float32)
+    if ids.size:
+        _decode_rows(ids, packed, np.int64(bits), scales, offsets, out)
     return out
 
 

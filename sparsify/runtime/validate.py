@@ -126,7 +126,11 @@ def validate_artifact(root: Path, manifest: dict, tensors: dict[str, np.ndarray]
     if head_kind not in A.HEADS:
         raise _error(f"{mpath}: head {head_kind!r} is not supported (supported: {', '.join(A.HEADS)})")
     p = manifest.get("prefix", spec.base + ".")
-    word = _check_embeddings(spec, p, arch, tensors, shape, wpath)
+    emb = manifest.get("embeddings") if isinstance(manifest.get("embeddings"), dict) else {}
+    word_bits = emb.get("bits", 8)
+    if word_bits not in (8, 4, 2):
+        raise _error(f"{mpath}: embeddings.bits must be 8, 4 or 2, got {word_bits!r}")
+    word = _check_embeddings(spec, p, arch, tensors, shape, wpath, word_bits)
     layers = manifest["layers"]
     dims = {"H": H, "I": I}
     for i in range(arch["num_hidden_layers"]):
@@ -142,9 +146,9 @@ def validate_artifact(root: Path, manifest: dict, tensors: dict[str, np.ndarray]
     _check_tokenizer(root, word.shape[0])
 
 
-def _check_embeddings(spec, p: str, arch: dict, tensors: dict, shape, wpath: Path) -> np.ndarray:
+def _check_embeddings(spec, p: str, arch: dict, tensors: dict, shape, wpath: Path, word_bits: int = 8) -> np.ndarray:
     """The embedding tables of the architecture's map (width ``embedding_size`` where a projection follows them,
-    as in ELECTRA, else ``hidden_size``); returns the word embeddings."""
+    as in ELECTRA, else ``hidden_size``); returns the word embeddings (the packed rows at 4 or 2 bits)."""
     H = arch["hidden_size"]
     E = arch.get("embedding_size", H)
     if not _is_int(E) or not 1 <= E <= 1_000_000:
@@ -159,7 +163,20 @@ def _check_embeddings(spec, p: str, arch: dict, tensors: dict, shape, wpath: Pat
                          f"{None if a is None else a.shape}")
         return a
 
-    word = table("word", "token")
+    if word_bits in (4, 2):
+        from sparsify.packing import packed_cols
+
+        base = f"{p}{names['word']}"
+        word = tensors.get(base + ".packed")
+        width = packed_cols(E, word_bits)
+        if word is None or word.dtype != np.uint8 or word.ndim != 2 or word.shape[1] != width or word.shape[0] < 1:
+            raise _error(f"{wpath}: {word_bits}-bit token embeddings must be uint8 (tokens, {width}) packed rows, got "
+                         f"{None if word is None else (word.dtype, word.shape)}")
+        shape(base + ".scales", (word.shape[0],))
+        if word_bits == 2:
+            shape(base + ".offsets", (word.shape[0],))
+    else:
+        word = table("word", "token")
     shape(f"{p}{names['position']}.weight", (arch["max_position_embeddings"], E))
     if names.get("token_type"):
         table("token_type", "token type")

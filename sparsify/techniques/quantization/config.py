@@ -1,4 +1,5 @@
-"""Recipe configuration of 8-bit quantization (QAT, or PTQ calibration). Imports no torch.
+"""Recipe configuration of quantization (QAT, or PTQ calibration): 8-bit by default, with int4 weights, int4 / 2-bit
+word-embedding rows, group-wise RTN, SignRound and FP8 emulation as options (docs/lowbit.md). Imports no torch.
 
     - kind: quantization
       mode: qat                  # or ptq: calibrate on calibration_batches training batches, no training
@@ -101,7 +102,8 @@ class QuantizationConfig(Config):
         "qat", description="qat: fake quantization during training from start_step; ptq: calibrate the observers on "
         "calibration_batches training batches, no training."
     )
-    bits: Literal[8] = Field(8, description="Bit width of weights (int8) and activations (uint8); only 8.")
+    bits: Literal[8] = Field(8, description="Bit width of the integer activations (uint8); only 8. The weights' "
+                             "bits: weight_bits; the word rows': embedding_bits.")
     start_step: int | None = Field(None, ge=0, description="QAT: optimizer step at which fake quantization switches on "
                                    "(default 0); not before the end of a pruning window in the same recipe.")
     start_epoch: float | None = Field(None, ge=0, description="Instead of start_step; converted to optimizer steps.")
@@ -134,6 +136,50 @@ class QuantizationConfig(Config):
         "(a quarter of their float32 size, the largest tensor of a small encoder): the model trains and is "
         "evaluated with the rows it will be exported with. false: float32, and the export keeps them float32."
     )
+    weight_bits: Literal[8, 4] = Field(
+        8, description="Bits of the Linear weights, symmetric per output channel: 8 (codes -127..127) or 4 (codes "
+        "-7..7, trained as such in QAT; the artifact packs two codes per byte and the runtime unpacks them at load to "
+        "the int8 codes its kernels take, so the numbers are the trained ones). Activations stay 8-bit (W4A8)."
+    )
+    weight_group_size: int | None = Field(
+        None, ge=8, description="mode: ptq only: group-wise round-to-nearest weights, one scale (and zero point) per "
+        "group of this many consecutive input features of a row (Intel Neural Compressor's RTN weight-only mode); "
+        "must divide every quantized layer's in_features. An evaluation mode: the artifact stores per-channel codes "
+        "only, so such a model is not exported. null: one scale per output channel."
+    )
+    weight_scheme: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="Group-wise weights (weight_group_size): symmetric codes, or asymmetric codes "
+        "0..2**bits-1 with a zero point per group (the range includes 0, so pruned weights stay 0)."
+    )
+    weight_format: Literal["int", "e4m3", "e5m2", "e3m4"] = Field(
+        "int", description="int: integer codes (weight_bits); e4m3 / e5m2 / e3m4: FP8 fake quantization of the "
+        "Linear weights (saturating, round to nearest even, a scale per tensor or per output channel: "
+        "fp8_granularity). FP8 is emulation only: it measures accuracy, makes nothing faster, and is not exported."
+    )
+    activation_format: Literal["int", "e4m3", "e5m2", "e3m4"] = Field(
+        "int", description="int: uint8 codes (activation_scheme, peg); e4m3 / e5m2 / e3m4: FP8 fake quantization "
+        "of the quantized activations, a scale per tensor or per feature (fp8_granularity) from the observed "
+        "range. Emulation only, as weight_format."
+    )
+    fp8_granularity: Literal["tensor", "channel"] | None = Field(
+        None, description="FP8 scales: one per tensor (default) or per channel (per output channel of a weight, "
+        "per feature of an activation); only with an FP8 weight_format or activation_format."
+    )
+    rounding: Literal["nearest", "signround"] = Field(
+        "nearest", description="How integer weights are rounded. nearest: round to nearest; signround (mode: ptq "
+        "only): SignRound, rounding offsets and a clipping per output channel learned by signed gradient descent, "
+        "encoder layer by encoder layer, against the float layer's output on calibration_batches training batches "
+        "(pruned weights stay 0); the result is per-channel codes, exported like any weight_bits model."
+    )
+    signround_iters: int | None = Field(None, ge=1, description="SignRound steps per encoder layer (default 200).")
+    signround_lr: float | None = Field(None, gt=0, description="SignRound step size at the start, decaying linearly "
+                                       "to 0 (default 1 / signround_iters).")
+    embedding_bits: Literal[8, 4, 2] = Field(
+        8, description="Bits per word-embedding value with embeddings: true. 8: int8, symmetric, a scale per row; 4: "
+        "int4, symmetric full range (codes -8..7), a signed scale per row, two codes per byte in the artifact; 2: "
+        "codes 0..3 with a scale and an offset per row, the range chosen per row by a squared-error search, four "
+        "codes per byte. Trained (QAT) and stored (export) the same way; the runtime decodes rows at lookup."
+    )
 
     @field_validator("include", "exclude", "keep_16bit", mode="before")
     @classmethod
@@ -161,6 +207,39 @@ class QuantizationConfig(Config):
             if self.freeze_after_steps < 1:
                 raise FieldError("freeze_after_steps", "QAT needs at least 1 optimizer step of observer warm-up to "
                                                        "set the activation ranges")
+        if self.weight_group_size is not None and self.mode != "ptq":
+            raise FieldError("weight_group_size", "group-wise round-to-nearest is a post-training mode: use mode: "
+                                                  "ptq, or per-channel weights (weight_group_size: null) for QAT")
+        if self.weight_scheme == "asymmetric" and self.weight_group_size is None:
+            raise FieldError("weight_scheme", "asymmetric weights need weight_group_size (group-wise RTN); per-channel "
+                                              "weights are symmetric, the codes the kernels take")
+        fp8_w, fp8_a = self.weight_format != "int", self.activation_format != "int"
+        if self.fp8_granularity is not None and not (fp8_w or fp8_a):
+            raise FieldError("fp8_granularity", "applies to FP8 formats only: set weight_format or activation_format "
+                                                "to e4m3, e5m2 or e3m4")
+        if fp8_w and (self.weight_bits != 8 or self.weight_group_size is not None):
+            which = "weight_bits" if self.weight_bits != 8 else "weight_group_size"
+            raise FieldError(which, f"{which} applies to integer weights (weight_format: int), not to "
+                                    f"weight_format: {self.weight_format}")
+        if fp8_a and self.peg is not None:
+            raise FieldError("peg", "PEG groups are for uint8 activations; FP8 activations (activation_format: "
+                                    f"{self.activation_format}) take fp8_granularity: channel instead")
+        if fp8_a and self.observer == "lsq":
+            raise FieldError("observer", "lsq learns uint8 activation scales; use observer: minmax with FP8 "
+                                         "activations")
+        if self.rounding == "signround":
+            if self.mode != "ptq":
+                raise FieldError("rounding", "signround is a post-training method: use mode: ptq")
+            if self.weight_format != "int" or self.weight_group_size is not None:
+                raise FieldError("rounding", "signround learns per-channel integer codes: use weight_format: int and "
+                                             "weight_group_size: null")
+        else:
+            for name in ("signround_iters", "signround_lr"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, f"{name} applies to rounding: signround only")
+        if self.embedding_bits != 8 and not self.embeddings:
+            raise FieldError("embedding_bits", f"embedding_bits: {self.embedding_bits} needs embeddings: true (the "
+                                               f"word embeddings are not quantized with embeddings: false)")
         if not (self.activations.linear_inputs or self.activations.residual_sums or self.activations.layernorm_outputs):
             if self.peg is not None:
                 raise FieldError("peg", "no activation is quantized (activations: all false): nothing for PEG to "
@@ -168,6 +247,20 @@ class QuantizationConfig(Config):
         return self
 
     # -- derived values ------------------------------------------------------------------------------------
+
+    @property
+    def fp8(self) -> bool:
+        """True when weights or activations are FP8 (emulation: nothing to export)."""
+        return self.weight_format != "int" or self.activation_format != "int"
+
+    @property
+    def fp8_per_channel(self) -> bool:
+        return self.fp8_granularity == "channel"
+
+    @property
+    def exportable(self) -> bool:
+        """True when the conversion can be exported: integer per-channel weights (no FP8, no group-wise RTN)."""
+        return not self.fp8 and self.weight_group_size is None
 
     @property
     def uses_epochs(self) -> bool:

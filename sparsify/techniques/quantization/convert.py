@@ -7,7 +7,8 @@ calibration.
 
 Each entry (what the export consumes; one per quantized ``nn.Linear``, keyed by module name):
 
-    weight_int8         int8 (out, in), symmetric codes in [-127, 127]; pruned weights are exactly 0
+    weight_int8         int8 (out, in), symmetric codes in [-127, 127] ([-7, 7] when bits is 4); pruned
+                        weights are exactly 0
     weight_scale        float32 (out,): w = weight_int8 * weight_scale[:, None]
     bias                float32 (out,) or None
     input_scale         float32, scalar (per tensor) or (groups,) (PEG); None when the input is not 8-bit
@@ -17,7 +18,7 @@ Each entry (what the export consumes; one per quantized ``nn.Linear``, keyed by 
                         input_permutation[g * in/K : (g + 1) * in/K] (None: contiguous groups)
     input_bits          8; 16 for an input kept in 16-bit floating point (keep_16bit); 32 for an input that is
                         not quantized (activations.linear_inputs false, or never observed)
-    bits                8 (the weights)
+    bits                8 or 4 (the weights: weight_bits)
 
 Residual sums and LayerNorm outputs are not Linear inputs: :func:`convert_activations` gives their parameters
 (same fields, prefixed ``scale``/``zero_point``/``groups``/``permutation``/``bits``), keyed by point name.
@@ -72,6 +73,14 @@ def convert(quantizer, model: nn.Module | None = None) -> dict[str, dict]:
     if not quantizer.frozen:
         raise SparsifyError("quantization: convert() needs frozen observers: call finalize(model) after QAT, or "
                             "calibrate(...) for PTQ")
+    cfg = quantizer.config
+    if cfg.fp8:
+        raise SparsifyError("quantization: FP8 (weight_format / activation_format) is emulation only: there is no "
+                            "FP8 artifact to export; its accuracy is the fake-quant model's")
+    if cfg.weight_group_size is not None:
+        raise SparsifyError("quantization: group-wise weights (weight_group_size) are a post-training evaluation "
+                            "mode; the artifact stores one scale per output channel: use weight_group_size: null to "
+                            "export")
     quantizer._refresh_masks()
     modules = None if model is None else {canonical_name(n): m for n, m in model.named_modules()}
     out = {}
@@ -79,7 +88,10 @@ def convert(quantizer, model: nn.Module | None = None) -> dict[str, dict]:
         module = layer.module if modules is None else modules.get(name)
         if module is None:
             raise SparsifyError(f"quantization: the model has no layer {name}")
-        codes, scale = quantize_weight(module.weight, layer.mask)
+        if name in quantizer.rounded:  # SignRound's codes
+            codes, scale = (t.clone() for t in quantizer.rounded[name])
+        else:
+            codes, scale = quantize_weight(module.weight, layer.mask, cfg.weight_bits)
         params = _point_params(quantizer, layer.point)
         out[name] = {
             "weight_int8": codes.cpu(),
@@ -90,7 +102,7 @@ def convert(quantizer, model: nn.Module | None = None) -> dict[str, dict]:
             "input_groups": params["groups"],
             "input_permutation": params["permutation"],
             "input_bits": params["bits"],
-            "bits": 8,
+            "bits": int(cfg.weight_bits),
         }
     return out
 
@@ -116,11 +128,13 @@ WORD_EMBEDDINGS = "int8, symmetric, one scale per row: max|row| / 127"
 
 
 def save_converted(directory, converted: Mapping[str, Mapping], activations: Mapping[str, Mapping] | None = None,
-                   embeddings: str | None = None) -> None:
+                   embeddings: str | None = None, embedding_bits: int = 8) -> None:
     """Write ``quantization.json`` (non-tensor fields, per module) and ``quantization.safetensors`` (tensors as
     ``MODULE.FIELD``) into ``directory``: the files :mod:`sparsify.export` reads from a model directory. No
-    pickle. ``embeddings``: the module name of word embeddings that were trained int8 per row
-    (``quantizer.embedding_name``); recorded so that the export stores them the same way."""
+    pickle. ``embeddings``: the module name of word embeddings that were trained quantized per row
+    (``quantizer.embedding_name``), ``embedding_bits`` their bits (8, 4 or 2); recorded so that the export stores
+    them the same way."""
+    from sparsify.techniques.quantization.lowbit import describe
     import json
     from pathlib import Path
 
@@ -148,7 +162,9 @@ def save_converted(directory, converted: Mapping[str, Mapping], activations: Map
         extra[name] = fields
     save_file(tensors, str(directory / "quantization.safetensors"))
     doc = {"format": "sparsify-quantization/1", "convention": CONVENTION, "modules": modules, "activations": extra,
-           "word_embeddings": None if embeddings is None else {"module": embeddings, "storage": WORD_EMBEDDINGS}}
+           "word_embeddings": None if embeddings is None else {
+               "module": embeddings, "bits": int(embedding_bits),
+               "storage": WORD_EMBEDDINGS if embedding_bits == 8 else describe(embedding_bits)}}
     (directory / "quantization.json").write_text(json.dumps(doc, indent=1))
 
 
@@ -178,8 +194,20 @@ def read_converted(directory) -> tuple[dict[str, dict], dict[str, dict]]:
 
 
 def trained_embeddings(directory) -> str | None:
-    """The module name of the word embeddings the run trained int8 per row (``quantization.json``), or None
+    """The module name of the word embeddings the run trained quantized per row (``quantization.json``), or None
     (not quantized, or a run from before the option existed)."""
+    entry = _word_embeddings_entry(directory)
+    return entry.get("module") if entry else None
+
+
+def trained_embedding_bits(directory) -> int | None:
+    """The bits (8, 4 or 2) of the word-embedding rows the run trained (``quantization.json``; 8 for a run from
+    before low-bit rows existed), or None when they were not quantized."""
+    entry = _word_embeddings_entry(directory)
+    return int(entry.get("bits", 8)) if entry else None
+
+
+def _word_embeddings_entry(directory) -> dict | None:
     import json
     from pathlib import Path
 
@@ -187,7 +215,7 @@ def trained_embeddings(directory) -> str | None:
     if not path.is_file():
         return None
     entry = json.loads(path.read_text()).get("word_embeddings")
-    return entry.get("module") if isinstance(entry, dict) else None
+    return entry if isinstance(entry, dict) else None
 
 
 # -- the integer reference --------------------------------------------------------------------------------
@@ -280,10 +308,11 @@ def int8_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def load_converted(model: nn.Module, converted: Mapping[str, Mapping], activations: Mapping[str, Mapping] | None = None,
-                   embeddings: str | None = None, *, exact: bool = True):
+                   embeddings: str | None = None, *, exact: bool = True, embedding_bits: int = 8):
     """Run ``model`` from a converted dict: each converted Linear computes :func:`int8_linear` (its own weights
     are ignored), and the residual sums / LayerNorm outputs of ``activations`` (from :func:`convert_activations`)
-    are quantized and dequantized; ``embeddings`` (a module name) looks its rows up as int8 (:func:`int8_rows`).
+    are quantized and dequantized; ``embeddings`` (a module name) looks its rows up as int8 (:func:`int8_rows`),
+    or at ``embedding_bits`` 4 / 2 as the low-bit rows of :mod:`sparsify.techniques.quantization.lowbit`.
     ``exact``: see :func:`int8_linear`. The model must not be prepared by a Quantizer. Returns a function that
     restores the model."""
     modules = {canonical_name(n): m for n, m in model.named_modules()}
@@ -291,7 +320,14 @@ def load_converted(model: nn.Module, converted: Mapping[str, Mapping], activatio
     if embeddings is not None:
         if embeddings not in modules:
             raise SparsifyError(f"load_converted: the model has no module {embeddings}")
-        restore.append(modules[embeddings].register_forward_hook(lambda mod, args, out: int8_rows(out)).remove)
+        if embedding_bits == 8:
+            rows = int8_rows
+        else:
+            from sparsify.techniques.quantization.lowbit import rounded_rows
+
+            def rows(out):
+                return rounded_rows(out, embedding_bits)
+        restore.append(modules[embeddings].register_forward_hook(lambda mod, args, out: rows(out)).remove)
     for name, entry in converted.items():
         module = modules.get(name)
         if module is None:

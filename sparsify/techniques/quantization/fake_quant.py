@@ -80,37 +80,81 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 # -- weights ---------------------------------------------------------------------------------------------------
 
 
-def weight_scale(weight: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric scale ``max|w_row| / 127`` (1 for an all-zero row), float32 ``(out,)``."""
+def weight_qmax(bits: int = 8) -> int:
+    """Largest symmetric weight code: 127 at 8 bits, 7 at 4 bits (codes in [-qmax, qmax]: int4 codes are int8
+    codes, so the kernels take them as they are)."""
+    return 2 ** (bits - 1) - 1
+
+
+def weight_scale(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-output-channel symmetric scale ``max|w_row| / qmax`` (1 for an all-zero row), float32 ``(out,)``."""
     amax = weight.detach().abs().amax(dim=1).float()
-    return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / weight_qmax(bits), torch.ones_like(amax))
 
 
-def fake_quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Masked, int8-symmetric-per-channel fake-quantized weight, straight-through gradient (times the mask).
-    A masked weight is exactly 0, before and after quantization."""
+def fake_quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None = None, bits: int = 8) -> torch.Tensor:
+    """Masked, symmetric-per-channel fake-quantized weight (int8, or int4 codes in [-7, 7]), straight-through
+    gradient (times the mask). A masked weight is exactly 0, before and after quantization."""
     if mask is not None:
         weight = weight * mask.to(weight.dtype)
-    scale = weight_scale(weight).to(weight.dtype).unsqueeze(1)
-    q = torch.round(weight.detach() / scale).clamp(WEIGHT_QMIN, WEIGHT_QMAX) * scale
+    qmax = weight_qmax(bits)
+    scale = weight_scale(weight, bits).to(weight.dtype).unsqueeze(1)
+    q = torch.round(weight.detach() / scale).clamp(-qmax, qmax) * scale
     return weight + (q - weight).detach()
 
 
-def quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None = None,
+                    bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``(int8 codes (out, in), float32 scales (out,))``; ``codes * scales[:, None]`` equals
-    :func:`fake_quantize_weight` (same operations)."""
+    :func:`fake_quantize_weight` (same operations). At 4 bits the codes are in [-7, 7]."""
     weight = weight.detach()
     if mask is not None:
         weight = weight * mask.to(weight.dtype)
-    scale = weight_scale(weight).to(weight.dtype)
-    codes = torch.round(weight / scale.unsqueeze(1)).clamp(WEIGHT_QMIN, WEIGHT_QMAX)
+    qmax = weight_qmax(bits)
+    scale = weight_scale(weight, bits).to(weight.dtype)
+    codes = torch.round(weight / scale.unsqueeze(1)).clamp(-qmax, qmax)
     return codes.to(torch.int8), scale.float()
 
 
-def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+def rtn_group_weight(weight: torch.Tensor, mask: torch.Tensor | None = None, *, bits: int = 4, group_size: int = 128,
+                     symmetric: bool = True) -> torch.Tensor:
+    """Group-wise round-to-nearest (post-training, as Intel Neural Compressor's RTN weight-only mode): each row is
+    cut into groups of ``group_size`` consecutive input features, each group with its own scale. symmetric: codes
+    in [-qmax, qmax], ``scale = max|group| / qmax``; asymmetric: codes in [0, 2**bits - 1] with an integer zero
+    point, the range ``[min, max]`` of the group widened to include 0 (so a zero weight, pruned, stays exactly 0).
+    Returns the dequantized weight (no gradient: a PTQ mode); ``in_features`` must be a multiple of
+    ``group_size``."""
+    w = weight.detach()
+    if mask is not None:
+        w = w * mask.to(w.dtype)
+    out, width = w.shape
+    if width % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {width}")
+    g = w.float().reshape(out, width // group_size, group_size)
+    if symmetric:
+        qmax = weight_qmax(bits)
+        amax = g.abs().amax(dim=-1, keepdim=True)
+        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        q = torch.round(g / scale).clamp(-qmax, qmax) * scale
+    else:
+        levels = 2 ** bits - 1
+        lo = torch.minimum(g.amin(dim=-1, keepdim=True), torch.zeros(()))
+        hi = torch.maximum(g.amax(dim=-1, keepdim=True), torch.zeros(()))
+        scale = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
+        zp = torch.round(-lo / scale).clamp(0, levels)
+        q = (torch.round(g / scale + zp).clamp(0, levels) - zp) * scale
+    return q.reshape(out, width).to(w.dtype)
+
+
+def fake_quantize_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Each vector along the last dimension rounded to int8, symmetric, one scale ``max|row| / 127`` per vector
     (1 for an all-zero one), straight-through gradient. Applied to looked-up word embeddings it equals looking up
-    the int8 rows the export stores (``--embeddings int8``): the same operations in float32, rounding half to even."""
+    the int8 rows the export stores (``--embeddings int8``): the same operations in float32, rounding half to even.
+    ``bits`` 4 or 2: the rows of :mod:`sparsify.techniques.quantization.lowbit` instead."""
+    if bits != 8:
+        from sparsify.techniques.quantization.lowbit import fake_quantize_rows as lowbit_rows
+
+        return lowbit_rows(x, bits)
     amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
     q = (torch.round(x.detach().float() / scale).clamp(WEIGHT_QMIN, WEIGHT_QMAX) * scale).to(x.dtype)

@@ -29,7 +29,8 @@ def conversion_parity(quantizer, plain_model, evaluate_fn, *, is_regression: boo
     converted, activations = quantizer.convert(plain_model), convert_activations(quantizer)
     embedding_name = quantizer.embedding_name
     quantizer.remove()
-    undo = load_converted(plain_model, converted, activations, embedding_name)
+    undo = load_converted(plain_model, converted, activations, embedding_name,
+                          embedding_bits=quantizer.config.embedding_bits)
     try:
         conv_logits: list[torch.Tensor] = []
         conv = evaluate_fn(conv_logits)

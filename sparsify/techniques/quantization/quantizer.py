@@ -50,6 +50,7 @@ from sparsify.config import FieldError
 from sparsify.errors import SparsifyError
 from sparsify.sparsity import canonical_name
 from sparsify.layers import select_layers
+from sparsify.techniques.quantization import fp8 as fp8_ops
 from sparsify.techniques.quantization import peg as peg_ops
 from sparsify.techniques.quantization.config import DEFAULT_PEG_TARGETS, QuantizationConfig
 from sparsify.techniques.quantization.fake_quant import (
@@ -59,6 +60,7 @@ from sparsify.techniques.quantization.fake_quant import (
     fake_quantize,
     fake_quantize_rows,
     fake_quantize_weight,
+    rtn_group_weight,
     lsq_fake_quantize,
     qparams_from_range,
 )
@@ -119,6 +121,8 @@ class Quantizer:
         self._calibrating = False
         self._mask_source: Callable[[], Mapping] | None = None
         self._handles: list = []
+        self.rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # SignRound: layer -> (codes, scales)
+        self.signround_stats: dict | None = None
         self.embedding_name: str | None = None  # the word embeddings, quantized per row (config.embeddings)
         self._embedding: nn.Embedding | None = None
 
@@ -173,7 +177,8 @@ class Quantizer:
             keep = any(re.search(p, name) for p in cfg.keep_16bit)
             is_peg = cfg.peg is not None and not keep and any(re.search(p, name) for p in cfg.peg.targets)
             groups = cfg.peg.groups if is_peg else 1
-            observer = None if keep else MinMaxObserver(cfg.observer_momentum, width if is_peg else None)
+            per_feature = is_peg or (cfg.activation_format != "int" and cfg.fp8_per_channel)
+            observer = None if keep else MinMaxObserver(cfg.observer_momentum, width if per_feature else None)
             point = _Point(name, width, groups, is_peg, bool(is_peg and cfg.peg.permute), keep, observer)
             if cfg.observer == "lsq" and not keep:
                 shape = (groups,) if is_peg else ()
@@ -195,7 +200,13 @@ class Quantizer:
 
     def _select(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
         linears = [(canonical_name(n), m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        return select_layers(linears, self.config.include, self.config.exclude, action="quantize")
+        selected = select_layers(linears, self.config.include, self.config.exclude, action="quantize")
+        size = self.config.weight_group_size
+        for name, module in selected:
+            if size is not None and module.in_features % size:
+                raise FieldError("weight_group_size", f"{size} does not divide in_features {module.in_features} of "
+                                                      f"{name}: choose a divisor of every quantized layer's input width")
+        return selected
 
     def _check_patterns(self, widths: dict[str, int]) -> None:
         cfg = self.config
@@ -248,7 +259,7 @@ class Quantizer:
             layer.module.forward = self._linear_forward(layer)
         if self._embedding is not None:
             self._handles.append(self._embedding.register_forward_hook(
-                lambda mod, args, output: fake_quantize_rows(output) if self._active else None))
+                lambda mod, args, output: fake_quantize_rows(output, self.config.embedding_bits) if self._active else None))
         for name, module in norms:
             if f"{name}.input" in self.points:
                 point = self.points[f"{name}.input"]
@@ -280,9 +291,23 @@ class Quantizer:
             mask = layer.mask
             if mask is not None and mask.device != module.weight.device:
                 mask = layer.mask = mask.to(module.weight.device)
-            return F.linear(input, fake_quantize_weight(module.weight, mask), module.bias)
+            return F.linear(input, self._fake_weight(module.weight, mask, layer.name), module.bias)
 
         return forward
+
+    def _fake_weight(self, weight: torch.Tensor, mask: torch.Tensor | None, name: str | None = None) -> torch.Tensor:
+        """The weight as the quantized layer computes with it: per-channel symmetric codes of ``weight_bits``
+        (straight-through gradient), the codes SignRound chose (PTQ), group-wise round-to-nearest (PTQ) or FP8."""
+        cfg = self.config
+        if name is not None and name in self.rounded:
+            codes, scale = self.rounded[name]
+            return (codes.to(weight.device, torch.float32) * scale.to(weight.device).unsqueeze(1)).to(weight.dtype)
+        if cfg.weight_format != "int":
+            return fp8_ops.fake_quantize_weight_fp8(weight, mask, cfg.weight_format, cfg.fp8_per_channel)
+        if cfg.weight_group_size is not None:
+            return rtn_group_weight(weight, mask, bits=cfg.weight_bits, group_size=cfg.weight_group_size,
+                                    symmetric=cfg.weight_scheme == "symmetric")
+        return fake_quantize_weight(weight, mask, cfg.weight_bits)
 
     def _pre_hook(self, module: nn.Module, point: _Point):
         def hook(mod, args):
@@ -308,6 +333,18 @@ class Quantizer:
             observer.update(x)
         if not observer.initialized and point.scale is None:
             return x
+        if self.config.activation_format != "int":  # FP8 emulation: a scale per tensor or per feature
+            if point.scale is not None:
+                if point.scale.device != x.device:
+                    point.scale = point.scale.to(x.device)
+                scale = point.scale
+            else:
+                scale = self._fp8_scale(point).to(x.device)
+            y = fp8_ops.fake_quantize_fp8(x.float(), scale, self.config.activation_format)
+            with torch.no_grad():
+                xd = x.detach().float()
+                point.error = (y.detach() - xd).pow(2).mean() / xd.pow(2).mean().clamp(min=1e-12)
+            return y.to(x.dtype)
         scale, zero_point, index = self._qparams(point, x.device)
         xf = x.float()  # quantize in float32, also under bf16 autocast
         if point.lsq is not None and self.frozen:
@@ -337,6 +374,12 @@ class Quantizer:
         if point.peg:
             index = peg_ops.group_index(point.width, point.groups, permutation).to(device)
         return scale.to(device), zero_point.to(device), index
+
+    def _fp8_scale(self, point: _Point) -> torch.Tensor:
+        """FP8 activation scale from the observer: ``max(|lo|, |hi|) / largest``, scalar or per feature."""
+        obs = point.observer
+        amax = torch.maximum(obs.lo.abs(), obs.hi.abs())
+        return fp8_ops.fp8_scale(amax, self.config.activation_format)
 
     def _ranges(self, point: _Point) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         obs = point.observer
@@ -389,6 +432,10 @@ class Quantizer:
             if not obs.initialized:
                 never.append(point.name)
                 continue
+            if self.config.activation_format != "int":
+                point.scale = self._fp8_scale(point)
+                point.zero_point = torch.zeros_like(point.scale, dtype=torch.int32)
+                continue
             lo, hi, permutation = self._ranges(point)
             point.scale, point.zero_point = qparams_from_range(lo, hi, symmetric)
             point.permutation = permutation
@@ -410,7 +457,7 @@ class Quantizer:
             w = layer.module.weight.detach()
             if layer.mask is not None:
                 w = w * layer.mask.to(device=w.device, dtype=w.dtype)
-            q = fake_quantize_weight(w)
+            q = self._fake_weight(w, None, layer.name)
             errors.append(float((q - w).float().pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-12)))
         if errors:
             out["quant/weight_error"] = sum(errors) / len(errors)
@@ -420,7 +467,11 @@ class Quantizer:
         for point in self.points.values():
             if not point.quantized or not point.observer.initialized:
                 continue
-            if point.scale is not None:
+            if self.config.activation_format != "int":
+                fmt = fp8_ops.FORMATS[self.config.activation_format]
+                scale = point.scale if point.scale is not None else self._fp8_scale(point)
+                lo, hi = -fmt.max_value * scale, fmt.max_value * scale
+            elif point.scale is not None:
                 scale = torch.clamp(point.lsq, min=_MIN_SCALE) if point.lsq is not None else point.scale
                 lo = (ACT_QMIN - point.zero_point.to(scale.device)) * scale
                 hi = (ACT_QMAX - point.zero_point.to(scale.device)) * scale
@@ -438,7 +489,28 @@ class Quantizer:
         ``idx`` are dropped). Returns the number of batches seen."""
         from sparsify.techniques.quantization.convert import run_calibration
 
-        return run_calibration(self, model, batches, num_batches or self.config.num_calibration_batches)
+        num_batches = num_batches or self.config.num_calibration_batches
+        if self.config.rounding == "signround" and not self.rounded:
+            self._signround(model, batches, num_batches)
+        return run_calibration(self, model, batches, num_batches)
+
+    def _signround(self, model: nn.Module, batches, num_batches: int) -> None:
+        """SignRound over the quantized layers, on the float model (fake quantization off meanwhile); the codes
+        are kept in ``self.rounded`` and the model's weights become ``code * scale``."""
+        from sparsify.techniques.quantization.signround import signround
+
+        cfg = self.config
+        self._refresh_masks()
+        was, self._active = self._active, False
+        try:
+            self.rounded, self.signround_stats = signround(
+                model, batches, {n: layer.module for n, layer in self.layers.items()}, bits=cfg.weight_bits,
+                iters=cfg.signround_iters or 200, lr=cfg.signround_lr, num_batches=num_batches,
+                masks={n: layer.mask for n, layer in self.layers.items() if layer.mask is not None})
+        finally:
+            self._active = was
+        s = self.signround_stats
+        log.info("quantization: SignRound over %d encoder layers in %.1f s", len(s["blocks"]), s["seconds"])
 
     # -- state ------------------------------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from sparsify.errors import SparsifyError
-from sparsify.runtime.model import sha256_file as _sha256
 
 FORMAT = 1
 MANIFEST = "cache.json"
@@ -69,7 +68,6 @@ class TeacherCache:
         self.shard_examples = shard_examples
         self.shards: list[dict] = []
         self.unsaved: list[int] = []
-        self.loaded = 0
 
     # -- reading ----------------------------------------------------------------------------------------
     def load(self) -> dict[int, dict]:
@@ -103,17 +101,18 @@ class TeacherCache:
             if got is not None:
                 self.shards.append(shard)
                 entries.update(got)
-        self.loaded = len(entries)
         return entries
 
     def _read_shard(self, shard) -> dict[int, dict] | None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        try:
-            path = self.dir / str(shard["file"])
-            if Path(shard["file"]).name != shard["file"] or _sha256(path) != shard["sha256"]:
+        try:  # the file is read once: checked, then parsed from the same bytes
+            if Path(shard["file"]).name != shard["file"]:
+                raise ValueError("not a file name")
+            raw = (self.dir / str(shard["file"])).read_bytes()
+            if hashlib.sha256(raw).hexdigest() != shard["sha256"]:
                 raise ValueError("checksum mismatch")
-            tensors = load_file(str(path))
+            tensors = load(raw)
         except Exception as e:  # a missing, truncated or altered shard: recompute its examples
             warnings.warn(f"{self.dir}: teacher cache shard {shard.get('file') if isinstance(shard, dict) else shard!r}"
                           f" skipped ({type(e).__name__}: {e}); its examples are computed again", stacklevel=2)
@@ -143,7 +142,7 @@ class TeacherCache:
         """Write the waiting entries as one shard and the manifest that lists it (both atomically)."""
         if not self.write or not self.unsaved:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {}
         for idx in self.unsaved:
@@ -156,15 +155,15 @@ class TeacherCache:
             for name, value in e["example"].items():
                 tensors[f"{idx}/example.{name}"] = value.contiguous()
         self.dir.mkdir(parents=True, exist_ok=True)
-        taken = {s["file"] for s in self.shards}
         n = len(self.shards)
-        while f"shard-{n:05d}.safetensors" in taken or (self.dir / f"shard-{n:05d}.safetensors").exists():
+        while (self.dir / f"shard-{n:05d}.safetensors").exists():  # a damaged shard left in place keeps its name
             n += 1
         name = f"shard-{n:05d}.safetensors"
+        raw = save(tensors)  # hashed from the bytes written, not read back
         tmp = self.dir / (name + ".tmp")
-        save_file(tensors, str(tmp))
+        tmp.write_bytes(raw)
         os.replace(tmp, self.dir / name)
-        self.shards.append({"file": name, "sha256": _sha256(self.dir / name), "examples": len(self.unsaved)})
+        self.shards.append({"file": name, "sha256": hashlib.sha256(raw).hexdigest(), "examples": len(self.unsaved)})
         manifest = {"format": FORMAT, **self.key, "shards": self.shards}
         tmp = self.dir / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")

@@ -356,12 +356,13 @@ class Distiller:
             outputs["pooling"] = {"modes": list(pooling["modes"]), "normalize": bool(pooling.get("normalize"))}
         self._disk = TeacherCache(directory, teacher=teacher_fingerprint(self.teacher), data=data_fingerprint,
                                   outputs=outputs, write=write)
-        self._cache.update(self._disk.load())
-        return self._disk.loaded
+        stored = self._disk.load()
+        self._cache.update(stored)
+        return len(stored)
 
     def flush_cache(self) -> None:
         """Write the teacher outputs computed since the last flush to the cache directory (if one is attached)."""
-        if getattr(self, "_disk", None) is not None:
+        if self._disk is not None:
             self._disk.flush(self._cache)
 
     def _cached_teacher(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -374,7 +375,7 @@ class Distiller:
         mask = batch["attention_mask"].bool().cpu()
         ids = batch["input_ids"].cpu()
         types = batch["token_type_ids"].cpu() if "token_type_ids" in batch else None
-        disk = getattr(self, "_disk", None)
+        disk = self._disk
         if any(k not in self._cache for k in keys):
             fresh = self._run_teacher(batch)
             for row, key in enumerate(keys):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["Architecture", "ARCHITECTURES", "HEADS", "architecture", "canonical_config", "layer_linears",
-           "layer_norms", "POOLING_MODES"]
+           "layer_norms", "head_modules", "POOLING_MODES"]
 
 # The heads an artifact can have: name -> what the runtime's __call__ returns.
 HEADS = {
@@ -120,6 +120,16 @@ def layer_linears(arch: Architecture, prefix: str, i: int) -> dict[str, str]:
     """Role (query, key, value, attn_out, inter, out) -> full module name of layer ``i``."""
     base = prefix + arch.layer.format(i=i)
     return {role: base + name for role, name in arch.linears.items()}
+
+
+def head_modules(arch: Architecture, head: str, prefix: str) -> list[tuple[str, str | None, bool]]:
+    """The head's Linear modules in order as ``(name, activation after it, optional)``: the architecture's sequence
+    head on the first token, one Linear on every token for the token and QA heads, none for embeddings."""
+    if head == "sequence-classification":
+        return [(n.format(prefix=prefix), act, n in arch.optional_head) for n, act in arch.sequence_head]
+    if head in ("token-classification", "question-answering"):
+        return [(TOKEN_HEAD if head == "token-classification" else QA_HEAD, None, False)]
+    return []
 
 
 def layer_norms(arch: Architecture, prefix: str, i: int) -> tuple[str, str]:

@@ -391,14 +391,8 @@ class SparseModel:
         optional modules only when stored), one Linear for the token and QA heads, none for embeddings."""
         from . import arch as A
 
-        if self.head == "sequence-classification":
-            names = [(n.format(prefix=prefix), act, n in self.arch.optional_head) for n, act in self.arch.sequence_head]
-        elif self.head in ("token-classification", "question-answering"):
-            names = [(A.TOKEN_HEAD if self.head == "token-classification" else A.QA_HEAD, None, False)]
-        else:
-            return []
         steps = []
-        for name, act, optional in names:
+        for name, act, optional in A.head_modules(self.arch, self.head, prefix):
             if optional and name + ".weight" not in tensors:
                 continue
             steps.append((t(name + ".weight"), t(name + ".bias"), act))

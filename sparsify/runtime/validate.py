@@ -197,12 +197,8 @@ def _check_head(spec, head_kind: str, p: str, H: int, tensors: dict, shape, wpat
 
     if head_kind == "embeddings":
         return None
-    if head_kind == "sequence-classification":
-        steps = [(n.format(prefix=p), n in spec.optional_head) for n, _ in spec.sequence_head]
-    else:
-        steps = [(A.TOKEN_HEAD if head_kind == "token-classification" else A.QA_HEAD, False)]
     width = H
-    for name, optional in steps:
+    for name, _, optional in A.head_modules(spec, head_kind, p):
         w = tensors.get(name + ".weight")
         if w is None and optional:
             continue

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -29,20 +28,9 @@ from pathlib import Path
 import numpy as np
 
 
-def _cpu() -> dict:
-    info = {"machine": platform.machine()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and "model_name" not in info:
-            info["model_name"] = value.strip()
-        if key.strip() == "flags" and "flags" not in info:
-            info["flags"] = value.split()
-    return info
 
+
+from sparsify.machine import cpu_info
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -137,7 +125,7 @@ def main(argv=None) -> int:
         "max_length": args.max_length,
         "batch_size": 32,
         "threads": args.threads,
-        "cpu": _cpu(),
+        "cpu": cpu_info(),
         "results": results,
     }
     if args.output:

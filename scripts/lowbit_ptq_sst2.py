@@ -28,7 +28,6 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,21 +36,9 @@ import numpy as np
 import torch
 
 
-def _cpu() -> dict:
-    info = {"machine": platform.machine()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and "model_name" not in info:
-            info["model_name"] = value.strip()
-        if key == "flags" and "flags" not in info:
-            info["flags"] = value.split()
-    return info
 
+
+from sparsify.machine import cpu_info
 
 def _configs(only: set[str], iters: int, calib: int) -> dict[str, dict | None]:
     from sparsify.techniques.quantization import QuantizationConfig
@@ -161,7 +148,7 @@ def main(argv=None) -> int:
         "calibration": f"{args.calibration_batches} batches of 32 training sentences (shuffled, seed 0)",
         "threads": args.threads,
         "torch": torch.__version__,
-        "cpu": _cpu(),
+        "cpu": cpu_info(),
         "results": results,
     }
     if args.output:

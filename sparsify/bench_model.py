@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsify.errors import SparsifyError
+from sparsify.machine import cpu_info
 from sparsify.kernels.bench import WorkerProcess
 
 __all__ = ["main", "run_benchmark"]
@@ -358,7 +359,8 @@ def run_benchmark(artifact: str, *, threads: int = 2, rounds: int = 7, quick: bo
         ds.close()
     return {"artifact": str(artifact), "threads": threads, "rounds": rounds, "records": records,
             "cold_start": cold, "parity": parity, "notes": notes,
-            "length_config": sm.length_config, "int8_weights": int8_weights, "cpu_count": os.cpu_count()}
+            "length_config": sm.length_config, "int8_weights": int8_weights, "cpu_count": os.cpu_count(),
+            "cpu": cpu_info()}
 
 
 def _cold_starts(artifact, model, tmp: Path, threads: int, seq: int, int8_weights: str, quick: bool) -> dict:

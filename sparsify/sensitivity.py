@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
+from sparsify.machine import cpu_info
 
 SCORES = ("l1", "l2", "taylor", "obs")
 SCOPES = ("layer", "global")
@@ -115,7 +116,7 @@ def sensitivity(model_path: str, *, task: str = "sst2", dataset: str = "nyu-mll/
         records.append(rec)
     return {"model": str(model_path), "task": task, "metric": metric, "block": block, "orientation": "(out x in)",
             "calibration_samples": calibration_samples, "damping": damping, "eval_examples": len(data.eval),
-            "dense": base, "records": records}
+            "dense": base, "records": records, "cpu": cpu_info()}
 
 
 def format_table(result: dict) -> str:

@@ -489,6 +489,9 @@ def test_bench_quick_smoke(artifact, tmp_path, capsys):
         assert r["median_ms"] > 0 and r["items_per_s"] > 0 and r["speedup_vs_torch_fp32"] > 0
     assert res["parity"]["argmax_agreement"] == 1.0
     assert "speedup" in capsys.readouterr().out
+    if Path("/proc/cpuinfo").is_file():  # timings are comparable only on the same CPU: its SIMD flags are recorded
+        assert res["cpu"]["cpu_count"] >= 1 and any(f.startswith(("avx", "sse", "neon", "asimd"))
+                                                    for f in res["cpu"]["flags"])
 
 
 def test_bench_settle_must_be_a_sane_pause(artifact, capsys):

@@ -183,6 +183,9 @@ class TrainingConfig(Config):
     batch_size: int = Field(32, ge=1, description="Examples per process per forward pass.")
     eval_batch_size: int = Field(128, ge=1, description="Examples per process per evaluation batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    group_by_length: int = Field(0, ge=0, description="Batches of similar length, drawn from groups of this many "
+                                 "shuffled batches (50: SST-2 pads about 2.9x fewer tokens per step than random "
+                                 "batches); 0: random batches.")
     learning_rate: float = Field(5e-5, gt=0, le=1.0, description="Peak AdamW learning rate.")
     lr_schedule: Literal["linear", "cosine", "constant", "rewind"] = Field(
         "linear", description="Decay after warmup. rewind (needs a pruning technique): the rate restarts at the peak "

@@ -51,17 +51,33 @@ from sparsify.techniques import TECHNIQUES
 
 
 class EpochSampler(Sampler):
-    """A shuffled order that depends only on (seed, epoch): every process and every resume agrees on it."""
+    """A shuffled order that depends only on (seed, epoch): every process and every resume agrees on it.
 
-    def __init__(self, n: int, seed: int):
+    With ``lengths`` and ``group`` > 0, batches hold examples of similar length (less padding, so fewer tokens per
+    step): the shuffled order is cut into groups of ``group`` batches, each group is sorted by length and cut into
+    batches, and the batches of a group are shuffled, so a step sees one random group's length band.
+    """
+
+    def __init__(self, n: int, seed: int, *, lengths=None, batch_size: int = 1, group: int = 0):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths = None if not group else torch.as_tensor(lengths)
+        self.batch_size, self.group = batch_size, group
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g)
+        if self.lengths is None:
+            return iter(order.tolist())
+        span = self.batch_size * self.group  # a multiple of batch_size: batches never straddle two groups
+        out = []
+        for chunk in order.split(span):
+            chunk = chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices]
+            batches = chunk.split(self.batch_size)
+            out.extend(batches[i] for i in torch.randperm(len(batches), generator=g).tolist())
+        return iter(torch.cat(out).tolist())
 
     def __len__(self):
         return self.n
@@ -172,7 +188,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     check_run_inputs(recipe, data, model, teacher)  # output_dir, num_labels, max_length vs positions
 
     collate = collator(tokenizer, task)
-    sampler = EpochSampler(len(data.train), tc.seed)
+    lengths = [len(ids) for ids in data.train["input_ids"]] if tc.group_by_length else None
+    sampler = EpochSampler(len(data.train), tc.seed, lengths=lengths, batch_size=tc.batch_size,
+                           group=tc.group_by_length)
     # Own generators: a DataLoader otherwise draws a seed from the global RNG each time it is iterated, which
     # would shift the dropout RNG stream of a resumed run.
     train_dl = DataLoader(data.train, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate,

@@ -102,6 +102,8 @@ def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tin
     # kill points sit mid-epoch 0 and mid-epoch 1, so the data position, RNG (dropout), optimizer, schedule and
     # technique state (masks) must all resume.
     sections = {"training": {"steps": 10, "gradient_accumulation_steps": 2, "save_every": 4, "warmup_steps": 2}}
+    if not techniques:  # the dense run also draws length-grouped batches: their order must resume too
+        sections["training"]["group_by_length"] = 2
     if techniques == "embedding":
         sections.update(EMBEDDING_COMPRESSION, model={"name_or_path": str(tiny_st_dir)},
                         teacher={"name_or_path": str(tiny_st_dir)})
@@ -150,6 +152,41 @@ def test_killed_run_resumes_to_the_same_weights(make_recipe, tiny_model_dir, tin
         assert length_config  # the recipe's length configuration travels with the model
         metrics = json.loads((output_dir(killed) / "metrics.json").read_text())
         assert "length_config_accuracy" in metrics["metrics"]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_length_grouped_batches(seed):
+    from sparsify.train import EpochSampler
+
+    gen = torch.Generator().manual_seed(seed)
+    n, batch, group = 1000, 16, 8
+    lengths = torch.randint(3, 64, (n,), generator=gen).tolist()
+    random = EpochSampler(n, seed)
+    grouped = EpochSampler(n, seed, lengths=lengths, batch_size=batch, group=group)
+
+    def padded(order):  # tokens a batch pads to: its longest example x its size
+        return sum(max(lengths[i] for i in order[a:a + batch]) * len(order[a:a + batch]) for a in range(0, n, batch))
+
+    for epoch in (0, 1):
+        random.set_epoch(epoch)
+        grouped.set_epoch(epoch)
+        order = list(grouped)
+        assert sorted(order) == list(range(n))  # every example once per epoch
+        assert order == list(grouped)  # one order per (seed, epoch): every process and every resume agrees
+        for a in range(0, n - n % (batch * group), batch * group):  # a group's examples, in whole batches
+            span = order[a:a + batch * group]
+            assert set(span) == set(list(random)[a:a + batch * group])  # the groups are cut from the shuffled order
+            firsts = [lengths[i] for i in span[::batch]]
+            assert firsts != sorted(firsts, reverse=True) or len(set(firsts)) == 1  # batches shuffled in the group
+            for b in range(0, len(span), batch):  # a batch holds a contiguous length band of its group
+                inside = sorted(lengths[i] for i in span[b:b + batch])
+                outside = [lengths[i] for i in span if i not in span[b:b + batch]]
+                assert not [x for x in outside if inside[0] < x < inside[-1]]
+        assert padded(order) < 0.75 * padded(list(random))
+    grouped.set_epoch(0)
+    first = list(grouped)
+    grouped.set_epoch(1)
+    assert list(grouped) != first
 
 
 def test_pruning_run_reports_measured_sparsity(make_recipe, tiny_model_dir):

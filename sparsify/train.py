@@ -40,6 +40,7 @@ from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, resume_checkpo
 from sparsify.config import FieldError
 from sparsify.data import collator, load_task_data
 from sparsify.errors import SparsifyError
+from sparsify.machine import cpu_info
 from sparsify.evaluation import evaluate, evaluate_qa, evaluate_tokens
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
@@ -448,6 +449,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             "steps_per_epoch": steps_per_epoch,
             "num_processes": accelerator.num_processes,
             "wall_time_s": round(elapsed, 1),
+            "threads": torch.get_num_threads(),
+            "cpu": cpu_info(),  # wall times compare only on the same CPU
             "evals": state["evals"],
         }
         if parity is not None:

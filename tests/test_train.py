@@ -32,6 +32,7 @@ def test_end_to_end_run_directory(make_recipe):
     run = output_dir(recipe)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 96 and metrics["steps_per_epoch"] == 12  # 192 examples / 16
+    assert metrics["threads"] >= 1 and metrics["cpu"]["cpu_count"] >= 1  # wall times name their machine
     assert [e["step"] for e in metrics["evals"]] == [32, 64, 96]
     assert metrics["metrics"]["accuracy"] > 0.8  # the toy task is learnable: far above chance
     assert metrics["best"]["accuracy"] == max(e["accuracy"] for e in metrics["evals"])

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interpreter with deepsparse==1.8.0 (default: $SPARSIFY_DEEPSPARSE_PYTHON, else in-process "
                    "import if available)")
     p.add_argument("--quick", action="store_true", help="smoke grid: 90%% sparsity, M=128, 3 rounds")
-    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    p.add_argument("--json", metavar="PATH", help="write the records as JSON: {threads, cpu (model, count, "
+                   "/proc/cpuinfo flags), load_average, records: [...]}; timings compare only on the same CPU")
     return p
 
 
@@ -427,11 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ds is not None:
             ds.close()
-    if hasattr(os, "getloadavg"):
-        print("# load average at end (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if load is not None:
+        print("# load average at end (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in load))
     if args.json:
+        from sparsify.machine import cpu_info
+
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in records], f, indent=1)
+            json.dump({"threads": threads, "cpu": cpu_info(), "load_average_at_end": load,
+                       "records": [asdict(r) for r in records]}, f, indent=1)
         print(f"# wrote {len(records)} records to {args.json}")
     return 0
 

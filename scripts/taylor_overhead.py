@@ -25,6 +25,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from sparsify.machine import cpu_info
     from sparsify.techniques.pruning import BlockPruner, PruningConfig
 
     torch.set_num_threads(args.threads)
@@ -61,8 +62,7 @@ def main() -> None:
     result = {"model": args.model, "threads": args.threads, "rounds": args.rounds, "batch": [32, 64],
               "median_ms": med, "taylor_extra_ms": med["taylor"] - med["l2"],
               "taylor_extra_share_of_step": (med["taylor"] - med["l2"]) / (med["step"] + med["l2"]),
-              "cpu_flags": sorted(f for f in open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-                                  if f.startswith(("avx", "fma", "amx")))}
+              "cpu": cpu_info()}
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -142,7 +142,29 @@ def _load_quantization(model_dir: Path, quantized: dict | None,
             out[name] = d
         return out
 
+    for key, arr in tensors.items():  # a damaged or diverged file is refused, never half-used
+        _check_quant_values(spath, key, arr)
+    for head, section in (("", modules), ("activation:", points)):
+        for name, fields in section.items():
+            for field, value in (fields or {}).items():
+                _check_quant_values(jpath, head + name + "." + field, value)
     return collect(modules, ""), collect(points, "activation:")
+
+
+def _check_quant_values(path: Path, key: str, value) -> None:
+    """Quantization parameters must be finite numbers, and scales positive."""
+    if isinstance(value, (str, bool)) or value is None:
+        return
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return
+    if not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise SparsifyError(f"{path}: {key} has {bad} non-finite value(s) (NaN or inf): the file is damaged or the "
+                            "training diverged; export from another checkpoint")
+    if "scale" in key.rsplit(".", 1)[-1] and (arr <= 0).any():
+        raise SparsifyError(f"{path}: {key} has {int((arr <= 0).sum())} scale(s) <= 0; scales must be positive")
 
 
 def _np(v: Any):

@@ -283,6 +283,16 @@ def test_int8_parity_with_fake_quant(sparse_4x1, tmp_path, fake_quantize):
     export(src, tmp_path / "b")
     np.testing.assert_allclose(SparseModel.from_pretrained(tmp_path / "b", threads=1)(
         batch["input_ids"], batch["attention_mask"]), got, atol=1e-6)
+    for value, message in ((np.nan, "non-finite"), (0.0, "scales must be positive")):  # damaged: refused
+        damaged = dict(tensors)
+        key = "bert.encoder.layer.0.intermediate.dense.weight_scale"
+        damaged[key] = damaged[key].copy()
+        damaged[key][1] = value
+        save_file(damaged, str(src / "quantization.safetensors"))
+        with pytest.raises(SparsifyError, match=f"quantization.safetensors: {key}.*{message}"):
+            export(src, tmp_path / "damaged")
+        assert not (tmp_path / "damaged").exists()
+    save_file(tensors, str(src / "quantization.safetensors"))
     # hf export: dense-equivalent dequantized weights load in plain transformers
     export(src, tmp_path / "hf", format="hf")
     hf = BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()

@@ -27,10 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-
-
 from sparsify.machine import cpu_info
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -35,10 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-
-
 from sparsify.machine import cpu_info
+
 
 def _configs(only: set[str], iters: int, calib: int) -> dict[str, dict | None]:
     from sparsify.techniques.quantization import QuantizationConfig

@@ -143,17 +143,15 @@ def qa_metrics(predictions: list[str], golds: list[list[str]]) -> dict[str, floa
 @torch.no_grad()
 def evaluate_qa(model, dataloader, answers: list, *, accelerator=None, forward=None, logits_out: list | None = None,
                 max_answer_length: int = 30) -> dict[str, float]:
-    """Extractive QA: the span of each eval example that maximises p(start) x p(end) over its context tokens
-    (:func:`sparsify.runtime.model.decode_span`), its text cut from the context with the token offsets, scored
-    with :func:`qa_metrics`; plus the mean eval loss. ``answers``: :attr:`sparsify.data.TaskData.answers`.
-    ``logits_out`` receives the predicted spans ``(examples, 2)`` (start and end token) per batch."""
-    import numpy as np
-
-    from sparsify.runtime.model import decode_span
-
+    """Extractive QA: in each eval window the span that maximises p(start) x p(end) over its context tokens
+    (:func:`sparsify.runtime.model.decode_span`); per example, the best-scoring span over its windows, its text
+    cut from the context with the token offsets, scored with :func:`qa_metrics` (metrics per example, not per
+    window); plus the mean eval loss (per window). ``answers``: :attr:`sparsify.data.TaskData.answers`, a
+    :class:`sparsify.data.QAWindow` per window (row ``idx``). ``logits_out`` receives the predicted spans
+    ``(windows, 2)`` (start and end token) per batch."""
     was_training = model.training
     model.eval()
-    predicted: dict[int, str] = {}
+    best: dict[int, tuple[float, str]] = {}  # example -> (score, text) of its best window so far
     losses, count = 0.0, 0
     for batch in dataloader:
         inputs = {k: v for k, v in batch.items() if k != "idx"}
@@ -167,19 +165,37 @@ def evaluate_qa(model, dataloader, answers: list, *, accelerator=None, forward=N
             loss = accelerator.reduce(loss, reduction="sum")
         spans = []
         for s, e, i in zip(start.float().cpu().numpy(), end.float().cpu().numpy(), idx.tolist()):
-            context, offsets, _ = answers[i]
-            allowed = np.array([o is not None for o in offsets] + [False] * (len(s) - len(offsets)))
-            span = decode_span(s, e, allowed, max_answer_length)
-            spans.append(span[:2] if span is not None else (0, 0))
-            predicted[i] = "" if span is None else context[offsets[span[0]][0]:offsets[span[1]][1]]
+            window = answers[i]
+            span, score, text = window_answer(s, e, window.context, window.offsets, max_answer_length)
+            spans.append(span)
+            if window.example not in best or score > best[window.example][0]:
+                best[window.example] = (score, text)
         if logits_out is not None:
             logits_out.append(torch.tensor(spans, dtype=torch.float32).reshape(-1, 2))
         losses += float(loss)
         count += idx.shape[0]
     model.train(was_training)
-    order = sorted(predicted)
-    metrics = qa_metrics([predicted[i] for i in order], [answers[i][2] for i in order])
+    golds = {w.example: w.gold for w in answers}
+    order = sorted(best)
+    metrics = qa_metrics([best[e][1] for e in order], [golds[e] for e in order])
     return {**metrics, "loss": losses / max(count, 1)}
+
+
+def window_answer(start_logits, end_logits, context: str, offsets: list,
+                  max_answer_length: int = 30) -> tuple[tuple[int, int], float, str]:
+    """The best span of one window, ``((start token, end token), score, text)``: ``((0, 0), -1.0, "")`` when the
+    window has no context token. ``offsets``: per token, character offsets into ``context`` (None outside it;
+    the logits may be longer, padded)."""
+    import numpy as np
+
+    from sparsify.runtime.model import decode_span
+
+    allowed = np.array([o is not None for o in offsets] + [False] * (len(start_logits) - len(offsets)))
+    span = decode_span(start_logits, end_logits, allowed, max_answer_length)
+    if span is None:
+        return (0, 0), -1.0, ""
+    i, j, score = span
+    return (i, j), score, context[offsets[i][0]:offsets[j][1]]
 
 
 def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glue", split: str = "validation",
@@ -221,4 +237,5 @@ def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glu
         metrics = evaluate_qa(model, loader, data.answers)
     else:
         metrics = evaluate(model, loader, task, is_regression=data.is_regression)
-    return {"task": task, "split": split, "examples": len(data.eval), **metrics}
+    examples = len(data.eval) if data.answers is None else len({w.example for w in data.answers})  # QA: not windows
+    return {"task": task, "split": split, "examples": examples, **metrics}

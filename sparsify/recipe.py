@@ -118,7 +118,8 @@ class DataConfig(Config):
     )
     label_column: str = Field("label", description="Column holding the labels (class ids or names).")
     label_names: tuple[str, ...] | None = Field(None, description="Default: from the dataset's features or values.")
-    max_length: int = Field(128, ge=8, le=4096, description="Tokens per example (longer ones are truncated).")
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per example (longer ones are truncated; "
+                            "question-answering reads a longer context in windows, see doc_stride).")
     max_train_samples: int | None = Field(None, ge=1, description="Train on the first N examples only.")
     max_eval_samples: int | None = Field(None, ge=1, description="Evaluate on the first N examples only.")
     task: str | None = Field(

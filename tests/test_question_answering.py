@@ -305,3 +305,18 @@ def test_runtime_answers_long_contexts_like_torch_with_windows(tiny_model_dir, l
     with pytest.raises(SparsifyError, match=r"doc_stride 28 must be smaller than the 28 tokens of context a window "
                                             r"holds .*: give 0 to 27"):
         rt.answer(questions, contexts, max_length=32, doc_stride=28)
+
+
+def test_qa_run_trains_and_evaluates_on_windows(make_qa_recipe, tiny_model_dir, long_qa_data, tmp_path):
+    """A run on long contexts: every window trains (teacher outputs cached per window), evaluation and 'sparsify
+    eval' count examples, not windows."""
+    recipe = make_qa_recipe(data={**long_qa_data, **LONG}, training={"steps": 4, "batch_size": 4},
+                            teacher={"name_or_path": str(tiny_model_dir)},
+                            techniques=[{"kind": "distillation", "logits": {"weight": 1.0}, "cache_teacher": True}])
+    assert run_cli("train", recipe) == 0
+    metrics = json.loads((output_dir(recipe) / "metrics.json").read_text())["metrics"]
+    assert round(metrics["exact_match"] * 3) == pytest.approx(metrics["exact_match"] * 3)  # a multiple of 1/3
+    assert run_cli("eval", output_dir(recipe), "--task", "question-answering", "--file", long_qa_data["validation_file"],
+                   "--max-length", 32, "-o", tmp_path / "m.json") == 0
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert got["examples"] == 3 and got["exact_match"] == pytest.approx(metrics["exact_match"], abs=1e-9)

@@ -200,10 +200,11 @@ def window_answer(start_logits, end_logits, context: str, offsets: list,
 
 def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glue", split: str = "validation",
                        max_length: int = 128, batch_size: int = 128, max_samples: int | None = None,
-                       config: str | None = None, file: str | None = None) -> dict:
+                       config: str | None = None, file: str | None = None, doc_stride: int | None = None) -> dict:
     """``sparsify eval``: metrics of a saved model (directory, run directory or hub id) on a task's split: a GLUE
     task (``config`` defaults to the task), ``token-classification`` or ``question-answering`` (a ``config`` of
-    ``dataset``, or a local ``file``, with the recipe defaults' columns)."""
+    ``dataset``, or a local ``file``, with the recipe defaults' columns; long contexts in windows sharing
+    ``doc_stride`` tokens)."""
     from torch.utils.data import DataLoader
 
     from sparsify.data import collator, load_task_data
@@ -216,6 +217,11 @@ def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glu
         raise SparsifyError(f"--task {task}: give the data, --file (jsonl, parquet, ...) or --config of --dataset")
     source = {"train_file": file, "validation_file": file} if file is not None else \
         {"dataset": dataset, "config": config or task, "train_split": split, "eval_split": split}
+    if doc_stride is not None and task != QUESTION_ANSWERING:
+        raise SparsifyError(f"--doc-stride: only question-answering reads windows (--task {task})")
+    if doc_stride is not None and not 0 <= doc_stride < max_length:
+        raise SparsifyError(f"--doc-stride {doc_stride}: give 0 to {max_length - 1} at most (--max-length "
+                            f"{max_length} less the question and special tokens)")
     names = None
     if task == TOKEN_CLASSIFICATION:  # the model's labels, in its order (the data may not show them all)
         from transformers import AutoConfig
@@ -225,7 +231,7 @@ def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glu
         id2label = AutoConfig.from_pretrained(resolve_model_path(model_dir)).id2label
         names = tuple(id2label[i] for i in range(len(id2label)))
     cfg = DataConfig(**source, task=task, max_length=max_length, max_train_samples=1, max_eval_samples=max_samples,
-                     label_names=names)
+                     label_names=names, doc_stride=doc_stride)
     data = load_task_data(cfg, tokenizer)
     head = task if task in TOKEN_HEADS else "sequence-classification"
     model = load_classifier(model_dir, num_labels=data.num_labels, label_names=data.label_names,

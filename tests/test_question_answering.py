@@ -68,7 +68,8 @@ def test_answers_map_to_their_tokens(tiny_model_dir, toy_qa_data):
         assert tok.decode(row["input_ids"][row["start_positions"]:row["end_positions"] + 1]) == answer
     window = data.answers[0]
     assert window.example == 0 and window.offsets[0] is None
-    assert window.gold == [json.loads(Path(toy_qa_data["validation"]).read_text().splitlines()[0])["answers"]["text"][0]]
+    first = json.loads(Path(toy_qa_data["validation"]).read_text().splitlines()[0])
+    assert window.gold == [first["answers"]["text"][0]]
     assert len(data.eval) == len(data.answers) == 64  # short contexts: one window each
 
 
@@ -271,7 +272,7 @@ def _torch_answers(model, tok, questions, contexts, max_length, stride, max_answ
     return best, first_window
 
 
-def test_runtime_answers_long_contexts_like_torch_with_windows(tiny_model_dir, long_qa_data, tmp_path):
+def test_runtime_answers_long_contexts_like_torch_with_windows(tiny_model_dir, long_qa_data, tmp_path, capsys):
     import shutil
 
     from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
@@ -302,12 +303,18 @@ def test_runtime_answers_long_contexts_like_torch_with_windows(tiny_model_dir, l
              a["start"] > len(" ".join(contexts[k].split()[:28]))]
     assert later, want
     assert rt.predict(list(zip(questions, contexts)), max_length=32, doc_stride=8) == got
+    lines = tmp_path / "qa.txt"
+    lines.write_text("".join(f"{q}\t{c}\n" for q, c in zip(questions, contexts)))
+    capsys.readouterr()
+    assert run_cli("predict", tmp_path / "art", "--file", lines, "--max-length", 32, "--doc-stride", 8, "--json") == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["answer"] for p in printed] == [a["answer"] for a in got]
     with pytest.raises(SparsifyError, match=r"doc_stride 28 must be smaller than the 28 tokens of context a window "
                                             r"holds .*: give 0 to 27"):
         rt.answer(questions, contexts, max_length=32, doc_stride=28)
 
 
-def test_qa_run_trains_and_evaluates_on_windows(make_qa_recipe, tiny_model_dir, long_qa_data, tmp_path):
+def test_qa_run_trains_and_evaluates_on_windows(make_qa_recipe, tiny_model_dir, long_qa_data, tmp_path, capsys):
     """A run on long contexts: every window trains (teacher outputs cached per window), evaluation and 'sparsify
     eval' count examples, not windows."""
     recipe = make_qa_recipe(data={**long_qa_data, **LONG}, training={"steps": 4, "batch_size": 4},
@@ -316,7 +323,10 @@ def test_qa_run_trains_and_evaluates_on_windows(make_qa_recipe, tiny_model_dir, 
     assert run_cli("train", recipe) == 0
     metrics = json.loads((output_dir(recipe) / "metrics.json").read_text())["metrics"]
     assert round(metrics["exact_match"] * 3) == pytest.approx(metrics["exact_match"] * 3)  # a multiple of 1/3
-    assert run_cli("eval", output_dir(recipe), "--task", "question-answering", "--file", long_qa_data["validation_file"],
-                   "--max-length", 32, "-o", tmp_path / "m.json") == 0
+    assert run_cli("eval", output_dir(recipe), "--task", "question-answering", "--file",
+                   long_qa_data["validation_file"], "--max-length", 32, "-o", tmp_path / "m.json") == 0
     got = json.loads((tmp_path / "m.json").read_text())
     assert got["examples"] == 3 and got["exact_match"] == pytest.approx(metrics["exact_match"], abs=1e-9)
+    assert run_cli("eval", output_dir(recipe), "--task", "question-answering", "--file",
+                   long_qa_data["validation_file"], "--max-length", 32, "--doc-stride", 28) == 2
+    assert "data.doc_stride: 28 must be smaller than the 28 tokens" in capsys.readouterr().err

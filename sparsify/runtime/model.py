@@ -591,11 +591,7 @@ class SparseModel:
         window (a stride too large for the question panics in ``tokenizers``: see :meth:`_doc_stride`)."""
         max_length = self._max_length(max_length)
         tok = self.tokenizer
-        pairs = [tuple(t) if isinstance(t, (list, tuple)) else t for t in texts]
-        for t in pairs:
-            if not isinstance(t, (str, tuple)) or (isinstance(t, tuple) and (len(t) != 2 or not all(
-                    isinstance(s, str) for s in t))):
-                raise SparsifyError(f"texts must be strings or (text, text_pair) pairs, got {t!r:.80}")
+        pairs = _text_inputs(texts)
         tok.enable_truncation(max_length, stride=stride, strategy=strategy)
         try:
             return tok.encode_batch(pairs)
@@ -680,6 +676,7 @@ class SparseModel:
             raise SparsifyError(f"{len(questions)} questions but {len(contexts)} contexts")
         if not pairs:
             raise SparsifyError("no texts to answer (empty input list)")
+        pairs = _text_inputs(pairs)
         if not isinstance(max_answer_length, int) or max_answer_length < 1:
             raise SparsifyError(f"max_answer_length must be a positive integer, got {max_answer_length!r}")
         _check_batch_size(batch_size)
@@ -692,16 +689,15 @@ class SparseModel:
 
     def _doc_stride(self, pairs: list, max_length: int, doc_stride: int | None) -> int:
         """``doc_stride`` (default ``max_length // 4``), checked: smaller than the context tokens a window holds
-        after the longest question and the special tokens (``tokenizers`` panics otherwise)."""
-        for p in pairs:
-            if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p)):
-                raise SparsifyError(f"question answering takes (question, context) pairs of strings, got {p!r:.80}")
+        after the longest question and the special tokens (``tokenizers`` panics otherwise). A single text (no
+        question; the answer may be anywhere in it) counts as an empty question."""
         stride = max_length // 4 if doc_stride is None else doc_stride
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
             raise SparsifyError(f"doc_stride must be a non-negative integer, got {doc_stride!r}")
         tok = self.tokenizer
-        longest = max(len(e.ids) for e in tok.encode_batch([q for q, _ in pairs], add_special_tokens=False))
-        special = tok.num_special_tokens_to_add(True)
+        questions = [p[0] for p in pairs if isinstance(p, tuple)]
+        longest = max((len(e.ids) for e in tok.encode_batch(questions, add_special_tokens=False)), default=0)
+        special = tok.num_special_tokens_to_add(bool(questions))
         room = max_length - special - longest
         if room < 1:
             raise SparsifyError(f"max_length {max_length} leaves no room for the context: the longest question "
@@ -723,18 +719,16 @@ class SparseModel:
                 owners.append(k)
         packed = self._pack(windows)
         logits = self._forward_packed(*packed)
-        best: list[dict] = [{"answer": "", "start": 0, "end": 0, "score": 0.0} for _ in pairs]
-        found = [False] * len(pairs)
+        best: list[dict | None] = [None] * len(pairs)
         for enc, k, st, n in zip(windows, owners, np.cumsum(packed[3]) - packed[3], packed[3]):
             span = decode_span(logits[st:st + n, 0], logits[st:st + n, 1], _context_tokens(enc), max_answer_length)
-            if span is None or (found[k] and span[2] <= best[k]["score"]):
-                continue
+            if span is None or (best[k] is not None and span[2] <= best[k]["score"]):
+                continue  # on a tie the earlier window's span stays
             i, j, score = span
             cs, ce = enc.offsets[i][0], enc.offsets[j][1]
-            context = pairs[k][1]
+            context = pairs[k][1] if isinstance(pairs[k], tuple) else pairs[k]
             best[k] = {"answer": context[cs:ce], "start": int(cs), "end": int(ce), "score": float(score)}
-            found[k] = True
-        return best
+        return [b or {"answer": "", "start": 0, "end": 0, "score": 0.0} for b in best]
 
     def predict(self, texts: Sequence, batch_size: int = 32, *, max_length: int | None = None,
                 length_config: Any = "default", return_probabilities: bool = False,
@@ -793,6 +787,16 @@ class SparseModel:
     def __repr__(self) -> str:
         return (f"SparseModel({self.path}, layers={self.n_layers}, hidden={self.hidden}, threads={self.threads}, "
                 f"length_config={self.length_config})")
+
+
+def _text_inputs(texts: Sequence) -> list:
+    """``texts`` as strings and (text, text_pair) tuples, checked."""
+    out = [tuple(t) if isinstance(t, (list, tuple)) else t for t in texts]
+    for t in out:
+        if not isinstance(t, (str, tuple)) or (isinstance(t, tuple) and (len(t) != 2 or not all(
+                isinstance(s, str) for s in t))):
+            raise SparsifyError(f"texts must be strings or (text, text_pair) pairs, got {t!r:.80}")
+    return out
 
 
 def _check_batch_size(batch_size) -> None:

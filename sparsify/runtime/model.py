@@ -17,7 +17,8 @@ only for the [CLS] query and the feed-forward block only on the [CLS] rows (exac
 Architectures and heads: the parameter names of BERT / MiniLM, RoBERTa / XLM-R, ELECTRA and DistilBERT come from
 one map (:mod:`sparsify.runtime.arch`), so every model runs the same forward pass. The head is the manifest's:
 sequence classification (the architecture's head on the first token), token classification and question answering
-(one Linear on every token, at full length; :meth:`SparseModel.answer` decodes spans back to character offsets),
+(one Linear on every token, at full length; :meth:`SparseModel.answer` reads a long context in overlapping windows
+and decodes the best span back to character offsets),
 or embeddings (the sentence-transformers pooling, :meth:`SparseModel.embed`, which any artifact can also run).
 
 Quantized artifacts: int8 weights (block-sparse, or dense with every block kept; dequantized to float32 once at

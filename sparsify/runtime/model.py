@@ -18,8 +18,8 @@ Architectures and heads: the parameter names of BERT / MiniLM, RoBERTa / XLM-R, 
 one map (:mod:`sparsify.runtime.arch`), so every model runs the same forward pass. The head is the manifest's:
 sequence classification (the architecture's head on the first token), token classification and question answering
 (one Linear on every token, at full length; :meth:`SparseModel.answer` reads a long context in overlapping windows
-and decodes the best span back to character offsets),
-or embeddings (the sentence-transformers pooling, :meth:`SparseModel.embed`, which any artifact can also run).
+and decodes the best span back to character offsets), or embeddings (the sentence-transformers pooling,
+:meth:`SparseModel.embed`, which any artifact can also run).
 
 Quantized artifacts: int8 weights (block-sparse, or dense with every block kept; dequantized to float32 once at
 load by default, ``int8_weights="keep"`` to hold the codes) run with float32 activations that are fake-quantized

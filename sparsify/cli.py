@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="tokenizer max length (default: 128)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--doc-stride", type=int, default=None, help="question-answering: tokens of context shared by "
+                   "consecutive windows of a long context, as data.doc_stride (default: max length // 4)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("-o", "--output", default=None, help="also write the metrics to this JSON file")
     e = p.add_argument_group("--task embedding", "a sentence-embedding model (model or run directory, hub id, or an "
@@ -170,7 +172,8 @@ def _run(args) -> int:
 
             metrics = evaluate_model_dir(args.model, task=args.task, dataset=args.dataset, split=args.split,
                                          max_length=args.max_length, batch_size=args.batch_size,
-                                         max_samples=args.max_samples, config=args.config, file=args.file)
+                                         max_samples=args.max_samples, config=args.config, file=args.file,
+                                         doc_stride=args.doc_stride)
         if args.output is not None:
             from pathlib import Path
 

@@ -33,7 +33,7 @@ class TaskData:
     label_names: list[str]
     is_regression: bool
     pairs: tuple | None = None
-    answers: list | None = None  # question answering: per eval example (context, token offsets, gold answer texts)
+    answers: list | None = None  # question answering: a QAWindow per eval feature (row idx)
 
     @property
     def num_labels(self) -> int:
@@ -327,14 +327,40 @@ def load_token_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) ->
     return TaskData(tokenize(train), tokenize(evaluation), names, False)
 
 
+@dataclass(frozen=True)
+class QAWindow:
+    """One eval window of a question-answering example (the eval feature of row ``idx``)."""
+
+    example: int  # the example (row of the eval split) whose context the window slices
+    context: str
+    offsets: list  # per token, (start, end) character offsets into the context; None outside the context
+    gold: list  # the example's gold answer texts
+
+
 def load_qa_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:
-    """Extractive QA data: (question, context) pairs tokenized with the context truncated (no sliding window, as
-    the runtime's ``answer``), the first answer's character span mapped to ``start_positions`` /
-    ``end_positions`` (0, the first token, when it was cut off or there is none); ``answers`` keeps, per eval
-    example, the context, the token offsets into it (None outside the context) and the gold answer texts."""
+    """Extractive QA data: (question, context) pairs tokenized with a sliding window over the context, each
+    window one feature (the whole question, a slice of the context, ``cfg.qa_doc_stride`` tokens shared by
+    consecutive slices); ``start_positions`` / ``end_positions`` point at the first answer's tokens in a window
+    that holds all of it, at 0 (the first token) in any other; ``idx`` numbers the features (windows) of a split.
+    ``answers`` holds a :class:`QAWindow` per eval feature (its example, context, token offsets, gold texts)."""
     if not getattr(tokenizer, "is_fast", False):
         raise recipe_error(recipe, ("model", "name_or_path"), "question-answering maps answers to tokens through a "
                            "fast tokenizer's offsets; this model's tokenizer is not a fast one")
+    train, evaluation = _qa_splits(cfg, recipe)
+    q_col, c_col = cfg.text_columns
+    stride = _qa_doc_stride(cfg, tokenizer, {"train": train[q_col], "eval": evaluation[q_col]}, recipe)
+    train_ds, eval_ds = (_qa_features(split, cfg, tokenizer, stride) for split in (train, evaluation))
+    contexts, golds = evaluation[c_col], evaluation[cfg.label_column]
+    answers = [QAWindow(e, contexts[e], [tuple(o) if inside else None for o, inside in zip(offsets, in_context)],
+                        list(golds[e]["text"]))
+               for e, offsets, in_context in zip(eval_ds["example"], eval_ds["offset_mapping"], eval_ds["in_context"])]
+    extra = ["offset_mapping", "in_context", "example"]
+    return TaskData(train_ds.remove_columns(extra), eval_ds.remove_columns(extra), ["start", "end"], False,
+                    answers=answers)
+
+
+def _qa_splits(cfg: DataConfig, recipe: Recipe | None):
+    """The train and eval splits of a QA recipe, sliced, with their columns and SQuAD-style answers checked."""
     train, evaluation = load_raw(cfg, recipe)
     if cfg.max_train_samples is not None:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
@@ -359,34 +385,65 @@ def load_qa_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> Ta
                                        f"{text!r} is not at character {start!r} of its context")
     if len(train) == 0 or len(evaluation) == 0:
         raise recipe_error(recipe, ("data",), "the train or eval split is empty")
+    return train, evaluation
+
+
+def _qa_doc_stride(cfg: DataConfig, tokenizer, questions: dict, recipe: Recipe | None) -> int:
+    """``cfg.qa_doc_stride``, checked against the room the longest question (of ``questions``: split name -> list)
+    and the special tokens leave for the context in ``max_length`` tokens: the stride must be smaller."""
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    longest = (0, "train", 0)
+    for name, texts in questions.items():
+        lengths = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        longest = max([longest] + [(len(ids), name, row) for row, ids in enumerate(lengths)], key=lambda t: t[0])
+    tokens, name, row = longest
+    room = cfg.max_length - special - tokens
+    where = f"the longest question (example {row} of the {name} data, {tokens} tokens) and {special} special tokens"
+    if room < 1:
+        raise recipe_error(recipe, ("data", "max_length"), f"{cfg.max_length} leaves no room for the context: {where} "
+                                                           f"fill it")
+    stride = cfg.qa_doc_stride
+    if stride >= room:
+        given = "" if cfg.doc_stride is not None else " (the default, max_length // 4)"
+        raise recipe_error(recipe, ("data", "doc_stride"), f"{stride}{given} must be smaller than the {room} tokens of "
+                           f"context a window holds ({where} take {cfg.max_length - room} of max_length "
+                           f"{cfg.max_length}): give 0 to {room - 1}")
+    return stride
+
+
+def _qa_features(split, cfg: DataConfig, tokenizer, stride: int):
+    """The windows of ``split`` as a tokenized dataset: input_ids, attention_mask, (token_type_ids),
+    start_positions, end_positions, idx (the window's row); and, for the caller, offset_mapping, in_context (1 for
+    the context's tokens) and example (the row of ``split`` it comes from)."""
+    q_col, c_col = cfg.text_columns
 
     def encode(batch, indices):
         enc = tokenizer(batch[q_col], batch[c_col], truncation="only_second", max_length=cfg.max_length,
-                        return_offsets_mapping=True)
-        starts, ends = [], []
-        for i, answers in enumerate(batch[cfg.label_column]):
-            seq, offsets = enc.sequence_ids(i), enc["offset_mapping"][i]
-            start = end = 0
-            if answers["text"]:
-                first, last = answers["answer_start"][0], answers["answer_start"][0] + len(answers["text"][0])
-                inside = [t for t, s in enumerate(seq) if s == 1]
-                if inside and offsets[inside[0]][0] <= first and offsets[inside[-1]][1] >= last:
-                    start = next(t for t in inside if offsets[t][1] > first)
-                    end = next(t for t in reversed(inside) if offsets[t][0] < last)
-            starts.append(start)
-            ends.append(end)
-        enc["start_positions"], enc["end_positions"] = starts, ends
-        enc["in_context"] = [[int(s == 1) for s in enc.sequence_ids(i)] for i in range(len(starts))]
-        enc["idx"] = indices
+                        stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+        examples = enc.pop("overflow_to_sample_mapping")
+        in_context = [[int(s == 1) for s in enc.sequence_ids(w)] for w in range(len(examples))]
+        positions = [_answer_tokens(batch[cfg.label_column][e], enc["offset_mapping"][w], in_context[w])
+                     for w, e in enumerate(examples)]
+        enc["start_positions"], enc["end_positions"] = [p[0] for p in positions], [p[1] for p in positions]
+        enc["in_context"] = in_context
+        enc["example"] = [indices[e] for e in examples]
         return enc
 
-    def tokenize(split):
-        return split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names, desc="tokenizing")
+    features = split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names,
+                         desc="tokenizing")
+    return features.add_column("idx", list(range(len(features))))  # a window's key (cached teacher outputs)
 
-    train_ds, eval_ds = tokenize(train), tokenize(evaluation)
-    answers = [(context, [tuple(o) if inside else None for o, inside in zip(offsets, in_context)], list(gold["text"]))
-               for context, offsets, in_context, gold in zip(evaluation[c_col], eval_ds["offset_mapping"],
-                                                             eval_ds["in_context"], evaluation[cfg.label_column])]
-    extra = ["offset_mapping", "in_context"]
-    return TaskData(train_ds.remove_columns(extra), eval_ds.remove_columns(extra), ["start", "end"], False,
-                    answers=answers)
+
+def _answer_tokens(answers: dict, offsets: list, in_context: list) -> tuple[int, int]:
+    """The first and last token of the first answer in a window, ``(0, 0)`` when the window does not hold all of
+    it (or there is none)."""
+    if not answers["text"]:
+        return 0, 0
+    first = answers["answer_start"][0]
+    last = first + len(answers["text"][0])
+    inside = [t for t, flag in enumerate(in_context) if flag]
+    if not inside or offsets[inside[0]][0] > first or offsets[inside[-1]][1] < last:
+        return 0, 0
+    start = next(t for t in inside if offsets[t][1] > first)
+    end = next(t for t in reversed(inside) if offsets[t][0] < last)
+    return start, end

@@ -143,17 +143,15 @@ def qa_metrics(predictions: list[str], golds: list[list[str]]) -> dict[str, floa
 @torch.no_grad()
 def evaluate_qa(model, dataloader, answers: list, *, accelerator=None, forward=None, logits_out: list | None = None,
                 max_answer_length: int = 30) -> dict[str, float]:
-    """Extractive QA: the span of each eval example that maximises p(start) x p(end) over its context tokens
-    (:func:`sparsify.runtime.model.decode_span`), its text cut from the context with the token offsets, scored
-    with :func:`qa_metrics`; plus the mean eval loss. ``answers``: :attr:`sparsify.data.TaskData.answers`.
-    ``logits_out`` receives the predicted spans ``(examples, 2)`` (start and end token) per batch."""
-    import numpy as np
-
-    from sparsify.runtime.model import decode_span
-
+    """Extractive QA: in each eval window the span that maximises p(start) x p(end) over its context tokens
+    (:func:`sparsify.runtime.model.decode_span`); per example, the best-scoring span over its windows, its text
+    cut from the context with the token offsets, scored with :func:`qa_metrics` (metrics per example, not per
+    window); plus the mean eval loss (per window). ``answers``: :attr:`sparsify.data.TaskData.answers`, a
+    :class:`sparsify.data.QAWindow` per window (row ``idx``). ``logits_out`` receives the predicted spans
+    ``(windows, 2)`` (start and end token) per batch."""
     was_training = model.training
     model.eval()
-    predicted: dict[int, str] = {}
+    best: dict[int, tuple[float, str]] = {}  # example -> (score, text) of its best window so far
     losses, count = 0.0, 0
     for batch in dataloader:
         inputs = {k: v for k, v in batch.items() if k != "idx"}
@@ -167,27 +165,46 @@ def evaluate_qa(model, dataloader, answers: list, *, accelerator=None, forward=N
             loss = accelerator.reduce(loss, reduction="sum")
         spans = []
         for s, e, i in zip(start.float().cpu().numpy(), end.float().cpu().numpy(), idx.tolist()):
-            context, offsets, _ = answers[i]
-            allowed = np.array([o is not None for o in offsets] + [False] * (len(s) - len(offsets)))
-            span = decode_span(s, e, allowed, max_answer_length)
-            spans.append(span[:2] if span is not None else (0, 0))
-            predicted[i] = "" if span is None else context[offsets[span[0]][0]:offsets[span[1]][1]]
+            window = answers[i]
+            span, score, text = window_answer(s, e, window.context, window.offsets, max_answer_length)
+            spans.append(span)
+            if window.example not in best or score > best[window.example][0]:
+                best[window.example] = (score, text)
         if logits_out is not None:
             logits_out.append(torch.tensor(spans, dtype=torch.float32).reshape(-1, 2))
         losses += float(loss)
         count += idx.shape[0]
     model.train(was_training)
-    order = sorted(predicted)
-    metrics = qa_metrics([predicted[i] for i in order], [answers[i][2] for i in order])
+    golds = {w.example: w.gold for w in answers}
+    order = sorted(best)
+    metrics = qa_metrics([best[e][1] for e in order], [golds[e] for e in order])
     return {**metrics, "loss": losses / max(count, 1)}
+
+
+def window_answer(start_logits, end_logits, context: str, offsets: list,
+                  max_answer_length: int = 30) -> tuple[tuple[int, int], float, str]:
+    """The best span of one window, ``((start token, end token), score, text)``: ``((0, 0), -1.0, "")`` when the
+    window has no context token. ``offsets``: per token, character offsets into ``context`` (None outside it;
+    the logits may be longer, padded)."""
+    import numpy as np
+
+    from sparsify.runtime.model import decode_span
+
+    allowed = np.array([o is not None for o in offsets] + [False] * (len(start_logits) - len(offsets)))
+    span = decode_span(start_logits, end_logits, allowed, max_answer_length)
+    if span is None:
+        return (0, 0), -1.0, ""
+    i, j, score = span
+    return (i, j), score, context[offsets[i][0]:offsets[j][1]]
 
 
 def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glue", split: str = "validation",
                        max_length: int = 128, batch_size: int = 128, max_samples: int | None = None,
-                       config: str | None = None, file: str | None = None) -> dict:
+                       config: str | None = None, file: str | None = None, doc_stride: int | None = None) -> dict:
     """``sparsify eval``: metrics of a saved model (directory, run directory or hub id) on a task's split: a GLUE
     task (``config`` defaults to the task), ``token-classification`` or ``question-answering`` (a ``config`` of
-    ``dataset``, or a local ``file``, with the recipe defaults' columns)."""
+    ``dataset``, or a local ``file``, with the recipe defaults' columns; long contexts in windows sharing
+    ``doc_stride`` tokens)."""
     from torch.utils.data import DataLoader
 
     from sparsify.data import collator, load_task_data
@@ -200,6 +217,11 @@ def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glu
         raise SparsifyError(f"--task {task}: give the data, --file (jsonl, parquet, ...) or --config of --dataset")
     source = {"train_file": file, "validation_file": file} if file is not None else \
         {"dataset": dataset, "config": config or task, "train_split": split, "eval_split": split}
+    if doc_stride is not None and task != QUESTION_ANSWERING:
+        raise SparsifyError(f"--doc-stride: only question-answering reads windows (--task {task})")
+    if doc_stride is not None and not 0 <= doc_stride < max_length:
+        raise SparsifyError(f"--doc-stride {doc_stride}: give 0 to {max_length - 1} at most (--max-length "
+                            f"{max_length} less the question and special tokens)")
     names = None
     if task == TOKEN_CLASSIFICATION:  # the model's labels, in its order (the data may not show them all)
         from transformers import AutoConfig
@@ -209,7 +231,7 @@ def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glu
         id2label = AutoConfig.from_pretrained(resolve_model_path(model_dir)).id2label
         names = tuple(id2label[i] for i in range(len(id2label)))
     cfg = DataConfig(**source, task=task, max_length=max_length, max_train_samples=1, max_eval_samples=max_samples,
-                     label_names=names)
+                     label_names=names, doc_stride=doc_stride)
     data = load_task_data(cfg, tokenizer)
     head = task if task in TOKEN_HEADS else "sequence-classification"
     model = load_classifier(model_dir, num_labels=data.num_labels, label_names=data.label_names,
@@ -221,4 +243,5 @@ def evaluate_model_dir(model_dir: str, *, task: str, dataset: str = "nyu-mll/glu
         metrics = evaluate_qa(model, loader, data.answers)
     else:
         metrics = evaluate(model, loader, task, is_regression=data.is_regression)
-    return {"task": task, "split": split, "examples": len(data.eval), **metrics}
+    examples = len(data.eval) if data.answers is None else len({w.example for w in data.answers})  # QA: not windows
+    return {"task": task, "split": split, "examples": examples, **metrics}

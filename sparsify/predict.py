@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="sparsify predict",
         description="Classify texts with an exported artifact on CPU (block-sparse runtime). One text per line in "
                     "--file; a line with a TAB is a sentence pair. Texts over the maximum length are truncated (a "
-                    "warning says how many).")
+                    "warning says how many); a question-answering model reads a long context in overlapping "
+                    "windows and answers with the best span of any window.")
     parser.add_argument("artifact", help="artifact directory written by 'sparsify export'")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to classify (repeatable)")
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=None,
                         help=f"truncate longer texts, in tokens: {MIN_LENGTH} up to the model's positions "
                              "(default: the artifact's)")
+    parser.add_argument("--doc-stride", type=int, default=None,
+                        help="question answering: tokens of context shared by consecutive windows of a long context "
+                             "(default: a quarter of the maximum length)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--full-length", action="store_true", help="ignore the artifact's length configuration")
     parser.add_argument("--json", action="store_true", help="print one JSON object per text")
@@ -51,13 +55,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SparsifyError(f"{args.artifact}: an embedding model: use 'sparsify embed'")
         if model.head == "question-answering" and not all(isinstance(t, tuple) for t in texts):
             raise SparsifyError("a question-answering model takes 'question<TAB>context' lines")
+        if args.doc_stride is not None and model.head != "question-answering":
+            raise SparsifyError(f"--doc-stride: only a question-answering model reads windows; this one has a "
+                                f"{model.head} head")
         if args.max_length is not None and args.max_length > model.max_positions:
             raise SparsifyError(f"--max-length {args.max_length}: the artifact's model has {model.max_positions} "
                                 f"positions; give at most {model.max_positions}")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             preds = model.predict(texts, batch_size=args.batch_size, max_length=args.max_length,
-                                  return_probabilities=args.json)
+                                  return_probabilities=args.json, doc_stride=args.doc_stride)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
     except SparsifyError as e:

@@ -99,8 +99,11 @@ class DataConfig(Config):
 
     With ``task: question-answering`` an example is a question and a context (``text_columns``, default
     ``question, context``) and SQuAD-style answers (``label_column``, default ``answers``: ``{"text": [...],
-    "answer_start": [character offsets]}``); contexts longer than ``max_length`` are truncated (no sliding window,
-    as the runtime's ``answer``), and an answer cut off trains the model to point at the first token."""
+    "answer_start": [character offsets]}``). A context too long for ``max_length`` is split into windows (a
+    sliding window, as the runtime's ``answer``): each window is one feature holding the whole question and a
+    slice of the context, consecutive slices sharing ``doc_stride`` tokens. A window that holds the whole answer
+    trains the model to point at the answer's tokens, any other window at the first token; evaluation keeps, per
+    example, the best span over its windows."""
 
     dataset: str | None = Field(None, description="Hub id or local dataset directory, e.g. nyu-mll/glue.")
     config: str | None = Field(None, description="Dataset configuration, e.g. sst2.")
@@ -115,7 +118,8 @@ class DataConfig(Config):
     )
     label_column: str = Field("label", description="Column holding the labels (class ids or names).")
     label_names: tuple[str, ...] | None = Field(None, description="Default: from the dataset's features or values.")
-    max_length: int = Field(128, ge=8, le=4096, description="Tokens per example (longer ones are truncated).")
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per example (longer ones are truncated; "
+                            "question-answering reads a longer context in windows, see doc_stride).")
     max_train_samples: int | None = Field(None, ge=1, description="Train on the first N examples only.")
     max_eval_samples: int | None = Field(None, ge=1, description="Evaluate on the first N examples only.")
     task: str | None = Field(
@@ -127,6 +131,9 @@ class DataConfig(Config):
     )
     pairs: PairsConfig | None = Field(None, description="task: embedding only: labelled sentence pairs for the "
                                       "pair_roc_auc metric, e.g. {dataset: nyu-mll/glue, config: mrpc}.")
+    doc_stride: int | None = Field(None, ge=0, description="task: question-answering only: tokens of context "
+                                   "shared by consecutive windows of a context too long for max_length; smaller than "
+                                   "max_length minus the question and special tokens. Default: max_length // 4.")
 
     @model_validator(mode="before")
     @classmethod
@@ -154,6 +161,13 @@ class DataConfig(Config):
         if self.metric_task == QUESTION_ANSWERING and len(self.text_columns) != 2:
             raise FieldError("text_columns", "question-answering reads two columns, the question and the context, got "
                                              f"{list(self.text_columns)}")
+        if self.doc_stride is not None and self.metric_task != QUESTION_ANSWERING:
+            raise FieldError("doc_stride", f"splits question-answering contexts into windows: it needs task: "
+                                           f"{QUESTION_ANSWERING} (this task is {self.metric_task!r})")
+        if self.doc_stride is not None and self.doc_stride >= self.max_length:
+            raise FieldError("doc_stride", f"{self.doc_stride} must be smaller than max_length ({self.max_length}) "
+                                           "minus the question and special tokens: give 0 to at most "
+                                           f"{self.max_length - 1}")
         if self.pairs is not None and self.metric_task != EMBEDDING:
             raise FieldError("pairs", f"scores sentence embeddings: it needs task: {EMBEDDING} (this task is "
                                       f"{self.metric_task!r})")
@@ -162,6 +176,11 @@ class DataConfig(Config):
     @property
     def metric_task(self) -> str:
         return self.task or self.config or "sst2"
+
+    @property
+    def qa_doc_stride(self) -> int:
+        """``doc_stride``, or its default: a quarter of ``max_length``."""
+        return self.doc_stride if self.doc_stride is not None else self.max_length // 4
 
 
 MAX_THREADS = 1024

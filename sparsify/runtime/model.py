@@ -17,8 +17,9 @@ only for the [CLS] query and the feed-forward block only on the [CLS] rows (exac
 Architectures and heads: the parameter names of BERT / MiniLM, RoBERTa / XLM-R, ELECTRA and DistilBERT come from
 one map (:mod:`sparsify.runtime.arch`), so every model runs the same forward pass. The head is the manifest's:
 sequence classification (the architecture's head on the first token), token classification and question answering
-(one Linear on every token, at full length; :meth:`SparseModel.answer` decodes spans back to character offsets),
-or embeddings (the sentence-transformers pooling, :meth:`SparseModel.embed`, which any artifact can also run).
+(one Linear on every token, at full length; :meth:`SparseModel.answer` reads a long context in overlapping windows
+and decodes the best span back to character offsets), or embeddings (the sentence-transformers pooling,
+:meth:`SparseModel.embed`, which any artifact can also run).
 
 Quantized artifacts: int8 weights (block-sparse, or dense with every block kept; dequantized to float32 once at
 load by default, ``int8_weights="keep"`` to hold the codes) run with float32 activations that are fake-quantized
@@ -583,23 +584,25 @@ class SparseModel:
             self._tokenizer = tok
         return self._tokenizer
 
-    def _tokenize(self, texts: Sequence, max_length: int | None = None, *, strategy: str = "longest_first"):
+    def _tokenize(self, texts: Sequence, max_length: int | None = None, *, strategy: str = "longest_first",
+                  stride: int = 0):
         """``tokenizers`` encodings of ``texts`` (strings, or (text, text_pair) pairs), truncated to
-        ``max_length`` (default: the artifact's) with ``strategy`` (``only_second`` keeps QA questions whole)."""
-        max_length = min(int(max_length or self.max_length), self.max_positions)
+        ``max_length`` (default: the artifact's) with ``strategy`` (``only_second`` keeps QA questions whole); the
+        cut-off tokens are in each encoding's ``overflowing`` windows, ``stride`` tokens shared with the previous
+        window (a stride too large for the question panics in ``tokenizers``: see :meth:`_doc_stride`)."""
+        max_length = self._max_length(max_length)
         tok = self.tokenizer
-        pairs = [tuple(t) if isinstance(t, (list, tuple)) else t for t in texts]
-        for t in pairs:
-            if not isinstance(t, (str, tuple)) or (isinstance(t, tuple) and (len(t) != 2 or not all(
-                    isinstance(s, str) for s in t))):
-                raise SparsifyError(f"texts must be strings or (text, text_pair) pairs, got {t!r:.80}")
-        tok.enable_truncation(max_length, strategy=strategy)
+        pairs = _text_inputs(texts)
+        tok.enable_truncation(max_length, stride=stride, strategy=strategy)
         try:
             return tok.encode_batch(pairs)
         except Exception as e:  # e.g. only_second with a question longer than max_length
             raise SparsifyError(f"cannot tokenize the texts: {e}") from None
         finally:
             tok.no_truncation()
+
+    def _max_length(self, max_length: int | None) -> int:
+        return min(int(max_length or self.max_length), self.max_positions)
 
     def _pack(self, encs):
         """Packed (ids, positions, types, lens) of tokenizer encodings."""
@@ -623,8 +626,7 @@ class SparseModel:
         texts = list(texts)
         if not texts:
             raise SparsifyError(f"no texts to {what} (empty input list)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise SparsifyError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
         truncated = 0
         for b in range(0, len(texts), batch_size):
             encs = self._tokenize(texts[b:b + batch_size], max_length, strategy=strategy)
@@ -658,44 +660,87 @@ class SparseModel:
                                for _, packed in self._batches(texts, batch_size, max_length, "embed")])
 
     def answer(self, questions: Sequence, contexts: Sequence | None = None, *, batch_size: int = 32,
-               max_length: int | None = None, max_answer_length: int = 30) -> list[dict]:
+               max_length: int | None = None, max_answer_length: int = 30, doc_stride: int | None = None) -> list[dict]:
         """Extractive question answering: ``[{"answer", "start", "end", "score"}, ...]`` per (question, context),
         ``start`` / ``end`` character offsets into the context. ``questions`` is a list of questions (with
-        ``contexts`` beside it) or of (question, context) pairs. Contexts longer than ``max_length`` are truncated
-        (the question is kept whole; no sliding window). The span maximises p(start) * p(end) over the context's
-        tokens with start <= end < start + ``max_answer_length``."""
+        ``contexts`` beside it) or of (question, context) pairs. A context too long for ``max_length`` (default:
+        the artifact's) is split into windows, each with the whole question, consecutive windows sharing
+        ``doc_stride`` tokens of context (default: ``max_length // 4``, as ``data.doc_stride``). In each window the
+        span maximises p(start) * p(end) over the context's tokens with start <= end < start +
+        ``max_answer_length``; the best-scoring span over the windows of a question is its answer. ``batch_size``
+        counts questions (their windows run together)."""
         self._require("question-answering", "answer")
         if isinstance(questions, str):
             questions, contexts = [questions], [contexts] if isinstance(contexts, str) else contexts
         pairs = list(zip(questions, contexts)) if contexts is not None else list(questions)
         if contexts is not None and len(pairs) != len(questions):
             raise SparsifyError(f"{len(questions)} questions but {len(contexts)} contexts")
+        if not pairs:
+            raise SparsifyError("no texts to answer (empty input list)")
+        pairs = _text_inputs(pairs)
         if not isinstance(max_answer_length, int) or max_answer_length < 1:
             raise SparsifyError(f"max_answer_length must be a positive integer, got {max_answer_length!r}")
+        _check_batch_size(batch_size)
+        max_length = self._max_length(max_length)
+        stride = self._doc_stride(pairs, max_length, doc_stride)
         out: list[dict] = []
-        for encs, packed in self._batches(pairs, batch_size, max_length, "answer", strategy="only_second"):
-            logits = self._forward_packed(*packed)
-            for enc, (st, n) in zip(encs, zip(np.cumsum(packed[3]) - packed[3], packed[3])):
-                context = pairs[len(out)][1]
-                allowed = _context_tokens(enc)
-                span = decode_span(logits[st:st + n, 0], logits[st:st + n, 1], allowed, max_answer_length)
-                if span is None:
-                    out.append({"answer": "", "start": 0, "end": 0, "score": 0.0})
-                    continue
-                i, j, score = span
-                cs, ce = enc.offsets[i][0], enc.offsets[j][1]
-                out.append({"answer": context[cs:ce], "start": int(cs), "end": int(ce), "score": float(score)})
+        for b in range(0, len(pairs), batch_size):
+            out.extend(self._answer_batch(pairs[b:b + batch_size], max_length, stride, max_answer_length))
         return out
 
+    def _doc_stride(self, pairs: list, max_length: int, doc_stride: int | None) -> int:
+        """``doc_stride`` (default ``max_length // 4``), checked: smaller than the context tokens a window holds
+        after the longest question and the special tokens (``tokenizers`` panics otherwise). A single text (no
+        question; the answer may be anywhere in it) counts as an empty question."""
+        stride = max_length // 4 if doc_stride is None else doc_stride
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+            raise SparsifyError(f"doc_stride must be a non-negative integer, got {doc_stride!r}")
+        tok = self.tokenizer
+        questions = [p[0] for p in pairs if isinstance(p, tuple)]
+        longest = max((len(e.ids) for e in tok.encode_batch(questions, add_special_tokens=False)), default=0)
+        special = tok.num_special_tokens_to_add(bool(questions))
+        room = max_length - special - longest
+        if room < 1:
+            raise SparsifyError(f"max_length {max_length} leaves no room for the context: the longest question "
+                                f"({longest} tokens) and {special} special tokens fill it")
+        if stride >= room:
+            given = "" if doc_stride is not None else " (the default, max_length // 4)"
+            raise SparsifyError(f"doc_stride {stride}{given} must be smaller than the {room} tokens of context a "
+                                f"window holds (the longest question, {longest} tokens, and {special} special tokens "
+                                f"take {max_length - room} of max_length {max_length}): give 0 to {room - 1}")
+        return stride
+
+    def _answer_batch(self, pairs: list, max_length: int, stride: int, max_answer_length: int) -> list[dict]:
+        """:meth:`answer` for one batch of (question, context) pairs: every window of every pair in one forward
+        pass, the best span per pair."""
+        windows, owners = [], []
+        for k, enc in enumerate(self._tokenize(pairs, max_length, strategy="only_second", stride=stride)):
+            for w in [enc, *enc.overflowing]:
+                windows.append(w)
+                owners.append(k)
+        packed = self._pack(windows)
+        logits = self._forward_packed(*packed)
+        best: list[dict | None] = [None] * len(pairs)
+        for enc, k, st, n in zip(windows, owners, np.cumsum(packed[3]) - packed[3], packed[3]):
+            span = decode_span(logits[st:st + n, 0], logits[st:st + n, 1], _context_tokens(enc), max_answer_length)
+            if span is None or (best[k] is not None and span[2] <= best[k]["score"]):
+                continue  # on a tie the earlier window's span stays
+            i, j, score = span
+            cs, ce = enc.offsets[i][0], enc.offsets[j][1]
+            context = pairs[k][1] if isinstance(pairs[k], tuple) else pairs[k]
+            best[k] = {"answer": context[cs:ce], "start": int(cs), "end": int(ce), "score": float(score)}
+        return [b or {"answer": "", "start": 0, "end": 0, "score": 0.0} for b in best]
+
     def predict(self, texts: Sequence, batch_size: int = 32, *, max_length: int | None = None,
-                length_config: Any = "default", return_probabilities: bool = False) -> list:
+                length_config: Any = "default", return_probabilities: bool = False,
+                doc_stride: int | None = None) -> list:
         """Per text: sequence classification ``{"label": name, "score": probability}`` (``"probabilities"``
         too when asked; regression models give ``{"score": value}``); token classification a list of ``{"token",
         "label", "score", "start", "end"}`` per word piece (character offsets; special tokens left out); question
-        answering (texts are (question, context) pairs) :meth:`answer`. Long texts are truncated with a warning;
-        an empty list is an error."""
+        answering (texts are (question, context) pairs) :meth:`answer`, long contexts in windows sharing
+        ``doc_stride`` tokens. Other long texts are truncated with a warning; an empty list is an error."""
         if self.head == "question-answering":
-            return self.answer(texts, batch_size=batch_size, max_length=max_length)
+            return self.answer(texts, batch_size=batch_size, max_length=max_length, doc_stride=doc_stride)
         if self.head == "token-classification":
             return self._predict_tokens(texts, batch_size, max_length)
         logits = self.logits(texts, batch_size, max_length, length_config)
@@ -743,6 +788,21 @@ class SparseModel:
     def __repr__(self) -> str:
         return (f"SparseModel({self.path}, layers={self.n_layers}, hidden={self.hidden}, threads={self.threads}, "
                 f"length_config={self.length_config})")
+
+
+def _text_inputs(texts: Sequence) -> list:
+    """``texts`` as strings and (text, text_pair) tuples, checked."""
+    out = [tuple(t) if isinstance(t, (list, tuple)) else t for t in texts]
+    for t in out:
+        if not isinstance(t, (str, tuple)) or (isinstance(t, tuple) and (len(t) != 2 or not all(
+                isinstance(s, str) for s in t))):
+            raise SparsifyError(f"texts must be strings or (text, text_pair) pairs, got {t!r:.80}")
+    return out
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SparsifyError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 # ------------------------------------------------------------------------------------------------ heads

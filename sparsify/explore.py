@@ -221,13 +221,22 @@ def plot_accuracy_vs_speedup(df, *, metric: str = "eval_accuracy", speedup: str 
 
 
 def kernel_records(paths):
-    """A DataFrame of the records of ``sparsify bench kernels --json`` files (one path or a list)."""
+    """A DataFrame of the records of ``sparsify bench kernels --json`` files (one path or a list): the
+    ``records`` of each file, each row with the file's ``cpu_model`` and ``threads`` (older files, a bare list of
+    records, have neither)."""
     import pandas as pd
 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     records = []
     for p in paths:
-        records += json.loads(Path(p).read_text())
+        doc = json.loads(Path(p).read_text())
+        if isinstance(doc, list):
+            records += doc
+            continue
+        if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
+            raise SparsifyError(f"{p}: not a 'sparsify bench kernels --json' file (no list of records)")
+        machine = {"cpu_model": doc.get("cpu", {}).get("model_name"), "threads": doc.get("threads")}
+        records += [{**machine, **r} for r in doc["records"]]
     return pd.DataFrame(records)
 
 

@@ -175,13 +175,20 @@ def test_bench_kernel_grid_runs_one_benchmark_per_block_and_reuses_files(tmp_pat
         rows = [{"block": block, "sparsity": float(s), "method": "ours_fp32", "median_ms": 1.0,
                  "speedup_vs_torch_dense": 2.0, "out_features": 64, "in_features": 64, "tokens": 16}
                 for s in argv[argv.index("--sparsities") + 1].split(",")]
-        Path(argv[argv.index("--json") + 1]).write_text(json.dumps(rows))
+        doc = {"threads": 2, "cpu": {"model_name": "test CPU"}, "records": rows}
+        if block == "1x4":  # files of older versions: a bare list of records
+            doc = rows
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps(doc))
         return 0
 
     monkeypatch.setattr(sparsify.kernels.bench, "main", fake_main)
     records = explore.bench_kernel_grid(["4x1", "1x4"], [0.5, 0.9], shapes=[(64, 64), (128, 64)], tokens=[16],
                                         out_dir=tmp_path / "k", rounds=1)
     assert len(calls) == 2 and len(records) == 4 and sorted(set(records["block"])) == ["1x4", "4x1"]
+    assert list(records[records["block"] == "4x1"]["cpu_model"]) == ["test CPU"] * 2  # the machine travels along
+    (tmp_path / "bad.json").write_text(json.dumps({"threads": 2}))
+    with pytest.raises(SparsifyError, match="bad.json: not a 'sparsify bench kernels --json' file"):
+        explore.kernel_records(tmp_path / "bad.json")
     assert calls[0][calls[0].index("--shapes") + 1] == "64x64,128x64"
     assert calls[0][calls[0].index("--rounds") + 1] == "1" and "--threads" not in calls[0]
     explore.bench_kernel_grid(["4x1", "1x4"], [0.5, 0.9], shapes=[(64, 64)], tokens=[16], out_dir=tmp_path / "k")

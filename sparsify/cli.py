@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
-                      help="continue from the newest checkpoint in the recipe's output_dir (same recipe required)")
+                      help="continue from the newest checkpoint in the recipe's output_dir (the same recipe; only "
+                      "training.threads may change)")
     mode.add_argument("--overwrite", action="store_true", help="delete an existing run in output_dir first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to TensorBoard)")
 

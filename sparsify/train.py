@@ -29,19 +29,21 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, Sampler
 
 from sparsify.checkpoint import checkpoint_dirs, read_checkpoint, resume_checkpoint, write_checkpoint
 from sparsify.config import FieldError
 from sparsify.data import collator, load_task_data
 from sparsify.errors import SparsifyError
-from sparsify.machine import cpu_info
 from sparsify.evaluation import evaluate, evaluate_qa, evaluate_tokens
+from sparsify.machine import cpu_info
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
 from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, TOKEN_HEADS, Recipe, check_run_inputs, \
@@ -101,6 +103,22 @@ def _blame(recipe: Recipe, kind: str):
         raise recipe_error(recipe, ("techniques", index) + err.field, str(err)) from None
 
 
+def _check_resumed_recipe(saved: dict, current: dict, run_dir: Path) -> None:
+    """A resumed run computes what it started computing: only ``training.threads`` (how fast, not what) may change,
+    with a warning; any other difference is refused."""
+    before = (saved.get("training") or {}).get("threads")
+    after = (current.get("training") or {}).get("threads")
+    for doc in (saved, current):
+        (doc.get("training") or {}).pop("threads", None)
+    if saved != current:
+        raise SparsifyError(
+            f"--resume: the recipe differs from {run_dir}/recipe.yaml, the one this run started with; "
+            "resume with the same recipe and --set values (training.threads may change), or start a new output_dir"
+        )
+    print(f"warning: --resume with training.threads {before} -> {after}: the same computation, but sums in another "
+          "order can differ in the last bits", file=sys.stderr)
+
+
 def _prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
     """The run directory and the checkpoint to resume from. Refuses to mix two runs in one directory."""
     run_dir = Path(recipe.output_dir)
@@ -110,10 +128,7 @@ def _prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Pat
             raise SparsifyError(f"--resume: no checkpoint in {run_dir}/checkpoints; start the run without --resume")
         saved = (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file() else None
         if saved is not None and saved != recipe.to_yaml():
-            raise SparsifyError(
-                f"--resume: the recipe differs from {run_dir}/recipe.yaml, the one this run started with; "
-                "resume with the same recipe and --set values, or start a new output_dir"
-            )
+            _check_resumed_recipe(yaml.safe_load(saved), yaml.safe_load(recipe.to_yaml()), run_dir)
         return run_dir, resume_checkpoint(run_dir)  # the newest intact one
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:

@@ -220,6 +220,12 @@ def test_resume_refuses_a_changed_recipe(make_recipe, capsys):
     assert run_cli("train", recipe) == 0
     assert run_cli("train", recipe, "--resume", "--set", "training.learning_rate=0.5") == 2
     assert "differs" in capsys.readouterr().err
+    # threads say how fast, not what: a resume may change them (with a warning), and the recipe.yaml follows
+    assert run_cli("train", recipe, "--resume", "--set", "training.threads=2") == 0
+    assert "training.threads 1 -> 2" in capsys.readouterr().err
+    assert yaml.safe_load((output_dir(recipe) / "recipe.yaml").read_text())["training"]["threads"] == 2
+    assert run_cli("train", recipe, "--resume", "--set", "training.threads=1", "--set", "training.seed=3") == 2
+    assert "differs" in capsys.readouterr().err
 
 
 def test_existing_run_needs_resume_or_overwrite(make_recipe, capsys):

@@ -103,20 +103,26 @@ def _blame(recipe: Recipe, kind: str):
         raise recipe_error(recipe, ("techniques", index) + err.field, str(err)) from None
 
 
-def _check_resumed_recipe(saved: dict, current: dict, run_dir: Path) -> None:
-    """A resumed run computes what it started computing: only ``training.threads`` (how fast, not what) may change,
-    with a warning; any other difference is refused."""
-    before = (saved.get("training") or {}).get("threads")
-    after = (current.get("training") or {}).get("threads")
-    for doc in (saved, current):
-        (doc.get("training") or {}).pop("threads", None)
+def _check_resumed_recipe(saved_path: Path, recipe: Recipe) -> None:
+    """A resumed run computes what it started computing. Both recipes are compared resolved (keys that a newer
+    version added count at their defaults); only ``training.threads`` (how fast, not what) may change, with a
+    warning; any other difference is refused."""
+    from sparsify.recipe import load_recipe
+
+    try:
+        saved = yaml.safe_load(load_recipe(saved_path).to_yaml())
+    except SparsifyError as err:
+        raise SparsifyError(f"--resume: the run's recipe no longer loads ({err}); start a new output_dir") from None
+    current = yaml.safe_load(recipe.to_yaml())
+    before, after = saved["training"].pop("threads", None), current["training"].pop("threads", None)
     if saved != current:
         raise SparsifyError(
-            f"--resume: the recipe differs from {run_dir}/recipe.yaml, the one this run started with; "
-            "resume with the same recipe and --set values (training.threads may change), or start a new output_dir"
+            f"--resume: the recipe differs from {saved_path}, the one this run started with; resume with the same "
+            "recipe and --set values (training.threads may change), or start a new output_dir"
         )
-    print(f"warning: --resume with training.threads {before} -> {after}: the same computation, but sums in another "
-          "order can differ in the last bits", file=sys.stderr)
+    if before != after:
+        print(f"warning: --resume with training.threads {before} -> {after}: the same computation, but sums in "
+              "another order can differ in the last bits", file=sys.stderr)
 
 
 def _prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
@@ -126,9 +132,8 @@ def _prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Pat
     if resume:
         if not ckpts:
             raise SparsifyError(f"--resume: no checkpoint in {run_dir}/checkpoints; start the run without --resume")
-        saved = (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file() else None
-        if saved is not None and saved != recipe.to_yaml():
-            _check_resumed_recipe(yaml.safe_load(saved), yaml.safe_load(recipe.to_yaml()), run_dir)
+        if (run_dir / "recipe.yaml").is_file():
+            _check_resumed_recipe(run_dir / "recipe.yaml", recipe)
         return run_dir, resume_checkpoint(run_dir)  # the newest intact one
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
@@ -160,6 +165,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         cpu=not torch.cuda.is_available(),
     )
     set_seed(tc.seed)
+    run_dir, resume_from = _prepare_run_dir(recipe, resume, overwrite)  # first: a wrong --resume fails at once
 
     # -- 1. inputs: tokenizer, data, models, techniques. Nothing is written before they all check out. --
     tokenizer = _located(recipe, ("model", "name_or_path"), load_tokenizer, recipe.model.name_or_path, recipe.model.revision)
@@ -243,7 +249,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             quantizer.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                               masks=(lambda: pruner.masks) if pruner is not None else None)
 
-    run_dir, resume_from = _prepare_run_dir(recipe, resume, overwrite)
     accelerator.wait_for_everyone()  # every process has looked at the directory before the main one writes
 
     # -- 2. the run directory: resolved recipe, TensorBoard. --

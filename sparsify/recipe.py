@@ -641,10 +641,8 @@ def recipe_reference() -> str:
 # -- checks against the data and the models, before the run directory is created ---------------------------
 
 
-def check_run_inputs(recipe: Recipe, data, model, teacher=None) -> None:
-    """What the recipe says against what was loaded (``data``: :class:`sparsify.data.TaskData`): a writable
-    output_dir, ``model.num_labels`` against the data's labels, ``data.max_length`` against the positions of the
-    student and the teacher. Raises a :class:`RecipeError` at the key, before anything is written."""
+def check_output_dir(recipe: Recipe) -> None:
+    """``output_dir`` and the folders above it are directories where they exist (a RecipeError at the key)."""
     out = Path(recipe.output_dir)
     for p in (out, *out.parents):
         if p.exists():
@@ -652,6 +650,13 @@ def check_run_inputs(recipe: Recipe, data, model, teacher=None) -> None:
                 raise recipe_error(recipe, ("output_dir",), f"{p} is a file, not a directory: choose another "
                                    "output_dir (--set output_dir=...)")
             break
+
+
+def check_run_inputs(recipe: Recipe, data, model, teacher=None) -> None:
+    """What the recipe says against what was loaded (``data``: :class:`sparsify.data.TaskData`): a writable
+    output_dir, ``model.num_labels`` against the data's labels, ``data.max_length`` against the positions of the
+    student and the teacher. Raises a :class:`RecipeError` at the key, before anything is written."""
+    check_output_dir(recipe)
     wanted = recipe.model.num_labels
     if wanted is not None and wanted != data.num_labels:
         found = "regression (1 output)" if data.is_regression else f"{data.num_labels} labels ({', '.join(map(str, data.label_names))})"

@@ -46,8 +46,8 @@ from sparsify.evaluation import evaluate, evaluate_qa, evaluate_tokens
 from sparsify.machine import cpu_info
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
-from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, TOKEN_HEADS, Recipe, check_run_inputs, \
-    recipe_error
+from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, TOKEN_HEADS, Recipe, check_output_dir, \
+    check_run_inputs, recipe_error
 from sparsify.schedules import rewind_schedule
 from sparsify.sentence import embed_batches, embedding_metrics, load_embedder, require_pooling
 from sparsify.techniques import TECHNIQUES
@@ -127,6 +127,7 @@ def _check_resumed_recipe(saved_path: Path, recipe: Recipe) -> None:
 
 def _prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
     """The run directory and the checkpoint to resume from. Refuses to mix two runs in one directory."""
+    check_output_dir(recipe)
     run_dir = Path(recipe.output_dir)
     ckpts = checkpoint_dirs(run_dir)
     if resume:

@@ -254,7 +254,7 @@ def collator(tokenizer, task: str | None = None):
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
-IGNORE = -100  # the label of a token that carries none (special tokens, every sub-word after a word's first)
+from sparsify.augment import IGNORE  # noqa: E402 - also the label of a token that carries none (special tokens, sub-words after a word's first)
 
 
 def load_token_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:

@@ -86,6 +86,32 @@ class PairsConfig(Config):
         return self
 
 
+class AugmentConfig(Config):
+    """Augmentation for distillation (TinyBERT-style): ``copies`` noisy copies of every training example are added
+    to the training data, without a label: the teacher labels them through the distillation terms, the task loss
+    reads the original examples only. In a copy, each alphabetic word is replaced with probability
+    ``replace_prob`` by one of its ``top_k`` nearest words (cosine of the student's input word embeddings; words of
+    one WordPiece token only, the others stay) and masked with probability ``mask_prob`` (the tokenizer's mask
+    token). Drawn once from ``seed``: every epoch and every resume sees the same copies."""
+
+    copies: int = Field(1, ge=1, le=64, description="Augmented copies per training example.")
+    replace_prob: float = Field(0.3, ge=0.0, le=1.0, description="Chance that a word of a copy is replaced by a "
+                                "nearest neighbour.")
+    mask_prob: float = Field(0.1, ge=0.0, le=1.0, description="Chance that a word of a copy is masked.")
+    top_k: int = Field(15, ge=1, le=1000, description="Neighbours a replacement is drawn from (uniformly).")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="Default: training.seed.")
+
+    @model_validator(mode="after")
+    def _check_probs(self):
+        if self.replace_prob + self.mask_prob > 1.0:
+            raise FieldError("mask_prob", f"replace_prob + mask_prob is {self.replace_prob + self.mask_prob:g}: a "
+                                          "word is replaced or masked or kept, so the two add up to at most 1")
+        if self.replace_prob + self.mask_prob == 0.0:
+            raise FieldError("replace_prob", "replace_prob and mask_prob are both 0: the copies would equal the "
+                                             "originals; remove data.augment or give one of them > 0")
+        return self
+
+
 class DataConfig(Config):
     """Training and evaluation data: a hub/local dataset by name and config, or local files.
 
@@ -134,6 +160,9 @@ class DataConfig(Config):
     doc_stride: int | None = Field(None, ge=0, description="task: question-answering only: tokens of context "
                                    "shared by consecutive windows of a context too long for max_length; smaller than "
                                    "max_length minus the question and special tokens. Default: max_length // 4.")
+    augment: AugmentConfig | None = Field(None, description="Sequence classification with a distillation logits "
+                                          "term: teacher-labelled noisy copies of the training examples (TinyBERT-style "
+                                          "augmentation), e.g. {copies: 1, replace_prob: 0.3, mask_prob: 0.1}.")
 
     @model_validator(mode="before")
     @classmethod
@@ -276,6 +305,10 @@ class Recipe(Config):
             raise FieldError(("training", "fit_samples"), f"compares one predicted label per training example with "
                              f"its label; a {task} task has {'none' if task == EMBEDDING else 'other labels'}: set it "
                              "to 0")
+        if self.data.augment is not None:
+            if task in (EMBEDDING, *TOKEN_HEADS):
+                raise FieldError(("data", "augment"), f"adds unlabelled copies of sequence-classification examples; "
+                                 f"this task is {task!r}: remove data.augment")
         if task != EMBEDDING:
             return self
         if self.model.num_labels is not None:
@@ -566,6 +599,10 @@ def validate_recipe(data: dict, source: RecipeSource) -> Recipe:
             if t.kind == "length_adaptive":
                 raise source.error(("techniques", i, "kind"), "length_adaptive drops tokens inside the encoder, and a "
                                    f"{recipe.data.metric_task} head needs every token: remove it")
+    distillation = recipe.technique("distillation")
+    if recipe.data.augment is not None and (distillation is None or distillation.enabled("logits") is None):
+        raise source.error(("data", "augment"), "the augmented copies have no labels, only the teacher's: it needs "
+                           "a distillation technique with a logits term (weight > 0)")
     if recipe.training.lr_schedule == "rewind" and recipe.technique("pruning") is None:
         raise source.error(("training", "lr_schedule"), "rewind restarts the learning rate at every pruning mask "
                            "update: it needs a pruning technique (with its window); use linear, cosine or constant")

@@ -209,6 +209,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                                is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype), head=head)
         teacher.to(tcfg.device or accelerator.device)
     check_run_inputs(recipe, data, model, teacher)  # output_dir, num_labels, max_length vs positions
+    originals = data.train  # training_fit and calibration read these, never the augmented copies
+    if recipe.data.augment is not None:  # unlabelled noisy copies, labelled by the teacher through distillation
+        data.train = _augmented(recipe, data, tokenizer, model)
+        accelerator.print(f"data.augment: {len(data.train) - len(originals)} augmented copies added to "
+                          f"{len(originals)} training examples")
 
     collate = collator(tokenizer, task)
     lengths = [len(ids) for ids in data.train["input_ids"]] if tc.group_by_length else None
@@ -228,7 +233,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
 
     # each technique checks itself against the models; a problem is reported against its recipe key
     if pruner is not None:  # taylor / obs scores read calibration batches: the same examples on every process
-        calibration = calibration_batches(data.train, collate, pruner.config.calibration_samples, tc.batch_size,
+        calibration = calibration_batches(originals, collate, pruner.config.calibration_samples, tc.batch_size,
                                           seed=tc.seed)
         with _blame(recipe, "pruning"):
             pruner.prepare(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps, calibration=calibration)
@@ -454,7 +459,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                               f"eval embeddings {parity['min_cosine']:.6f}")
     fit = None
     if tc.fit_samples:  # how well the final model fits training data (and its teacher) against dev: under/overfit
-        fit = train_fit(model, teacher, data.train, collate, tc.fit_samples, tc.eval_batch_size, seed=tc.seed,
+        fit = train_fit(model, teacher, originals, collate, tc.fit_samples, tc.eval_batch_size, seed=tc.seed,
                         device=accelerator.device)
         accelerator.print("fit on " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in fit.items()))
@@ -501,6 +506,21 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     accelerator.end_training()
     accelerator.print(f"done: {best_metric} {chosen.get(best_metric, float('nan')):.4f} in {elapsed:.0f} s -> {run_dir}")
     return run_dir
+
+
+def _augmented(recipe: Recipe, data, tokenizer, model):
+    """The training data followed by its augmented copies (sparsify.augment), or one error line on data.augment."""
+    from sparsify.augment import augment_examples
+
+    cfg = recipe.data.augment
+    if data.is_regression:
+        raise recipe_error(recipe, ("data", "augment"), "the copies' task loss is skipped through an ignored class "
+                           "label, and a regression task has no classes: remove data.augment")
+    seed = cfg.seed if cfg.seed is not None else recipe.training.seed
+    try:
+        return augment_examples(data.train, tokenizer, model.get_input_embeddings().weight, cfg, seed=seed)
+    except SparsifyError as e:
+        raise recipe_error(recipe, ("data", "augment"), str(e)) from None
 
 
 def _sample(n_examples: int, n: int, seed: int) -> list[int]:

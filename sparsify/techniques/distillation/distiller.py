@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from sparsify.augment import IGNORE
 from sparsify.config import FieldError
 from sparsify.student import encoder_layers
 from sparsify.techniques.distillation import losses
@@ -229,7 +230,11 @@ class Distiller:
         terms: dict[str, torch.Tensor] = {}
         total = logits.new_zeros((), dtype=torch.float32)
 
-        if labels is not None and cfg.task_weight > 0:
+        if labels is not None and cfg.task_weight > 0 and labels.dim() == 1 and (labels == IGNORE).any():
+            # augmented copies (data.augment) carry no label: the task loss of the labelled examples only
+            terms["distill/task"] = losses.labelled_cross_entropy(logits, labels.to(device), IGNORE)
+            total = total + cfg.task_weight * terms["distill/task"]
+        elif labels is not None and cfg.task_weight > 0:
             if student_outputs.loss is None:
                 raise ValueError("labels were given but the student's outputs hold no loss: pass labels to the student")
             terms["distill/task"] = student_outputs.loss

@@ -62,6 +62,15 @@ def span_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2
     return per_end.mean() * temperature**2
 
 
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore: int = -100) -> torch.Tensor:
+    """Cross-entropy ``(B, C)`` logits against class ids, averaged over the examples whose label is not
+    ``ignore``; 0 (still part of the graph) when none has one."""
+    keep = labels != ignore
+    if not keep.any():
+        return _f32(logits).sum() * 0.0
+    return F.cross_entropy(_f32(logits)[keep], labels[keep])
+
+
 def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """Pooled sentence embeddings ``(B, D)``: ``cosine``, 1 - cos(student, teacher) averaged over the examples;
     ``mse``, the squared difference averaged over examples and dimensions."""

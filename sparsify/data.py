@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
+from sparsify.qa_windows import stride_problem
 from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, DataConfig, PairsConfig, Recipe
 from sparsify.recipe import recipe_error as _recipe_error
 
@@ -397,18 +398,12 @@ def _qa_doc_stride(cfg: DataConfig, tokenizer, questions: dict, recipe: Recipe |
         lengths = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         longest = max([longest] + [(len(ids), name, row) for row, ids in enumerate(lengths)], key=lambda t: t[0])
     tokens, name, row = longest
-    room = cfg.max_length - special - tokens
-    where = f"the longest question (example {row} of the {name} data, {tokens} tokens) and {special} special tokens"
-    if room < 1:
-        raise recipe_error(recipe, ("data", "max_length"), f"{cfg.max_length} leaves no room for the context: {where} "
-                                                           f"fill it")
-    stride = cfg.qa_doc_stride
-    if stride >= room:
-        given = "" if cfg.doc_stride is not None else " (the default, max_length // 4)"
-        raise recipe_error(recipe, ("data", "doc_stride"), f"{stride}{given} must be smaller than the {room} tokens of "
-                           f"context a window holds ({where} take {cfg.max_length - room} of max_length "
-                           f"{cfg.max_length}): give 0 to {room - 1}")
-    return stride
+    where = f"the longest question (example {row} of the {name} data, {tokens} tokens)"
+    problem = stride_problem(cfg.max_length, cfg.qa_doc_stride, longest=tokens, special=special, where=where,
+                             default=cfg.doc_stride is None)
+    if problem is not None:
+        raise recipe_error(recipe, ("data", problem[0]), problem[1])
+    return cfg.qa_doc_stride
 
 
 def _qa_features(split, cfg: DataConfig, tokenizer, stride: int):

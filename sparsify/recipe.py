@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from sparsify.config import Config, FieldError
 from sparsify.errors import RecipeError
+from sparsify.qa_windows import default_doc_stride
 from sparsify.techniques import TECHNIQUES
 
 KeyPath = tuple  # of str (mapping keys) and int (list indices)
@@ -209,7 +210,7 @@ class DataConfig(Config):
     @property
     def qa_doc_stride(self) -> int:
         """``doc_stride``, or its default: a quarter of ``max_length``."""
-        return self.doc_stride if self.doc_stride is not None else self.max_length // 4
+        return self.doc_stride if self.doc_stride is not None else default_doc_stride(self.max_length)
 
 
 MAX_THREADS = 1024

@@ -47,7 +47,7 @@ from sparsify.machine import cpu_info
 from sparsify.metrics import main_metric
 from sparsify.modeling import load_classifier, load_tokenizer
 from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, TOKEN_HEADS, Recipe, check_output_dir, \
-    check_run_inputs, recipe_error
+    check_run_inputs, load_recipe, recipe_error
 from sparsify.schedules import rewind_schedule
 from sparsify.sentence import embed_batches, embedding_metrics, load_embedder, require_pooling
 from sparsify.techniques import TECHNIQUES
@@ -107,8 +107,6 @@ def _check_resumed_recipe(saved_path: Path, recipe: Recipe) -> None:
     """A resumed run computes what it started computing. Both recipes are compared resolved (keys that a newer
     version added count at their defaults); only ``training.threads`` (how fast, not what) may change, with a
     warning; any other difference is refused."""
-    from sparsify.recipe import load_recipe
-
     try:
         saved = yaml.safe_load(load_recipe(saved_path).to_yaml())
     except SparsifyError as err:

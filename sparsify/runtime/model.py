@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparsify.errors import SparsifyError
+from sparsify.qa_windows import default_doc_stride, stride_problem
 
 __all__ = ["SparseModel", "ArtifactError", "FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS",
            "read_manifest", "parse_length_config", "load_tensors", "decode_span"]
@@ -692,22 +693,17 @@ class SparseModel:
         """``doc_stride`` (default ``max_length // 4``), checked: smaller than the context tokens a window holds
         after the longest question and the special tokens (``tokenizers`` panics otherwise). A single text (no
         question; the answer may be anywhere in it) counts as an empty question."""
-        stride = max_length // 4 if doc_stride is None else doc_stride
+        stride = default_doc_stride(max_length) if doc_stride is None else doc_stride
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
             raise SparsifyError(f"doc_stride must be a non-negative integer, got {doc_stride!r}")
         tok = self.tokenizer
         questions = [p[0] for p in pairs if isinstance(p, tuple)]
         longest = max((len(e.ids) for e in tok.encode_batch(questions, add_special_tokens=False)), default=0)
         special = tok.num_special_tokens_to_add(bool(questions))
-        room = max_length - special - longest
-        if room < 1:
-            raise SparsifyError(f"max_length {max_length} leaves no room for the context: the longest question "
-                                f"({longest} tokens) and {special} special tokens fill it")
-        if stride >= room:
-            given = "" if doc_stride is not None else " (the default, max_length // 4)"
-            raise SparsifyError(f"doc_stride {stride}{given} must be smaller than the {room} tokens of context a "
-                                f"window holds (the longest question, {longest} tokens, and {special} special tokens "
-                                f"take {max_length - room} of max_length {max_length}): give 0 to {room - 1}")
+        problem = stride_problem(max_length, stride, longest=longest, special=special,
+                                 where=f"the longest question ({longest} tokens)", default=doc_stride is None)
+        if problem is not None:
+            raise SparsifyError(f"{problem[0]} {problem[1]}")
         return stride
 
     def _answer_batch(self, pairs: list, max_length: int, stride: int, max_answer_length: int) -> list[dict]:

@@ -672,8 +672,12 @@ def test_global_scope_with_second_order_and_taylor_scores(score):
 
 
 def test_update_steps_list_every_mask_update():
-    pruner = make_pruner(tiny_bert(), start_step=2, end_step=9, update_every=3, total_steps=12)
-    assert pruner.update_steps() == [2, 5, 8, 9]
+    pruner = make_pruner(tiny_bert(), start_step=2, end_step=10, update_every=3, total_steps=12)
+    assert pruner.update_steps() == [2, 5, 8, 10]
+    # a grid step less than half an interval before end_step gives way to it: no two updates a step apart
+    close = make_pruner(tiny_bert(), start_step=2, end_step=9, update_every=3, total_steps=12)
+    assert close.update_steps() == [2, 5, 9]
+    assert [s for s in range(1, 12) if close.step(s)["sparsity/mask_updated"]] == [2, 5, 9]
     one_shot = make_pruner(tiny_bert(), start_step=0, end_step=0, total_steps=12)
     assert one_shot.update_steps() == [0]
     big_first = make_pruner(tiny_bert(), initial_sparsity=0.5, start_step=0, end_step=6, update_every=3,

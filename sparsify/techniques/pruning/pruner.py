@@ -115,6 +115,7 @@ class BlockPruner:
         self.end_step: int | None = None if config.uses_epochs else config.end_step
         self.last_update: int | None = None
         self.reached_end = False
+        self._updates: frozenset[int] | None = None  # update_steps(), once the window is known
         self.steps_done = 0  # optimizer steps seen by step(): the next backward pass belongs to steps_done + 1
         self.taylor: dict[str, torch.Tensor] = {}  # score: taylor, the accumulated |W * grad| per layer
         self.calibration = None  # function returning the calibration batches (taylor before gradients, obs)
@@ -266,19 +267,27 @@ class BlockPruner:
 
     def update_steps(self) -> list[int]:
         """The optimizer steps at which the masks are updated (the learning rate restarts there with
-        ``training.lr_schedule: rewind``): start_step, every update_every steps after it, and end_step."""
+        ``training.lr_schedule: rewind``): start_step, every update_every steps after it, and end_step. A grid
+        step less than half an interval before end_step gives way to end_step (two mask updates and two restarts of
+        the learning rate a few steps apart would choose the masks twice for nothing)."""
         if self.end_step is None:
             raise RuntimeError("the pruning window is in epochs: call prepare() first")
-        steps = list(range(self.start_step, self.end_step + 1, self.config.update_every))
-        if not steps or steps[-1] != self.end_step:
-            steps.append(self.end_step)
+        every = self.config.update_every
+        steps = list(range(self.start_step, self.end_step + 1, every))
+        if steps[-1] != self.end_step:
+            if len(steps) > 1 and self.end_step - steps[-1] < every / 2:
+                steps[-1] = self.end_step
+            else:
+                steps.append(self.end_step)
         if self.start_step == 0 and not (self.end_step == 0 or self.config.initial_sparsity > 0):
             steps = [s for s in steps if s > 0] or [self.end_step]  # the target is 0 at step 0: no update there
         return steps
 
     def _due(self, step: int) -> bool:
         if self.start_step <= step <= self.end_step:
-            return (step - self.start_step) % self.config.update_every == 0 or step == self.end_step
+            if self._updates is None:
+                self._updates = frozenset(self.update_steps())
+            return step in self._updates or step == self.end_step
         return step > self.end_step and not self.reached_end
 
     def finished(self, step: int) -> bool:

@@ -2,7 +2,7 @@
 (per channel, group-wise), SignRound W4, and word-embedding rows at 8 / 4 / 2 bits. A measurement, not a test.
 
     python scripts/lowbit_ptq_sst2.py RUN_OR_MODEL_DIR [-o docs/measurements/lowbit-ptq-sst2.json]
-        [--only fp8,w4,signround,embeddings] [--calibration-batches 8] [--signround-iters 200] [--threads 1]
+        [--only fp8,w4,signround,teq,embeddings] [--calibration-batches 8] [--signround-iters 200] [--threads 1]
 
 No training: each configuration starts from the float model, calibrates (PTQ) on the first
 ``--calibration-batches`` batches of 32 shuffled training sentences (seed 0) and evaluates the fake-quant model
@@ -15,6 +15,8 @@ No training: each configuration starts from the float model, calibrates (PTQ) on
 - ``w4-rtn-channel``, ``w4-rtn-g<size>-<sym|asym>``: weight-only int4 (Linear inputs float32, embeddings
   float32), one scale per output channel or per group of input features;
 - ``w4-signround``: weight-only int4 per channel with SignRound's rounding (``--signround-iters`` per layer);
+- ``w4-teq``, ``w4-teq-signround`` (``--only teq``): TEQ scales folded into the value -> attention output pairs
+  first (300 Adam steps per layer), then round to nearest or SignRound;
 - ``w8-rtn-channel``: weight-only int8 per channel, for reference;
 - ``emb-int8`` / ``emb-int4`` / ``emb-int2``: only the word-embedding rows rounded (PTQ: no QAT), the rest float.
 
@@ -58,6 +60,11 @@ def _configs(only: set[str], iters: int, calib: int) -> dict[str, dict | None]:
                     **weight_only, "weight_bits": 4, "weight_group_size": size, "weight_scheme": scheme}
     if "signround" in only:
         out["w4-signround"] = {**weight_only, "weight_bits": 4, "rounding": "signround", "signround_iters": iters}
+    if "teq" in only:
+        out["w4-rtn-channel"] = {**weight_only, "weight_bits": 4}
+        out["w4-teq"] = {**weight_only, "weight_bits": 4, "teq": True}
+        out["w4-teq-signround"] = {**weight_only, "weight_bits": 4, "teq": True, "rounding": "signround",
+                                   "signround_iters": iters}
     for cfg in out.values():
         if cfg is not None:
             QuantizationConfig(**cfg)  # fail early on a bad configuration
@@ -126,6 +133,8 @@ def main(argv=None) -> int:
             quantizer = calibrate(model, calib, QuantizationConfig(**cfg))
             if quantizer.signround_stats is not None:
                 entry["signround"] = quantizer.signround_stats
+            if quantizer.teq_stats is not None:
+                entry["teq"] = quantizer.teq_stats
         t1 = time.perf_counter()
         entry["accuracy"] = accuracy(model)
         entry["prepare_seconds"] = round(t1 - t0, 2)

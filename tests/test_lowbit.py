@@ -795,3 +795,128 @@ def test_signround_ptq_through_the_trainer(make_recipe):
     assert all(e["bits"] == 4 and e["input_bits"] == 32 for e in converted.values())
     s = export(run_dir, run_dir / "artifact")
     assert all(m["dtype"] == "int4" for m in s["manifest"]["layers"].values())
+
+
+# -- TEQ ----------------------------------------------------------------------------------------------------------
+
+
+def _outlier_columns(model, seed=3):
+    """Give the attention output projections a few large input columns (what TEQ's scales can even out)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if n.endswith("attention.output.dense"):
+                cols = torch.randperm(m.in_features, generator=g)[:3]
+                m.weight[:, cols] *= 8
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_teq_fold_is_the_same_function(arch):
+    from sparsify.techniques.quantization.teq import fold, foldable_pairs
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        model = _tiny(2).eval()
+    else:
+        cfg = transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                            dropout=0.0, attention_dropout=0.0)
+        model = transformers.DistilBertForSequenceClassification(cfg).eval()
+    pairs = foldable_pairs(model)
+    assert len(pairs) == 2 and all(v.out_features == o.in_features for _, v, _, o in pairs)
+    with torch.no_grad():  # biases are 0 at init: random ones, so that folding must scale them too
+        for _, value, _, out in pairs:
+            value.bias.normal_()
+            out.bias.normal_()
+    batch = {k: v for k, v in _calib_batches(1)[0].items() if k != "labels"}
+    if arch == "distilbert":
+        batch.pop("token_type_ids", None)
+    with torch.no_grad():
+        before = model(**batch).logits
+        for _, value, _, out in pairs:
+            fold(value, out, torch.rand(out.in_features) * 4 + 0.1)
+        after = model(**batch).logits
+        unfolded = model.__class__(model.config).eval()  # an unrelated model differs: the check can fail
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(unfolded(**batch).logits, before, atol=1e-3)
+
+
+def _w4_output_error(model, batch) -> float:
+    """Squared error of the attention output projections' outputs on ``batch`` when their weights (as the model
+    holds them now) are rounded to int4 per output channel, summed over the layers."""
+    from sparsify.techniques.quantization.teq import _quantize_ste
+
+    seen, hooks = [], []
+    for n, m in model.named_modules():
+        if n.endswith("attention.output.dense"):
+            hooks.append(m.register_forward_hook(lambda mod, args, out: seen.append((mod, args[0], out))))
+    with torch.no_grad():
+        model(**batch)
+        for h in hooks:
+            h.remove()
+        return sum(float((torch.nn.functional.linear(x, _quantize_ste(m.weight, 4), m.bias) - y).pow(2).mean())
+                   for m, x, y in seen)
+
+
+def test_teq_lowers_the_w4_error_keeps_the_function_and_the_masks():
+    from sparsify.techniques.quantization.teq import teq
+
+    model = _tiny(1).eval()
+    _outlier_columns(model)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in n}
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for m in linears.values():
+            m.weight.mul_(torch.rand(m.weight.shape, generator=g) > 0.5)
+    zeros = {n: m.weight == 0 for n, m in linears.items()}
+    batch = {k: v for k, v in _calib_batches(1, seed=9)[0].items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**batch).logits
+    w4_error_before = _w4_output_error(model, batch)
+    stats = teq(model, _calib_batches(), linears, bits=4, iters=60, num_batches=4)
+    assert _w4_output_error(model, batch) < 0.8 * w4_error_before  # the scales were folded into the weights
+    assert [p["output"] for p in stats["pairs"]] == [f"bert.encoder.layer.{i}.attention.output.dense" for i in (0, 1)]
+    for p in stats["pairs"]:
+        assert p["error_teq"] < 0.8 * p["error_nearest"], stats  # the outlier columns made room to gain
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, atol=1e-5, rtol=1e-4)  # folded: same float model
+    for n, m in linears.items():
+        assert torch.equal(m.weight == 0, zeros[n]), n  # pruned weights stay exactly 0, kept ones stay non-zero
+
+
+def test_teq_ptq_through_the_quantizer(tiny_model_dir, tmp_path):
+    """teq: true in PTQ: the scales are folded before rounding, the int4 fake-quant model exports and the runtime
+    computes what it computes."""
+    from sparsify.export import export
+    from sparsify.runtime import SparseModel
+
+    src = _sparse_dir(tiny_model_dir, tmp_path / "m")
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    batch = dict(tok(TEXTS, padding=True, return_tensors="pt"))
+    model = transformers.BertForSequenceClassification.from_pretrained(src).eval()
+    masks = {n: m.weight != 0 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in n}
+    cfg = QuantizationConfig(mode="ptq", calibration_batches=2, weight_bits=4, teq=True, teq_iters=20,
+                             embeddings=False, activations={"linear_inputs": False})
+    q = calibrate(model, [batch, batch], cfg, masks=masks)
+    assert q.teq_stats["iters"] == 20 and len(q.teq_stats["pairs"]) == 2
+    with torch.no_grad():
+        fake = model(**batch).logits.numpy()
+    model.save_pretrained(tmp_path / "folded")
+    tok.save_pretrained(tmp_path / "folded")
+    s = export(tmp_path / "folded", tmp_path / "a", quantized=q.convert(), activations=convert_activations(q),
+               embeddings="float32")
+    assert all(m["dtype"] == "int4" for m in s["manifest"]["layers"].values())
+    got = SparseModel.from_pretrained(tmp_path / "a", threads=1)(batch["input_ids"], batch["attention_mask"],
+                                                                 batch["token_type_ids"])
+    np.testing.assert_allclose(got, fake, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw, field, message", [
+    ({"teq": True}, ("teq",), "mode: ptq"),
+    ({"mode": "ptq", "teq": True, "weight_format": "e4m3"}, ("teq",), "per-channel integer"),
+    ({"mode": "ptq", "teq_iters": 10}, ("teq_iters",), "teq: true only"),
+    ({"mode": "ptq", "teq": True, "teq_iters": 0}, ("teq_iters",), "greater than or equal"),
+])
+def test_teq_keys_validate_themselves(kw, field, message):
+    with pytest.raises(ValidationError, match=message) as e:
+        QuantizationConfig(**kw)
+    assert _field(e) == field

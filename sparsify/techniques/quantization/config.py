@@ -174,6 +174,12 @@ class QuantizationConfig(Config):
     signround_iters: int | None = Field(None, ge=1, description="SignRound steps per encoder layer (default 200).")
     signround_lr: float | None = Field(None, gt=0, description="SignRound step size at the start, decaying linearly "
                                        "to 0 (default 1 / signround_iters).")
+    teq: bool = Field(
+        False, description="mode: ptq, integer weights: TEQ before rounding, where a BERT layer allows folding it: a "
+        "scale per channel of the attention output projection's input, learned against that projection's float "
+        "output on calibration_batches and folded into it and into the value projection (the same float function; "
+        "the other Linear layers do not fold, docs/lowbit.md). Pruned weights stay 0.")
+    teq_iters: int | None = Field(None, ge=1, description="TEQ Adam steps per encoder layer (default 300).")
     embedding_bits: Literal[8, 4, 2] = Field(
         8, description="Bits per word-embedding value with embeddings: true. 8: int8, symmetric, a scale per row; 4: "
         "int4, symmetric full range (codes -8..7), a signed scale per row, two codes per byte in the artifact; 2: "
@@ -237,6 +243,11 @@ class QuantizationConfig(Config):
             for name in ("signround_iters", "signround_lr"):
                 if getattr(self, name) is not None:
                     raise FieldError(name, f"{name} applies to rounding: signround only")
+        if self.teq and (self.mode != "ptq" or self.weight_format != "int" or self.weight_group_size is not None):
+            raise FieldError("teq", "TEQ learns scales for per-channel integer weights after training: use mode: ptq, "
+                                    "weight_format: int and weight_group_size: null")
+        if self.teq_iters is not None and not self.teq:
+            raise FieldError("teq_iters", "teq_iters applies to teq: true only")
         if self.embedding_bits != 8 and not self.embeddings:
             raise FieldError("embedding_bits", f"embedding_bits: {self.embedding_bits} needs embeddings: true (the "
                                                f"word embeddings are not quantized with embeddings: false)")

@@ -123,6 +123,7 @@ class Quantizer:
         self._handles: list = []
         self.rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # SignRound: layer -> (codes, scales)
         self.signround_stats: dict | None = None
+        self.teq_stats: dict | None = None  # TEQ: per folded pair, the calibration error before and after
         self.embedding_name: str | None = None  # the word embeddings, quantized per row (config.embeddings)
         self._embedding: nn.Embedding | None = None
 
@@ -490,9 +491,25 @@ class Quantizer:
         from sparsify.techniques.quantization.convert import run_calibration
 
         num_batches = num_batches or self.config.num_calibration_batches
+        if self.config.teq and self.teq_stats is None:
+            self._teq(model, batches, num_batches)
         if self.config.rounding == "signround" and not self.rounded:
             self._signround(model, batches, num_batches)
         return run_calibration(self, model, batches, num_batches)
+
+    def _teq(self, model: nn.Module, batches, num_batches: int) -> None:
+        """TEQ scales learned and folded into the weights (value -> attention output), on the float model."""
+        from sparsify.techniques.quantization.teq import teq
+
+        was, self._active = self._active, False
+        try:
+            self.teq_stats = teq(model, batches, {n: layer.module for n, layer in self.layers.items()},
+                                 bits=self.config.weight_bits, iters=self.config.teq_iters or 300,
+                                 num_batches=num_batches)
+        finally:
+            self._active = was
+        log.info("quantization: TEQ scales folded into %d layer pairs in %.1f s", len(self.teq_stats["pairs"]),
+                 self.teq_stats["seconds"])
 
     def _signround(self, model: nn.Module, batches, num_batches: int) -> None:
         """SignRound over the quantized layers, on the float model (fake quantization off meanwhile); the codes

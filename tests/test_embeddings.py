@@ -59,6 +59,30 @@ def test_embed_cli(st_artifact, tmp_path, capsys):
     assert "use 'sparsify embed'" in capsys.readouterr().err
 
 
+def test_bench_model_times_embeddings_against_sentence_transformers(st_artifact, tmp_path, capsys):
+    """An embeddings artifact is timed against the sentence-transformers library on its dense-equivalent weights
+    (rebuilt from the artifact: the library's embeddings must equal ours), interleaved, every scenario."""
+    from sparsify.bench_model import SCENARIOS, main as bench_main
+
+    art, st = st_artifact
+    out = tmp_path / "b.json"
+    assert bench_main([str(art), "--quick", "--json", str(out), "--threads", "1", "--no-cold-start"]) == 0
+    res = json.loads(out.read_text())
+    assert res["head"] == "embeddings" and res["baseline"] == "sentence_transformers"
+    assert {(r["scenario"], r["method"]) for r in res["records"]} == {
+        (s, m) for s in SCENARIOS for m in ("sparsify", "sentence_transformers")}
+    for r in res["records"]:
+        assert r["median_ms"] > 0 and r["speedup_vs_sentence_transformers"] > 0 and r["rounds"] == 2
+    assert res["parity"]["min_cosine"] > 0.99999 and res["parity"]["texts"] == 64
+    table = capsys.readouterr().out
+    assert "speedup vs sentence_transformers" in table and "cosine min" in table
+    # the rebuilt library model is the exported one: same embeddings as the original on real text
+    from sparsify.bench_model import dense_sentence_transformer
+
+    rebuilt = dense_sentence_transformer(SparseModel.from_pretrained(art, threads=1), tmp_path / "st")
+    np.testing.assert_allclose(rebuilt.encode(SENTENCES), st.encode(SENTENCES), atol=1e-5)
+
+
 def test_manifest_records_the_pooling(st_artifact):
     art, _ = st_artifact
     m = json.loads((art / "sparsify.json").read_text())

@@ -483,6 +483,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             summary["teacher_metrics"] = teacher_metrics  # the teacher's own pair_roc_auc, to compare with
         if quantizer is not None and quantizer.signround_stats is not None:
             summary["signround"] = quantizer.signround_stats
+        if quantizer is not None and quantizer.teq_stats is not None:
+            summary["teq"] = quantizer.teq_stats
         if fit is not None:
             summary["train_fit"] = fit
         if pruner is not None:

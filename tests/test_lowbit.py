@@ -800,6 +800,24 @@ def test_signround_ptq_through_the_trainer(make_recipe):
 # -- TEQ ----------------------------------------------------------------------------------------------------------
 
 
+def test_teq_ptq_through_the_trainer(make_recipe):
+    """teq: true in a PTQ recipe: the trainer folds the scales before rounding, records the per-layer errors in
+    metrics.json, and the saved model is the folded one (its int4 export agrees with the fake-quant model)."""
+    from sparsify.recipe import load_recipe
+    from sparsify.train import train
+
+    ptq = {"kind": "quantization", "mode": "ptq", "calibration_batches": 2, "weight_bits": 4, "teq": True,
+           "teq_iters": 5, "activations": {"linear_inputs": False}, "embeddings": False}
+    recipe = load_recipe(make_recipe(training={"steps": 1, "eval_every": None, "save_every": None},
+                                     techniques=[ptq]))
+    run_dir = train(recipe, progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    pairs = metrics["teq"]["pairs"]
+    assert metrics["teq"]["iters"] == 5 and len(pairs) == 2
+    assert all(p["error_teq"] <= p["error_nearest"] for p in pairs)
+    assert metrics["conversion_parity"]["label_agreement"] == 1.0
+
+
 def _outlier_columns(model, seed=3):
     """Give the attention output projections a few large input columns (what TEQ's scales can even out)."""
     g = torch.Generator().manual_seed(seed)

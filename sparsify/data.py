@@ -35,6 +35,7 @@ class TaskData:
     is_regression: bool
     pairs: tuple | None = None
     answers: list | None = None  # question answering: a QAWindow per eval feature (row idx)
+    holdout: object | None = None  # data.holdout_samples training examples kept out of training, for selection
 
     @property
     def num_labels(self) -> int:
@@ -120,7 +121,28 @@ def load_task_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> 
     def tokenize(split):
         return split.map(encode, with_indices=True, batched=True, remove_columns=split.column_names, desc="tokenizing")
 
-    return TaskData(tokenize(train), tokenize(evaluation), label_names, is_regression)
+    train = tokenize(train)
+    holdout = None
+    if cfg.holdout_samples is not None:
+        train, holdout = split_holdout(train, cfg.holdout_samples, recipe)
+    return TaskData(train, tokenize(evaluation), label_names, is_regression, holdout=holdout)
+
+
+HOLDOUT_SEED = 0  # the held-out examples do not depend on training.seed: every seed is selected on the same ones
+
+
+def split_holdout(train, n: int, recipe: Recipe | None = None):
+    """``(train without the held-out examples, the held-out examples)``: ``n`` drawn at random with a fixed seed;
+    both keep their rows' ``idx`` (positions in the training split)."""
+    import numpy as np
+
+    if n >= len(train):
+        raise recipe_error(recipe, ("data", "holdout_samples"), f"{n} leaves nothing to train on: the training data "
+                           f"has {len(train)} examples; give 1 to {len(train) - 1}")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(train))
+    held = np.sort(order[:n])
+    kept = np.sort(order[n:])
+    return train.select(kept.tolist()), train.select(held.tolist())
 
 
 def _texts(split, columns, name: str, key: tuple, recipe: Recipe | None) -> list[str]:

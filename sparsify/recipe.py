@@ -149,6 +149,11 @@ class DataConfig(Config):
                             "question-answering reads a longer context in windows, see doc_stride).")
     max_train_samples: int | None = Field(None, ge=1, description="Train on the first N examples only.")
     max_eval_samples: int | None = Field(None, ge=1, description="Evaluate on the first N examples only.")
+    holdout_samples: int | None = Field(
+        None, ge=1, description="Sequence classification: hold this many training examples out of training (a "
+        "fixed random draw, the same for every seed). Every evaluation also reports holdout_<metric> on them, and "
+        "training.select_best chooses on holdout_<main metric> (the default metric_for_best then): the model is "
+        "chosen without looking at the eval split, whose numbers stay unbiased.")
     task: str | None = Field(
         None, description="GLUE task whose metric to report (sst2, mrpc, cola, stsb, ...); 'embedding': a "
         "sentence-embedding model learns its teacher's embeddings, no labels (metrics teacher_cosine, pair_roc_auc); "
@@ -198,6 +203,9 @@ class DataConfig(Config):
             raise FieldError("doc_stride", f"{self.doc_stride} must be smaller than max_length ({self.max_length}) "
                                            "minus the question and special tokens: give 0 to at most "
                                            f"{self.max_length - 1}")
+        if self.holdout_samples is not None and self.metric_task in (EMBEDDING, *TOKEN_HEADS):
+            raise FieldError("holdout_samples", f"holds out sequence-classification examples for model selection; "
+                                                f"this task is {self.metric_task!r}: remove it")
         if self.pairs is not None and self.metric_task != EMBEDDING:
             raise FieldError("pairs", f"scores sentence embeddings: it needs task: {EMBEDDING} (this task is "
                                       f"{self.metric_task!r})")
@@ -289,6 +297,8 @@ class Recipe(Config):
         name = self.training.metric_for_best
         if name is not None:
             allowed = task_metrics(self.data.metric_task)
+            if self.data.holdout_samples is not None:
+                allowed = allowed + tuple(f"holdout_{m}" for m in allowed)
             if name not in allowed and name.removeprefix("length_config_") not in allowed:
                 raise FieldError(("training", "metric_for_best"),
                                  f"unknown metric {name!r} for task {self.data.metric_task!r}.{_suggest(name, list(allowed))}"

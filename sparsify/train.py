@@ -224,6 +224,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     eval_dl = DataLoader(data.eval, batch_size=tc.eval_batch_size, shuffle=False, collate_fn=collate,
                          generator=torch.Generator().manual_seed(tc.seed))
     train_dl, eval_dl = accelerator.prepare(train_dl, eval_dl)
+    holdout_dl = None
+    if data.holdout is not None:  # data.holdout_samples: training examples kept out, to select the model on
+        holdout_dl = accelerator.prepare(DataLoader(data.holdout, batch_size=tc.eval_batch_size, shuffle=False,
+                                                    collate_fn=collate))
     steps_per_epoch = math.ceil(len(train_dl) / tc.gradient_accumulation_steps)
     total_steps = tc.steps if tc.steps is not None else math.ceil(tc.epochs * steps_per_epoch)
     if ptq:
@@ -294,7 +298,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                           "training batches, no training")
         quantizer.calibrate(model, train_dl)
 
-    best_metric = tc.metric_for_best or main_metric(task)
+    best_metric = tc.metric_for_best or (("holdout_" if holdout_dl is not None else "") + main_metric(task))
     reference = pairs = teacher_metrics = None
     if embedding:  # held-out texts: the teacher's embeddings, once; labelled pairs: the teacher's own score
         pairs = _pair_loaders(data.pairs, collate, tc, accelerator)
@@ -320,6 +324,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
 
     def run_eval(step: int) -> dict:
         metrics = evaluate_model()
+        if holdout_dl is not None:
+            held = evaluate(model, holdout_dl, task, is_regression=data.is_regression, accelerator=accelerator)
+            metrics.update({f"holdout_{k}": v for k, v in held.items()})
         if lengthdrop is not None and lengthdrop.eval_forward() is not None:  # also at the recipe's length_config
             at_length = evaluate_model(forward=lengthdrop.eval_forward())
             metrics.update({f"length_config_{k}": v for k, v in at_length.items()})
@@ -468,6 +475,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             "model_step": chosen.get("step", step),
             "final_step_metrics": final,
             "best": state["best"],
+            "selected_on": best_metric if tc.select_best else None,
+            "holdout_examples": len(data.holdout) if data.holdout is not None else 0,
             "optimizer_steps": step,
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,

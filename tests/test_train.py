@@ -418,3 +418,38 @@ def test_teacher_cache_across_runs_gives_the_same_weights(make_recipe, tiny_mode
     with unittest.mock.patch.object(transformers.BertForSequenceClassification, "forward", counted):
         assert run_cli("train", plain) == 0
     assert len(calls) == calls_cached + 8
+
+
+def test_holdout_examples_select_the_model_without_the_eval_split(make_recipe, tmp_path, capsys):
+    """data.holdout_samples: training examples kept out of training (the same ones for every seed); every
+    evaluation reports holdout_accuracy beside accuracy, and select_best chooses on holdout_accuracy."""
+    from sparsify.data import load_task_data
+    from sparsify.modeling import load_tokenizer
+    from sparsify.recipe import load_recipe
+
+    recipe_path = make_recipe(data={"holdout_samples": 48},
+                              training={"steps": 40, "eval_every": 8, "select_best": True, "seed": 3})
+    recipe = load_recipe(recipe_path)
+    data = load_task_data(recipe.data, load_tokenizer(recipe.model.name_or_path))
+    assert len(data.train) == 144 and len(data.holdout) == 48
+    assert not set(data.train["idx"]) & set(data.holdout["idx"])  # disjoint
+    other_seed = load_recipe(make_recipe(data={"holdout_samples": 48}, training={"seed": 9}))
+    assert load_task_data(other_seed.data, load_tokenizer(recipe.model.name_or_path)).holdout["idx"] == \
+        data.holdout["idx"]  # the same held-out examples whatever the training seed
+
+    assert run_cli("train", recipe_path) == 0
+    metrics = json.loads((output_dir(recipe_path) / "metrics.json").read_text())
+    assert metrics["selected_on"] == "holdout_accuracy" and metrics["holdout_examples"] == 48
+    assert metrics["steps_per_epoch"] == 9  # 144 training examples / 16
+    evals = metrics["evals"]
+    assert all("holdout_accuracy" in e and "accuracy" in e for e in evals)
+    best = max(evals, key=lambda e: e["holdout_accuracy"])  # first of the ties, as the trainer keeps it
+    assert metrics["best"]["step"] == best["step"] and metrics["model_step"] == best["step"]
+    assert max(evals, key=lambda e: e["accuracy"])["step"] != best["step"]  # the eval split would choose another
+
+    bad = make_recipe(data={"holdout_samples": 192})
+    assert run_cli("train", bad) == 2
+    assert "data.holdout_samples: 192 leaves nothing to train on" in capsys.readouterr().err
+    embedding = make_recipe(data={"holdout_samples": 8, "task": "embedding"})
+    assert run_cli("train", embedding) == 2
+    assert "data.holdout_samples: holds out sequence-classification examples" in capsys.readouterr().err

@@ -102,6 +102,27 @@ def _task_of(run_dir: Path | None) -> str | None:
         return None
 
 
+def _qa_windows(run_dir: Path | None) -> dict | None:
+    """A question-answering run's windows, ``{"max_length", "doc_stride"}`` (the stride resolved), from its
+    recipe.yaml: the runtime reads long contexts the way the model was trained to. None without a run."""
+    if run_dir is None:
+        return None
+    import yaml
+
+    from sparsify.qa_windows import default_doc_stride
+
+    try:
+        data = (yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    max_length = data.get("max_length")
+    if not isinstance(max_length, int):
+        return None
+    stride = data.get("doc_stride")
+    return {"max_length": max_length,
+            "doc_stride": stride if isinstance(stride, int) else default_doc_stride(max_length)}
+
+
 def _load_quantization(model_dir: Path, quantized: dict | None,
                        activations: dict | None = None) -> tuple[dict[str, dict] | None, dict[str, dict]]:
     """``(modules, activations)``: the converted-model dict (module name -> fields) and the quantized activations
@@ -551,19 +572,40 @@ def _max_length(src: _Source, out: Path) -> int:
 
 def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict | None, acts: dict | None = None,
                    embeddings: str = "auto", trained_embedding_bits: int | None = None) -> dict:
-    import torch
+    """Write the artifact of ``model_dir`` into ``out``: the packed tensors, the tokenizer, then the manifest."""
+    from safetensors.numpy import save_file
 
-    from sparsify.runtime.model import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256_file
-    from sparsify.sparsity import infer_block_shape
+    from sparsify.runtime.model import FORMAT, MANIFEST, WEIGHTS, sha256_file
 
     src = _Source(model_dir)
-    state, linears, prefix = src.state, src.linears, src.prefix
-    dense_bytes = sum(int(np.prod(v.shape)) * 4 for k, v in state.items() if not k.endswith("position_ids"))
-    preferred = infer_block_shape({k: torch.from_numpy(v) for k, v in linears.items()})
     quant = quant or {}
-    unknown = sorted(set(quant) - set(linears))
+    unknown = sorted(set(quant) - set(src.linears))
     if unknown:
         raise SparsifyError(f"quantization parameters for unknown modules: {', '.join(unknown[:5])}")
+    word_bits = _word_bits(embeddings, trained_embedding_bits)
+    tensors, layers, act_meta = _pack_tensors(src, quant, acts or {}, word_bits)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
+    tok_files = _copy_tokenizer(model_dir, out)
+    files = {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in [WEIGHTS, *tok_files]}
+    parts = _size_parts(tensors, src.linears, src.prefix, src.arch)
+    parts["other"] += files[WEIGHTS]["bytes"] - sum(parts.values())  # the safetensors header
+    parts["tokenizer"] = sum(files[f]["bytes"] for f in tok_files)
+    manifest = _manifest(src, model_dir, run_dir, out, layers=layers, files=files, parts=parts, quantized=bool(quant),
+                         act_meta=act_meta, word_bits=word_bits)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return manifest
+
+
+def _pack_tensors(src, quant: dict, acts: dict, word_bits: int | None) -> tuple[dict, dict, dict]:
+    """``(tensors, layers, activation metadata)``: every Linear packed block-sparse (its codes and scales when
+    quantized), the activation quantization points, the word rows as ``word_bits`` says, the rest float32."""
+    import torch
+
+    from sparsify.sparsity import infer_block_shape
+
+    state, linears, prefix = src.state, src.linears, src.prefix
+    preferred = infer_block_shape({k: torch.from_numpy(v) for k, v in linears.items()})
     tensors: dict[str, np.ndarray] = {}
     layers: dict[str, dict] = {}
     for name, w in linears.items():
@@ -571,10 +613,9 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
         layer_tensors, layers[name] = _pack_linear(name, w, np.zeros(w.shape[0], np.float32) if bias is None else bias,
                                                    quant.get(name), preferred)
         tensors.update(layer_tensors)
-    act_meta, act_tensors = _activation_points(acts or {}, int(src.canon["hidden_size"]), src.norms)
+    act_meta, act_tensors = _activation_points(acts, int(src.canon["hidden_size"]), src.norms)
     tensors.update(act_tensors)
     word_key = f"{prefix}{src.arch.embeddings['word']}.weight"
-    word_bits = _word_bits(embeddings, trained_embedding_bits)
     packed = {n + s for n in linears for s in (".weight", ".bias")}
     for k, v in state.items():
         if k.endswith("position_ids") or k in packed:
@@ -586,36 +627,38 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
             tensors.update(_pack_word_rows(k[:-len("weight")], np.asarray(v, np.float32), word_bits))
             continue
         tensors[k] = np.ascontiguousarray(v, np.float32)
-    out.mkdir(parents=True, exist_ok=True)
-    from safetensors.numpy import save_file
+    return tensors, layers, act_meta
 
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
-    tok_files = _copy_tokenizer(model_dir, out)
-    files = {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in [WEIGHTS, *tok_files]}
+
+def _manifest(src, model_dir: Path, run_dir: Path | None, out: Path, *, layers: dict, files: dict, parts: dict,
+              quantized: bool, act_meta: dict, word_bits: int | None) -> dict:
+    from sparsify.runtime.model import FORMAT, FORMAT_VERSION, WEIGHTS
+
+    state = src.state
+    dense_bytes = sum(int(np.prod(v.shape)) * 4 for k, v in state.items() if not k.endswith("position_ids"))
     weight_bytes = files[WEIGHTS]["bytes"]
-    parts = _size_parts(tensors, linears, prefix, src.arch)
-    parts["other"] += weight_bytes - sum(parts.values())  # the safetensors header
-    parts["tokenizer"] = sum(files[f]["bytes"] for f in tok_files)
     sparse_layers = [m for m in layers.values() if m["block"]]
     pooling = src.pooling
     if pooling is None and src.head == "embeddings":
         pooling = {"modes": ["mean"], "normalize": False, "max_seq_length": None,
                    "source": "default: no modules.json / 1_Pooling/config.json"}
-    manifest = {
+    word_key = f"{src.prefix}{src.arch.embeddings['word']}.weight"
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_by": _version(),
         "source": str(run_dir or model_dir),
         "architecture": src.canon,
-        "prefix": prefix,
+        "prefix": src.prefix,
         "head": src.head,
         "pooling": pooling,
         "task": _task_of(run_dir),
         "labels": _labels(src),
         "problem_type": src.config.get("problem_type"),
         "max_length": _max_length(src, out),
+        "qa_windows": _qa_windows(run_dir) if src.head == "question-answering" else None,
         "length_config": _length_config(model_dir, int(src.canon["num_hidden_layers"])),
-        "quantized": bool(quant),
+        "quantized": quantized,
         "activations": act_meta,
         "embeddings": _embeddings_meta(word_bits, int(state[word_key].shape[1])),
         "weights": WEIGHTS,
@@ -626,8 +669,6 @@ def _pack_artifact(model_dir: Path, run_dir: Path | None, out: Path, quant: dict
         "summary": {"sparse_layers": len(sparse_layers), "dense_layers": len(layers) - len(sparse_layers),
                     "blocks": sorted({m["block"] for m in sparse_layers})},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    return manifest
 
 
 SIZE_PARTS = ("embeddings", "encoder_weights", "indices", "scales", "tokenizer", "other")

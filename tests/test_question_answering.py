@@ -330,3 +330,31 @@ def test_qa_run_trains_and_evaluates_on_windows(make_qa_recipe, tiny_model_dir, 
     assert run_cli("eval", output_dir(recipe), "--task", "question-answering", "--file",
                    long_qa_data["validation_file"], "--max-length", 32, "--doc-stride", 28) == 2
     assert "data.doc_stride: 28 must be smaller than the 28 tokens" in capsys.readouterr().err
+
+
+def test_an_exported_qa_run_reads_contexts_in_its_training_windows(make_qa_recipe, long_qa_data, tmp_path,
+                                                                    monkeypatch):
+    """The artifact of a QA run records its data.max_length and data.doc_stride (manifest qa_windows); answer()
+    uses them unless told otherwise (another max_length takes that length's default stride)."""
+    from sparsify.export import export
+    from sparsify.runtime import SparseModel
+
+    recipe = make_qa_recipe(data={**long_qa_data, "max_length": 32, "doc_stride": 6}, training={"steps": 2})
+    assert run_cli("train", recipe) == 0
+    export(output_dir(recipe), tmp_path / "art")
+    manifest = json.loads((tmp_path / "art" / "sparsify.json").read_text())
+    assert manifest["qa_windows"] == {"max_length": 32, "doc_stride": 6}
+    rt = SparseModel.from_pretrained(tmp_path / "art", threads=1)
+    seen = []
+    original = SparseModel._answer_batch
+
+    def spy(self, pairs, max_length, stride, max_answer_length):
+        seen.append((max_length, stride))
+        return original(self, pairs, max_length, stride, max_answer_length)
+
+    monkeypatch.setattr(SparseModel, "_answer_batch", spy)
+    rows = [json.loads(line) for line in Path(long_qa_data["validation_file"]).read_text().splitlines()]
+    rt.answer([r["question"] for r in rows], [r["context"] for r in rows])
+    rt.answer([r["question"] for r in rows], [r["context"] for r in rows], max_length=48)
+    rt.answer([r["question"] for r in rows], [r["context"] for r in rows], doc_stride=4)
+    assert seen == [(32, 6), (48, 12), (32, 4)]

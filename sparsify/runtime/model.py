@@ -233,6 +233,7 @@ class SparseModel:
         self.problem_type = manifest.get("problem_type")
         self.task = manifest.get("task")
         self.max_length = int(manifest.get("max_length") or self.max_positions)
+        self.qa_windows = manifest.get("qa_windows")  # a QA run's {max_length, doc_stride}: answer()'s defaults
         self.threads = _set_threads(threads)
         self._tokenizer = None
         prefix = manifest.get("prefix", "bert.")
@@ -669,7 +670,8 @@ class SparseModel:
         ``doc_stride`` tokens of context (default: ``max_length // 4``, as ``data.doc_stride``). In each window the
         span maximises p(start) * p(end) over the context's tokens with start <= end < start +
         ``max_answer_length``; the best-scoring span over the windows of a question is its answer. ``batch_size``
-        counts questions (their windows run together)."""
+        counts questions (their windows run together). An artifact exported from a QA run defaults to that run's
+        ``data.max_length`` and ``data.doc_stride`` (manifest ``qa_windows``)."""
         self._require("question-answering", "answer")
         if isinstance(questions, str):
             questions, contexts = [questions], [contexts] if isinstance(contexts, str) else contexts
@@ -682,7 +684,10 @@ class SparseModel:
         if not isinstance(max_answer_length, int) or max_answer_length < 1:
             raise SparsifyError(f"max_answer_length must be a positive integer, got {max_answer_length!r}")
         _check_batch_size(batch_size)
-        max_length = self._max_length(max_length)
+        trained = self.qa_windows or {}
+        max_length = self._max_length(max_length if max_length is not None else trained.get("max_length"))
+        if doc_stride is None and trained.get("max_length") == max_length:
+            doc_stride = trained.get("doc_stride")  # the windows the model was trained on
         stride = self._doc_stride(pairs, max_length, doc_stride)
         out: list[dict] = []
         for b in range(0, len(pairs), batch_size):

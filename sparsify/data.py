@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparsify.augment import IGNORE
 from sparsify.errors import SparsifyError
 from sparsify.qa_windows import stride_problem
 from sparsify.recipe import EMBEDDING, QUESTION_ANSWERING, TOKEN_CLASSIFICATION, DataConfig, PairsConfig, Recipe
@@ -277,7 +278,8 @@ def collator(tokenizer, task: str | None = None):
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
-from sparsify.augment import IGNORE  # noqa: E402 - also the label of a token that carries none (special tokens, sub-words after a word's first)
+# IGNORE (from sparsify.augment): also the label of a token that carries none (special tokens, sub-words after a
+# word's first)
 
 
 def load_token_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:

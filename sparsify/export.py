@@ -89,32 +89,31 @@ def _hub_snapshot(repo_id: str) -> Path:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _task_of(run_dir: Path | None) -> str | None:
+def _run_data(run_dir: Path | None) -> dict:
+    """The ``data`` section of a run's recipe.yaml; empty without a run or a readable recipe."""
     if run_dir is None:
-        return None
+        return {}
     import yaml
 
     try:
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
-        data = recipe.get("data") or {}
-        return data.get("task") or data.get("config")
     except (OSError, yaml.YAMLError):
-        return None
+        return {}
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def _task_of(run_dir: Path | None) -> str | None:
+    data = _run_data(run_dir)
+    return data.get("task") or data.get("config")
 
 
 def _qa_windows(run_dir: Path | None) -> dict | None:
     """A question-answering run's windows, ``{"max_length", "doc_stride"}`` (the stride resolved), from its
     recipe.yaml: the runtime reads long contexts the way the model was trained to. None without a run."""
-    if run_dir is None:
-        return None
-    import yaml
-
     from sparsify.qa_windows import default_doc_stride
 
-    try:
-        data = (yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("data") or {}
-    except (OSError, yaml.YAMLError):
-        return None
+    data = _run_data(run_dir)
     max_length = data.get("max_length")
     if not isinstance(max_length, int):
         return None

@@ -274,7 +274,7 @@ class BlockPruner:
             raise RuntimeError("the pruning window is in epochs: call prepare() first")
         every = self.config.update_every
         steps = list(range(self.start_step, self.end_step + 1, every))
-        if steps[-1] != self.end_step:
+        if not steps or steps[-1] != self.end_step:
             if len(steps) > 1 and self.end_step - steps[-1] < every / 2:
                 steps[-1] = self.end_step
             else:
@@ -287,7 +287,7 @@ class BlockPruner:
         if self.start_step <= step <= self.end_step:
             if self._updates is None:
                 self._updates = frozenset(self.update_steps())
-            return step in self._updates or step == self.end_step
+            return step in self._updates  # end_step is always one of them
         return step > self.end_step and not self.reached_end
 
     def finished(self, step: int) -> bool:

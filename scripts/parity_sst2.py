@@ -4,12 +4,13 @@
 
 The reference is the trained model in PyTorch; when the model directory holds a quantization conversion
 (quantization.json), the reference runs that conversion (int8 weights, the frozen activation quantization of
-Linear inputs, residual sums and LayerNorm outputs, and the word embeddings as int8 rows when the run trained them
+Linear inputs, residual sums and LayerNorm outputs, and the word embeddings as int8 / int4 / 2-bit rows when the run trained them
 so: what the fake-quant model computes). When the artifact stores int8 word embeddings that the run did not train
-(``export --embeddings int8``), a second reference gets the artifact's word embeddings (int8 rows times their
-scales, as the runtime dequantizes them): it isolates the runtime from the embedding rounding, and the first one
+(``export --embeddings int8|int4|int2``), a second reference gets the artifact's word embeddings (the rows as
+the runtime decodes them): it isolates the runtime from the embedding rounding, and the first one
 measures that rounding's effect. Prints, per reference, the agreement of
-the predicted labels, the largest, 99th-percentile and mean logit differences and both accuracies, as JSON.
+the predicted labels, the largest, 99th-percentile and mean logit differences, both accuracies and each sentence
+whose label differs (with both logit margins), as JSON.
 The runtime runs at full length (the reference's computation) unless ``--length-config default`` asks for the
 artifact's length configuration (then the agreement measures token dropping, not the runtime).
 """
@@ -40,8 +41,8 @@ def main(argv=None) -> int:
 
     from sparsify.modeling import resolve_model_path
     from sparsify.runtime import SparseModel
-    from sparsify.runtime.model import load_tensors
-    from sparsify.techniques.quantization.convert import load_converted, read_converted, trained_embeddings
+    from sparsify.techniques.quantization.convert import (load_run_conversion, trained_embedding_bits,
+                                                          trained_embeddings)
 
     model_dir = resolve_model_path(args.model)
     data = load_dataset("nyu-mll/glue", "sst2", split="validation")
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     quantized = Path(model_dir, "quantization.json").is_file()
     trained_rows = trained_embeddings(model_dir) if quantized else None
     if quantized:
-        load_converted(model, *read_converted(model_dir), trained_rows)
+        load_run_conversion(model, model_dir)
 
     def reference() -> np.ndarray:
         out = []
@@ -76,23 +77,29 @@ def main(argv=None) -> int:
             "median_abs_logit_diff": float(np.median(diff.max(1))),
             "mean_abs_logit_diff": float(diff.mean()),
             "reference_accuracy": float((ref.argmax(1) == labels).mean()),
+            # each sentence whose label differs, with both margins (top logit minus the runner-up): a flip within
+            # the logit differences above is a sentence on the decision boundary
+            "disagreements": [{"index": int(i), "reference_margin": float(_margin(ref[i])),
+                               "runtime_margin": float(_margin(ours[i]))}
+                              for i in np.flatnonzero(ref.argmax(1) != ours.argmax(1))],
         }
 
-    results = [compare(reference(), "the word embeddings as trained (int8 rows)" if trained_rows
-                       else "the model's float32 word embeddings")]
-    manifest = json.loads(Path(args.artifact, "sparsify.json").read_text())
-    key = manifest.get("prefix", "bert.") + "embeddings.word_embeddings."
-    tensors = load_tensors(Path(args.artifact, manifest["weights"]))
-    if tensors[key + "weight"].dtype == np.int8 and not trained_rows:
-        word = tensors[key + "weight"].astype(np.float32) * tensors[key + "scales"][:, None]
+    results = [compare(reference(), f"the word embeddings as trained (int{trained_embedding_bits(model_dir)} rows)"
+                       if trained_rows else "the model's float32 word embeddings")]
+    if runtime.word_scales is not None and not trained_rows:  # rows rounded by the export, not by training
         with torch.no_grad():
-            model.get_input_embeddings().weight.copy_(torch.from_numpy(word))
-        results.append(compare(reference(), "the artifact's int8 word embeddings"))
+            model.get_input_embeddings().weight.copy_(torch.from_numpy(runtime.word_table()))
+        results.append(compare(reference(), f"the artifact's int{runtime.word_bits} word embeddings"))
     out = {"examples": len(texts), "runtime_length_config": runtime.length_config,
            "runtime_accuracy": float((ours.argmax(1) == labels).mean()),
            "references": results}
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _margin(logits: np.ndarray) -> float:
+    top = np.sort(logits)
+    return top[-1] - top[-2]
 
 
 if __name__ == "__main__":

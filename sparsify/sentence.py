@@ -264,9 +264,9 @@ def _embedder_fn(name_or_path: str, max_length: int, batch_size: int, who: str):
     backend = "pytorch"
     folder = Path(read_pooling(name_or_path)[1])
     if (folder / "quantization.json").is_file():  # a quantized run: its int8 conversion, as the export packs it
-        from sparsify.techniques.quantization.convert import load_converted, read_converted, trained_embeddings
+        from sparsify.techniques.quantization.convert import load_run_conversion
 
-        load_converted(model, *read_converted(folder), trained_embeddings(folder))
+        load_run_conversion(model, folder)
         backend = "pytorch (int8 conversion)"
     return (lambda texts: _encode_texts(model, tokenizer, texts, max_length, batch_size)), backend
 

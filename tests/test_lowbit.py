@@ -748,7 +748,7 @@ def test_w4a8_qat_with_2bit_rows_through_the_trainer_and_export(make_recipe):
     from sparsify.export import export
     from sparsify.recipe import load_recipe
     from sparsify.runtime import SparseModel
-    from sparsify.techniques.quantization.convert import read_converted, trained_embedding_bits
+    from sparsify.techniques.quantization.convert import load_run_conversion, read_converted, trained_embedding_bits
     from sparsify.train import train
 
     pruning = {"kind": "pruning", "block": "4x1", "final_sparsity": 0.5, "start_step": 0, "end_step": 4,
@@ -770,8 +770,19 @@ def test_w4a8_qat_with_2bit_rows_through_the_trainer_and_export(make_recipe):
     import pandas as pd
 
     val = pd.read_csv(recipe.data.validation_file)
-    acc = float((rt.logits(list(val["sentence"])).argmax(1) == val["label"].to_numpy()).mean())
+    texts = list(val["sentence"])
+    ours = rt.logits(texts, max_length=recipe.data.max_length)
+    acc = float((ours.argmax(1) == val["label"].to_numpy()).mean())
     assert abs(acc - parity["converted"]["accuracy"]) <= 2 / len(val)  # at most two of the 64 labels differ
+    # the saved run reloaded as its conversion (what the parity script and the length search run): the 2-bit rows
+    # as trained, not int8 rows, so it computes what the runtime computes
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
+    load_run_conversion(model, run_dir / "model")
+    enc = transformers.AutoTokenizer.from_pretrained(run_dir / "model")(
+        texts, padding=True, truncation=True, max_length=recipe.data.max_length, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**enc).logits.numpy()
+    assert np.abs(ref - ours).max() < 1e-4, np.abs(ref - ours).max()  # int8 rows instead: 8e-4 here
 
 
 def test_signround_ptq_through_the_trainer(make_recipe):

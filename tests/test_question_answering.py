@@ -95,13 +95,13 @@ def test_qa_run_learns_exports_and_answers_like_torch(make_qa_recipe, tiny_model
 
     from sparsify.export import export
     from sparsify.runtime import SparseModel
-    from sparsify.techniques.quantization.convert import load_converted, read_converted, trained_embeddings
+    from sparsify.techniques.quantization.convert import load_run_conversion
 
     assert export(run, tmp_path / "art")["manifest"]["head"] == "question-answering"
     contexts = ["the movie was lovely and the music sad", "a dull plot and a great actor"]
     got = SparseModel.from_pretrained(tmp_path / "art").answer(["good"] * 2, contexts)
     model = AutoModelForQuestionAnswering.from_pretrained(run / "model").eval()
-    load_converted(model, *read_converted(run / "model"), trained_embeddings(run / "model"))
+    load_run_conversion(model, run / "model")
     tok = AutoTokenizer.from_pretrained(run / "model")
     for context, answer in zip(contexts, got):
         enc = tok("good", context, return_offsets_mapping=True, return_tensors="pt")

@@ -85,13 +85,13 @@ def test_token_run_learns_exports_and_runs_like_torch(make_token_recipe, tiny_mo
 
     manifest = export(run, tmp_path / "art")["manifest"]
     assert manifest["head"] == "token-classification"
-    from sparsify.techniques.quantization.convert import load_converted, read_converted, trained_embeddings
+    from sparsify.techniques.quantization.convert import load_run_conversion
 
     texts = ["the movie was good great", "a dull plot", "the lovely film and the awful music was very sad"]
     enc = AutoTokenizer.from_pretrained(run / "model")(texts, padding=True, return_tensors="pt")
     got = SparseModel.from_pretrained(tmp_path / "art")(**{k: v.numpy() for k, v in enc.items()})
     model = AutoModelForTokenClassification.from_pretrained(run / "model").eval()
-    load_converted(model, *read_converted(run / "model"), trained_embeddings(run / "model"))
+    load_run_conversion(model, run / "model")
     with torch.no_grad():
         ref = model(**enc).logits  # the run's int8 conversion in PyTorch
     real = enc["attention_mask"].bool()

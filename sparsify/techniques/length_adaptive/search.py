@@ -325,9 +325,9 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
     if (model_dir / "quantization.json").is_file():
         # a quantized run is searched as it will run: its int8 conversion (weights, activations, embeddings), in
         # float32 arithmetic (the exact integer reference is about 10x slower, and the search evaluates a lot)
-        from sparsify.techniques.quantization.convert import load_converted, read_converted, trained_embeddings
+        from sparsify.techniques.quantization.convert import load_run_conversion
 
-        load_converted(model, *read_converted(model_dir), trained_embeddings(model_dir), exact=False)
+        load_run_conversion(model, model_dir, exact=False)
         evaluated_as = "int8 conversion (quantization.json)"
     num_layers = len(encoder_layers(model))
     metric = main_metric(task)

@@ -193,6 +193,14 @@ def read_converted(directory) -> tuple[dict[str, dict], dict[str, dict]]:
     return collect(doc["modules"], ""), collect(doc.get("activations", {}), "activation:")
 
 
+def load_run_conversion(model: nn.Module, directory, *, exact: bool = True):
+    """:func:`load_converted` with everything a quantized run saved in ``directory`` (``quantization.json``): its
+    converted Linear layers and activation points, and its word-embedding rows at the bits they were trained with
+    (8, 4 or 2). Returns the function that restores the model."""
+    return load_converted(model, *read_converted(directory), trained_embeddings(directory), exact=exact,
+                          embedding_bits=trained_embedding_bits(directory) or 8)
+
+
 def trained_embeddings(directory) -> str | None:
     """The module name of the word embeddings the run trained quantized per row (``quantization.json``), or None
     (not quantized, or a run from before the option existed)."""

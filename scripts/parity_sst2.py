@@ -3,14 +3,14 @@
     python scripts/parity_sst2.py RUN_OR_MODEL_DIR ARTIFACT [--max-length 64] [--length-config default]
 
 The reference is the trained model in PyTorch; when the model directory holds a quantization conversion
-(quantization.json), the reference runs that conversion (int8 weights, the frozen activation quantization of
-Linear inputs, residual sums and LayerNorm outputs, and the word embeddings as int8 / int4 / 2-bit rows when the run trained them
-so: what the fake-quant model computes). When the artifact stores int8 word embeddings that the run did not train
-(``export --embeddings int8|int4|int2``), a second reference gets the artifact's word embeddings (the rows as
-the runtime decodes them): it isolates the runtime from the embedding rounding, and the first one
-measures that rounding's effect. Prints, per reference, the agreement of
-the predicted labels, the largest, 99th-percentile and mean logit differences, both accuracies and each sentence
-whose label differs (with both logit margins), as JSON.
+(quantization.json), the reference runs that conversion (int8 or int4 weights, the frozen activation quantization
+of Linear inputs, residual sums and LayerNorm outputs, and the word embeddings as int8 / int4 / 2-bit rows when the
+run trained them so: what the fake-quant model computes). When the artifact stores rounded word embeddings that the
+run did not train (``export --embeddings int8|int4|int2``), a second reference gets the artifact's word embeddings
+(the rows as the runtime decodes them): it isolates the runtime from the embedding rounding, and the first one
+measures that rounding's effect. Prints, per reference, the agreement of the predicted labels, the largest,
+99th-percentile and mean logit differences, both accuracies and each sentence whose label differs (with both
+logit margins), as JSON.
 The runtime runs at full length (the reference's computation) unless ``--length-config default`` asks for the
 artifact's length configuration (then the agreement measures token dropping, not the runtime).
 """

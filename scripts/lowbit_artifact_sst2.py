@@ -14,7 +14,7 @@ and all times). Record: command, date, threads, CPU model and flags.
 
 ``--artifacts A B ...`` measures exported artifacts instead (e.g. QAT runs with int8 / int4 / 2-bit rows, exported
 with ``sparsify export``), the first one the reference of the speed ratios; no PTQ, no export. Sizes by part come
-from each artifact's manifest.
+from each artifact's manifest, as ``sparsify export`` reports them.
 """
 
 from __future__ import annotations
@@ -103,12 +103,14 @@ def main(argv=None) -> int:
     return 0
 
 
-
 def _manifest_size(artifact: Path) -> dict:
-    """Size of an exported artifact as its manifest states it (``artifact_bytes`` counts the files)."""
+    """An exported artifact's size (its files) and size by part, as ``sparsify export`` reports them."""
+    from sparsify.explore import artifact_summary
+    from sparsify.export import size_by_part
+
+    total = artifact_summary(artifact)["artifact_bytes"]
     manifest = json.loads((artifact / "sparsify.json").read_text())
-    total = sum(f.stat().st_size for f in artifact.iterdir() if f.is_file())
-    return {"artifact_bytes": total, "size_by_part": manifest["size"]["parts_bytes"]}
+    return {"artifact_bytes": total, "size_by_part": size_by_part(manifest, total)}
 
 
 def _ptq_artifacts(args, root: Path) -> tuple[dict, dict]:
@@ -177,6 +179,7 @@ def _time_in_turn(models: dict, results: dict, texts: list[str], args) -> None:
               + (f"; decoding the rows of its {r['tokens_decoded']} tokens: {1000 * r['decode_seconds_best']:.2f} ms"
                  f" ({100 * r['decode_fraction_of_best_pass']:.3f}% of its best pass)"
                  if "decode_seconds_best" in r else ""), flush=True)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# IGNORE: the label that carries none (augmented copies; special tokens and sub-words after a word's first)
 from sparsify.augment import IGNORE
 from sparsify.errors import SparsifyError
 from sparsify.qa_windows import stride_problem
@@ -276,10 +277,6 @@ def collator(tokenizer, task: str | None = None):
     from transformers import DataCollatorWithPadding
 
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
-
-
-# IGNORE (from sparsify.augment): also the label of a token that carries none (special tokens, sub-words after a
-# word's first)
 
 
 def load_token_data(cfg: DataConfig, tokenizer, recipe: Recipe | None = None) -> TaskData:

@@ -832,6 +832,15 @@ def export_onnx(model, path: Path, *, opset: int = 17, seq_len: int = 16) -> Pat
 
 
 # ------------------------------------------------------------------------------------------------ public
+def size_by_part(manifest: dict, artifact_bytes: int) -> dict[str, int]:
+    """An artifact's bytes by part (embeddings, encoder weights, indices, scales, tokenizer, other) from its
+    manifest; "other" also holds what the manifest's parts leave out (the manifest itself), so that the parts add
+    up to ``artifact_bytes``."""
+    parts = dict(manifest["size"]["parts_bytes"])
+    parts["other"] += artifact_bytes - sum(parts.values())
+    return parts
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -894,10 +903,8 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
             export_onnx(model, out / "model.onnx")
             _copy_tokenizer(model_dir, out)
     summary["artifact_bytes"] = _dir_bytes(out)
-    if format == "sparsify":  # by part; "other" also holds the manifest, so that the parts add up to the artifact
-        parts = dict(summary["manifest"]["size"]["parts_bytes"])
-        parts["other"] += summary["artifact_bytes"] - sum(parts.values())
-        summary["size_by_part"] = parts
+    if format == "sparsify":
+        summary["size_by_part"] = size_by_part(summary["manifest"], summary["artifact_bytes"])
     summary["dense_fp32_bytes"] = dense_bytes
     summary["ratio"] = summary["artifact_bytes"] / dense_bytes
     return summary

@@ -262,7 +262,8 @@ class TrainingConfig(Config):
     save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints.")
     log_every: int = Field(20, ge=1, description="Optimizer steps between TensorBoard scalars.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
-    select_best: bool = Field(False, description="Final model = best evaluation, not the last step.")
+    select_best: bool = Field(False, description="Final model (model/) = best evaluation, not the last step; "
+                              "the last step's model is then kept in last/.")
     metric_for_best: str | None = Field(None, description="A metric of the task (sst2: accuracy; mrpc, qqp: "
                                         "accuracy, f1; cola: matthews_correlation; stsb: pearson, spearmanr), or "
                                         "length_config_<metric>. Default: the task's main metric.")

@@ -435,14 +435,21 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         chosen = state["best"]
     elapsed = state["elapsed"] + time.monotonic() - started
     if accelerator.is_main_process:
+        if (run_dir / "last").exists():
+            shutil.rmtree(run_dir / "last")
         if chosen is final:
             _save_model(accelerator, plain_model, tokenizer, run_dir / "model", quantizer)
         else:
             if (run_dir / "model").exists():
                 shutil.rmtree(run_dir / "model")
             shutil.copytree(run_dir / "best", run_dir / "model")
+            # the last step's model too: the unselected reading, and the start of a next stage that must not
+            # depend on a choice made on the eval split
+            _save_model(accelerator, plain_model, tokenizer, run_dir / "last", quantizer)
         if lengthdrop is not None:
-            lengthdrop.save_length_config(run_dir / "model")  # the recipe's length_config, if any
+            for saved in ("model", "last"):
+                if (run_dir / saved).exists():
+                    lengthdrop.save_length_config(run_dir / saved)  # the recipe's length_config, if any
     parity = None
     if quantizer is not None and quantizer.frozen and quantizer.config.exportable:
         # the fake-quant model against its int8 conversion (what the export reads), on the eval split
@@ -473,6 +480,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             "task": task,
             "metrics": {k: v for k, v in chosen.items() if k != "step"},
             "model_step": chosen.get("step", step),
+            "last_model": "last" if chosen is not final else "model",
             "final_step_metrics": final,
             "best": state["best"],
             "selected_on": best_metric if tc.select_best else None,

@@ -47,6 +47,28 @@ def test_end_to_end_run_directory(make_recipe):
     assert model.config.num_labels == 2
 
 
+def test_select_best_keeps_the_last_model_beside_the_chosen_one(make_recipe):
+    """select_best puts the best evaluation in model/ and keeps the last step's model in last/ (the unselected
+    reading, and where a next stage starts without a choice made on the eval split)."""
+    recipe = make_recipe(training={"steps": 12, "eval_every": 4, "save_every": 4, "select_best": True,
+                                   "learning_rate": 0.3, "seed": 1})  # diverges after the first evaluation
+    assert run_cli("train", recipe) == 0
+    run = output_dir(recipe)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model_step"] != metrics["optimizer_steps"] and metrics["last_model"] == "last"
+    last = load_file(run / "last" / "model.safetensors")
+    final = load_file(run / "checkpoints" / "step-000012" / "model.safetensors")
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in last)
+    chosen = load_file(run / "model" / "model.safetensors")
+    assert not all(torch.equal(chosen[k], last[k]) for k in last)
+    assert (run / "last" / "tokenizer.json").is_file()
+
+    plain = make_recipe(training={"steps": 12, "eval_every": 4})  # without select_best: model/ is the last step
+    assert run_cli("train", plain) == 0
+    assert json.loads((output_dir(plain) / "metrics.json").read_text())["last_model"] == "model"
+    assert not (output_dir(plain) / "last").exists()
+
+
 def test_epochs_are_converted_with_accumulation(make_recipe):
     recipe = make_recipe(training={"steps": None, "epochs": 1.5, "gradient_accumulation_steps": 3, "batch_size": 16})
     assert run_cli("train", recipe) == 0

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=None, help="truncate longer texts (default: the artifact's)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--full-length", action="store_true",
+                        help="ignore the artifact's length configuration (token dropping), if it has one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     try:
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         model = SparseModel.from_pretrained(args.artifact, threads=args.threads)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            emb = model.embed(texts, batch_size=args.batch_size, normalize=args.normalize, max_length=args.max_length)
+            emb = model.embed(texts, batch_size=args.batch_size, normalize=args.normalize, max_length=args.max_length,
+                              length_config=None if args.full_length else "default")
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         import numpy as np
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     pooling = model.pooling or {}
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {out} (pooling "
           f"{'+'.join(model.pooling_modes)}, normalised: "
-          f"{bool(pooling.get('normalize')) if args.normalize is None else args.normalize})")
+          f"{bool(pooling.get('normalize')) if args.normalize is None else args.normalize}"
+          + (f", length config {model.length_config}" if model.length_config and not args.full_length else "") + ")")
     return 0
 
 

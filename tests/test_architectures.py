@@ -190,6 +190,29 @@ def _check_spans(rt, tok, batch, ref, got, real):
         assert abs(answers[b]["score"] - want[2]) < 1e-3
 
 
+@pytest.mark.parametrize("arch", list(ARCH_ROWS))
+def test_embeddings_with_token_dropping_pool_what_reached_the_last_layer(arch, tiny_model_dir, tmp_path):
+    """A length configuration on an embeddings artifact: every pooling (mean, max, mean_sqrt_len_tokens, cls) reads
+    the tokens that reached the last layer, as LengthDrop trains the PyTorch embedder; the runtime agrees with it."""
+    from sparsify.sentence import load_embedder
+    from sparsify.techniques.length_adaptive.inference import forward_with_lengths
+
+    art, _, tok, _ = _build(arch, "embeddings", "4x1-90", tiny_model_dir, tmp_path)
+    rt = SparseModel.from_pretrained(art, threads=1)
+    embedder = load_embedder(str(tmp_path / "st")).eval()
+    _, batch = _inputs(tok, arch, "embeddings")
+    config = [0.6, 0.5]
+    with torch.no_grad():
+        ref = forward_with_lengths(embedder, dict(batch), config).logits.numpy()
+        full = embedder(**batch).logits.numpy()
+    got = rt.embed(TEXTS, batch_size=4, length_config=config)
+    diff = float(np.abs(got - ref).max())
+    print(f"\n{arch:12s} embeddings, length_config {config}: max |diff| {diff:.2e}")
+    assert diff <= BOUND["4x1-90"]
+    np.testing.assert_allclose(rt.embed(TEXTS, length_config=None), full, atol=BOUND["4x1-90"], rtol=0)
+    assert np.abs(ref - full).max() > 1e-2  # tokens were dropped, and that changed the embeddings
+
+
 # ------------------------------------------------------------------------------------------------ other paths
 def test_token_predictions_and_qa_inputs(tiny_model_dir, tmp_path):
     art, model, tok, _ = _build("distilbert", "token-classification", "dense", tiny_model_dir, tmp_path)

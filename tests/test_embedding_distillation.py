@@ -238,9 +238,6 @@ BAD_EMBEDDING_INPUTS = {
                                "data.pairs.label_column: label -1 is not binary"),
     "pairs without labels": (lambda mk, tmp, d: mk(data={"pairs": {"file": str(d["pairs"]), "label_column": "y"}}),
                              "data.pairs.label_column: column 'y' not in the pairs"),
-    "length_config with mean pooling": (
-        lambda mk, tmp, d: mk(techniques=[{"kind": "length_adaptive", "length_config": [0.8, 0.6]}]),
-        "techniques[0].length_config: drops tokens at inference"),
     "num_labels": (lambda mk, tmp, d: mk(model={"num_labels": 2}), "model.num_labels: an embedding model has no classes"),
 }
 
@@ -280,6 +277,35 @@ def test_eval_embedding_needs_a_teacher_or_pairs(tiny_st_dir, capsys):
     assert err.startswith("error: --task embedding: give --teacher") and len(err.strip().splitlines()) == 1
     assert run_cli("eval", tiny_st_dir, "--task", "embedding", "--teacher", tiny_st_dir) == 2
     assert "give the held-out texts, --file or --config" in capsys.readouterr().err
+
+
+def test_mean_pooled_student_with_a_length_config_embeds_with_it(make_embedding_recipe, tmp_path):
+    """A LengthDrop run of a mean-pooled embedder with a length_config: the artifact carries the configuration,
+    'sparsify embed' runs with it (pooling the tokens that reached the last layer, as the PyTorch student does)
+    and --full-length runs without it."""
+    from transformers import AutoTokenizer
+
+    from sparsify.export import export
+    from sparsify.sentence import load_embedder
+    from sparsify.techniques.length_adaptive.inference import forward_with_lengths
+
+    config = [0.6, 0.5]
+    recipe = make_embedding_recipe(training={"steps": 3},
+                                   techniques=[{"kind": "length_adaptive", "length_config": config}])
+    assert run_cli("train", recipe) == 0
+    model_dir = output_dir(recipe) / "model"
+    manifest = export(model_dir, tmp_path / "art")["manifest"]
+    assert manifest["pooling"]["modes"] == ["mean"] and manifest["length_config"]["lengths"] == config
+    texts = ["the movie was very good and the music was lovely", "a dull plot and a sad actor", "great"]
+    student = load_embedder(str(model_dir)).eval()
+    enc = dict(AutoTokenizer.from_pretrained(model_dir)(texts, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        dropped, full = forward_with_lengths(student, enc, config).logits.numpy(), student(**enc).logits.numpy()
+    for flag, ref in (([], dropped), (["--full-length"], full)):
+        out = tmp_path / f"e{len(flag)}.npy"
+        assert run_cli("embed", tmp_path / "art", "-o", out, *flag, *[a for t in texts for a in ("--text", t)]) == 0
+        np.testing.assert_allclose(np.load(out), ref, atol=1e-5)
+    assert np.abs(dropped - full).max() > 1e-2
 
 
 def test_fewer_layers_student_exports_and_runs_like_torch(make_embedding_recipe, tmp_path):

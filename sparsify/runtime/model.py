@@ -474,7 +474,7 @@ class SparseModel:
         (packed rows) for the token and QA heads."""
         head = head or self.head
         first_only = head == "sequence-classification" or (head == "embeddings" and self.pooling_modes == ["cls"])
-        if first_only:
+        if first_only or head == "embeddings":  # pooled over the tokens that reach the end, as in training
             cfg = self.length_config if length_config == "default" else parse_length_config(length_config,
                                                                                                self.n_layers)
         elif length_config not in ("default", None):  # the model's own configuration is skipped silently
@@ -538,7 +538,8 @@ class SparseModel:
         for i, L in enumerate(self.layers):
             last = i == self.n_layers - 1
             first = last and first_only
-            drop = cfg is not None and not last
+            # the last layer drops too when its tokens are pooled (mean / max); for the first row alone it need not
+            drop = cfg is not None and not (last and first_only)
             qkv = spmm(xq, L.qkv, threads=th) if L.qkv is not None else self._qkv_separate(L, x, th)
             fuse = _fused(quant=L.quant["attn_out"])  # the context is fake-quantized as the attention writes it
             ctx, sig = attention(qkv, starts, lens, self.n_heads, significance=drop, first_query_only=first,
@@ -646,11 +647,13 @@ class SparseModel:
                                for _, packed in self._batches(texts, batch_size, max_length)])
 
     def embed(self, texts: Sequence, batch_size: int = 32, *, normalize: bool | None = None,
-              max_length: int | None = None) -> np.ndarray:
+              max_length: int | None = None, length_config: Any = "default") -> np.ndarray:
         """Sentence embeddings ``(len(texts), dim)`` float32, pooled as the model's sentence-transformers
         configuration says (manifest ``pooling``; texts stripped of surrounding whitespace, as the library does).
         ``normalize``: None (as the model says), True or False (unit length or not). Any artifact can embed: one
-        without a pooling configuration gets mean pooling over the real tokens, with a warning."""
+        without a pooling configuration gets mean pooling over the real tokens, with a warning.
+        ``length_config``: ``"default"`` (the manifest's), ``None`` (full length) or a per-layer list; with token
+        dropping, mean and max pooling read the tokens that reached the last layer (as LengthDrop trains them)."""
         if self.pooling is None or str(self.pooling.get("source", "")).startswith("default"):
             warnings.warn(f"{self.path}: no sentence-transformers pooling configuration (modules.json / "
                           "1_Pooling/config.json): embeddings are the mean of the final hidden states over the real "
@@ -658,7 +661,7 @@ class SparseModel:
         if isinstance(texts, str):
             texts = [texts]
         texts = [t.strip() if isinstance(t, str) else t for t in texts]
-        return np.concatenate([self._forward_packed(*packed, head="embeddings", normalize=normalize)
+        return np.concatenate([self._forward_packed(*packed, length_config, head="embeddings", normalize=normalize)
                                for _, packed in self._batches(texts, batch_size, max_length, "embed")])
 
     def answer(self, questions: Sequence, contexts: Sequence | None = None, *, batch_size: int = 32,

@@ -77,11 +77,6 @@ class LengthDrop:
             raise FieldError("kind", f"this model cannot run length-adaptively: {e}") from None
         if cfg.length_config is not None:
             check_length_config(cfg.length_config, self.num_layers)
-            modes = (getattr(unwrap(model), "pooling", None) or {}).get("modes")
-            if modes is not None and list(modes) != ["cls"]:
-                raise FieldError("length_config", f"drops tokens at inference, and this embedding model pools "
-                                 f"{'+'.join(modes)} over every token: the runtime runs it at full length. Train "
-                                 "with LengthDrop without a length_config, or use a CLS-pooled model")
         try:
             self.start_step = cfg.resolve_start(steps_per_epoch)
         except ValueError as e:

@@ -177,35 +177,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     ptq = quantizer is not None and quantizer.config.mode == "ptq"
     embedding = task == EMBEDDING  # a sentence-embedding model: its "logits" are its pooled embedding, no labels
     head = task if task in TOKEN_HEADS else "sequence-classification"
-    if embedding:  # the teacher's pooling first: a student without one takes it
-        teacher_pooling = _located(recipe, ("teacher", "name_or_path"), require_pooling, recipe.teacher.name_or_path)
-        model = _located(recipe, ("model", "name_or_path"), load_embedder, recipe.model.name_or_path,
-                         revision=recipe.model.revision, dropout=recipe.model.dropout, pooling_from=teacher_pooling)
-    else:
-        model = _located(recipe, ("model", "name_or_path"), load_classifier, recipe.model.name_or_path,
-                         num_labels=data.num_labels, label_names=data.label_names, revision=recipe.model.revision,
-                         is_regression=data.is_regression, dropout=recipe.model.dropout, head=head)
-    if recipe.model.layers is not None:
-        from sparsify.student import shallow_student
-
-        try:
-            with _blame(recipe, "distillation"):
-                model = shallow_student(model, list(recipe.model.layers))
-        except (ValueError, IndexError) as e:
-            raise recipe_error(recipe, ("model", "layers"), str(e)) from None
-    model.to(accelerator.device)
-    teacher = teacher_tokenizer = None
-    if recipe.teacher is not None:
-        tcfg = recipe.teacher
-        teacher_tokenizer = _located(recipe, ("teacher", "name_or_path"), load_tokenizer, tcfg.name_or_path, tcfg.revision)
-        if embedding:
-            teacher = _located(recipe, ("teacher", "name_or_path"), load_embedder, tcfg.name_or_path,
-                               revision=tcfg.revision, dtype=getattr(torch, tcfg.dtype), who="teacher")
-        else:
-            teacher = _located(recipe, ("teacher", "name_or_path"), load_classifier, tcfg.name_or_path,
-                               num_labels=data.num_labels, label_names=data.label_names, revision=tcfg.revision,
-                               is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype), head=head)
-        teacher.to(tcfg.device or accelerator.device)
+    model, teacher, teacher_tokenizer = _load_models(recipe, data, accelerator, embedding=embedding, head=head)
     check_run_inputs(recipe, data, model, teacher)  # output_dir, num_labels, max_length vs positions
     originals = data.train  # training_fit and calibration read these, never the augmented copies
     if recipe.data.augment is not None:  # unlabelled noisy copies, labelled by the teacher through distillation
@@ -435,21 +407,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         chosen = state["best"]
     elapsed = state["elapsed"] + time.monotonic() - started
     if accelerator.is_main_process:
-        if (run_dir / "last").exists():
-            shutil.rmtree(run_dir / "last")
-        if chosen is final:
-            _save_model(accelerator, plain_model, tokenizer, run_dir / "model", quantizer)
-        else:
-            if (run_dir / "model").exists():
-                shutil.rmtree(run_dir / "model")
-            shutil.copytree(run_dir / "best", run_dir / "model")
-            # the last step's model too: the unselected reading, and the start of a next stage that must not
-            # depend on a choice made on the eval split
-            _save_model(accelerator, plain_model, tokenizer, run_dir / "last", quantizer)
-        if lengthdrop is not None:
-            for saved in ("model", "last"):
-                if (run_dir / saved).exists():
-                    lengthdrop.save_length_config(run_dir / saved)  # the recipe's length_config, if any
+        _save_final_models(accelerator, plain_model, tokenizer, run_dir, quantizer, lengthdrop,
+                           chosen_is_last=chosen is final)
     parity = None
     if quantizer is not None and quantizer.frozen and quantizer.config.exportable:
         # the fake-quant model against its int8 conversion (what the export reads), on the eval split
@@ -620,6 +579,61 @@ def _located(recipe, key, fn, *args, **kwargs):
 
 def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "norm" in name.lower()
+
+
+def _load_models(recipe: Recipe, data, accelerator, *, embedding: bool, head: str):
+    """The student (a classifier of ``head``, or a sentence embedder; fewer layers with ``model.layers``) and the
+    teacher with its tokenizer (None, None without one), on the accelerator's device; a problem is reported
+    against its recipe key."""
+    if embedding:  # the teacher's pooling first: a student without one takes it
+        teacher_pooling = _located(recipe, ("teacher", "name_or_path"), require_pooling, recipe.teacher.name_or_path)
+        model = _located(recipe, ("model", "name_or_path"), load_embedder, recipe.model.name_or_path,
+                         revision=recipe.model.revision, dropout=recipe.model.dropout, pooling_from=teacher_pooling)
+    else:
+        model = _located(recipe, ("model", "name_or_path"), load_classifier, recipe.model.name_or_path,
+                         num_labels=data.num_labels, label_names=data.label_names, revision=recipe.model.revision,
+                         is_regression=data.is_regression, dropout=recipe.model.dropout, head=head)
+    if recipe.model.layers is not None:
+        from sparsify.student import shallow_student
+
+        try:
+            with _blame(recipe, "distillation"):
+                model = shallow_student(model, list(recipe.model.layers))
+        except (ValueError, IndexError) as e:
+            raise recipe_error(recipe, ("model", "layers"), str(e)) from None
+    model.to(accelerator.device)
+    teacher = teacher_tokenizer = None
+    if recipe.teacher is not None:
+        tcfg = recipe.teacher
+        teacher_tokenizer = _located(recipe, ("teacher", "name_or_path"), load_tokenizer, tcfg.name_or_path, tcfg.revision)
+        if embedding:
+            teacher = _located(recipe, ("teacher", "name_or_path"), load_embedder, tcfg.name_or_path,
+                               revision=tcfg.revision, dtype=getattr(torch, tcfg.dtype), who="teacher")
+        else:
+            teacher = _located(recipe, ("teacher", "name_or_path"), load_classifier, tcfg.name_or_path,
+                               num_labels=data.num_labels, label_names=data.label_names, revision=tcfg.revision,
+                               is_regression=data.is_regression, dtype=getattr(torch, tcfg.dtype), head=head)
+        teacher.to(tcfg.device or accelerator.device)
+    return model, teacher, teacher_tokenizer
+
+
+def _save_final_models(accelerator, model, tokenizer, run_dir: Path, quantizer, lengthdrop, *,
+                       chosen_is_last: bool) -> None:
+    """``model/``: the chosen model (the last step's, or a copy of ``best/``); with another step chosen, the last
+    step's model in ``last/`` too: the unselected reading, and the start of a next stage that must not depend on a
+    choice made on the eval split. The recipe's length_config, if any, goes with each."""
+    for name in ("model", "last"):
+        if (run_dir / name).exists():
+            shutil.rmtree(run_dir / name)
+    if chosen_is_last:
+        _save_model(accelerator, model, tokenizer, run_dir / "model", quantizer)
+    else:
+        shutil.copytree(run_dir / "best", run_dir / "model")
+        _save_model(accelerator, model, tokenizer, run_dir / "last", quantizer)
+    if lengthdrop is not None:
+        for name in ("model", "last"):
+            if (run_dir / name).exists():
+                lengthdrop.save_length_config(run_dir / name)
 
 
 def _save_model(accelerator, model, tokenizer, path: Path, quantizer=None) -> None:

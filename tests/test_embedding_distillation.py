@@ -308,6 +308,34 @@ def test_mean_pooled_student_with_a_length_config_embeds_with_it(make_embedding_
     assert np.abs(dropped - full).max() > 1e-2
 
 
+def test_search_chooses_a_length_configuration_for_an_embedding_run(make_embedding_recipe, tmp_path):
+    """'sparsify search' on a LengthDrop embedding run scores configurations by the cosine to the teacher's
+    embeddings (full length: what the run reported), writes the chosen one, and the artifact embeds with it."""
+    from sparsify.export import export
+    from sparsify.runtime import SparseModel
+    from sparsify.techniques.length_adaptive.search import search_run
+
+    recipe = make_embedding_recipe(training={"steps": 3},
+                                   techniques=[{"kind": "length_adaptive", "length_drop_ratio_bound": 0.3}])
+    assert run_cli("train", recipe) == 0
+    run = output_dir(recipe)
+    doc = search_run(run, 0.6, population=4, generations=2, seed=0, log=None)
+    assert doc["metric"] == "teacher_cosine" and doc["task"] == "embedding"
+    reported = json.loads((run / "metrics.json").read_text())["metrics"]["teacher_cosine"]
+    full = [c for c in doc["evaluated"] if all(r == 1.0 for r in c["length_config"])]
+    assert full and full[0]["teacher_cosine"] == pytest.approx(reported, abs=1e-6)
+    chosen = doc["chosen"]
+    assert chosen["flops_fraction"] <= 0.6 and 0.0 < chosen["teacher_cosine"] <= 1.0 + 1e-9
+    assert any(r < 1.0 for r in chosen["length_config"])
+    saved = json.loads((run / "model" / "length_config.json").read_text())
+    assert saved["length_config"] == chosen["length_config"]
+    manifest = export(run, tmp_path / "art")["manifest"]
+    assert manifest["length_config"]["lengths"] == chosen["length_config"]
+    rt = SparseModel.from_pretrained(tmp_path / "art")
+    texts = ["the movie was very good and the music was lovely", "a dull plot and a sad actor"]
+    assert not np.allclose(rt.embed(texts), rt.embed(texts, length_config=None), atol=1e-4)
+
+
 def test_fewer_layers_student_exports_and_runs_like_torch(make_embedding_recipe, tmp_path):
     """model.layers: a 1-layer embedding student (hidden states mapped to the teacher's last layer) exports as a
     1-layer embeddings artifact whose runtime embeddings are the PyTorch student's."""

@@ -296,7 +296,8 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
     from sparsify.evaluation import evaluate
     from sparsify.metrics import main_metric
     from sparsify.modeling import load_classifier, load_tokenizer
-    from sparsify.recipe import load_recipe
+    from sparsify.recipe import EMBEDDING, load_recipe
+    from sparsify.sentence import embed_batches, embedding_metrics, load_embedder
     from sparsify.student import encoder_layers
     from sparsify.techniques.length_adaptive.config import save_length_config
     from sparsify.techniques.length_adaptive.flops import EncoderDims, dataset_flops
@@ -314,8 +315,15 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
     data_cfg = recipe.data if max_samples is None else recipe.data.model_copy(update={"max_eval_samples": max_samples})
     tokenizer = load_tokenizer(str(model_dir))
     data = load_task_data(data_cfg, tokenizer, recipe)
-    model = load_classifier(str(model_dir), num_labels=data.num_labels,
-                            label_names=data.label_names, is_regression=data.is_regression)
+    embedding = task == EMBEDDING
+    if embedding:  # a sentence-embedding run: scored by the cosine of its embeddings to its teacher's
+        if recipe.teacher is None:
+            raise SparsifyError(f"{run_dir}: an embedding run is searched on the cosine to its teacher's embeddings, "
+                                "and its recipe names no teacher")
+        model = load_embedder(str(model_dir))
+    else:
+        model = load_classifier(str(model_dir), num_labels=data.num_labels,
+                                label_names=data.label_names, is_regression=data.is_regression)
     model.eval()
     try:
         check_model(model)
@@ -331,16 +339,26 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
         evaluated_as = "int8 conversion (quantization.json)"
     num_layers = len(encoder_layers(model))
     metric = main_metric(task)
-    collate = collator(tokenizer)
+    collate = collator(tokenizer, task)
     rows = [{k: v for k, v in row.items()} for row in data.eval]
     batches = [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+    def score(batches_, forward=None) -> dict:
+        """The task's metrics of ``model`` on ``batches_`` (embeddings: against the teacher's, computed once)."""
+        if embedding:
+            return embedding_metrics(model, batches_, reference, forward=forward)
+        return evaluate(model, batches_, task, is_regression=data.is_regression, forward=forward)
+
+    if embedding:
+        with torch.no_grad():
+            reference = embed_batches(load_embedder(recipe.teacher.name_or_path, revision=recipe.teacher.revision,
+                                                    who="teacher"), batches)
     lengths = [int(sum(row["attention_mask"])) for row in rows]
     dims = EncoderDims.from_config(model.config)
     full = dataset_flops(dims, None, lengths)["full_flops_per_example"]
 
     def run_eval(cfg: Ratios) -> float:
-        metrics = evaluate(model, batches, task, is_regression=data.is_regression,
-                           forward=lambda m, inputs: forward_with_lengths(m, inputs, cfg))
+        metrics = score(batches, forward=lambda m, inputs: forward_with_lengths(m, inputs, cfg))
         if metric not in metrics:
             raise SparsifyError(f"evaluation gave no {metric!r} (got {', '.join(metrics)})")
         return metrics[metric]
@@ -379,8 +397,7 @@ def search_run(run_dir: str | Path, budget: float, *, population: int = 16, gene
         from sparsify.techniques.length_adaptive.truncation import truncation_baseline
 
         def eval_rows(truncated: list[dict]) -> float:
-            return evaluate(model, [collate(truncated[i:i + batch_size]) for i in range(0, len(truncated), batch_size)],
-                            task, is_regression=data.is_regression)[metric]
+            return score([collate(truncated[i:i + batch_size]) for i in range(0, len(truncated), batch_size)])[metric]
 
         with torch.no_grad():
             compared = truncation_baseline(eval_rows, dims, rows, truncation)
@@ -435,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparsify search",
         description="Evolutionary search of the per-layer kept lengths of a length-adaptive run: the best validation "
-                    "metric within a cost budget, as a fraction of the full-length cost. The cost is FLOPs per example "
+                    "metric (an embedding run: the mean cosine to its teacher's embeddings) within a cost budget, as a "
+                    "fraction of the full-length cost. The cost is FLOPs per example "
                     "(FLOPs = 2 x MACs; default) or the latency of the CPU runtime, measured. Writes "
                     "RUN_DIR/search/frontier.{json,png} and RUN_DIR/model/length_config.json.",
     )

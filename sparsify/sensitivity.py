@@ -9,6 +9,13 @@ on the task's dev split. ``--layer-types`` adds a row per layer type (attention 
 intermediate, output), pruning that type alone, to show where the accuracy goes. Taylor and OBS scores read
 ``--calibration-samples`` training examples (a fixed random sample): gradients of the task loss for taylor,
 the Linear inputs for OBS. Seconds are wall time of the pruning step (scores + OBS update), not the evaluation.
+
+A sentence-embedding model (``--task embedding``, texts of ``--config``'s split, default sst2) is scored by the
+mean cosine of the pruned model's embeddings to the dense model's (``teacher_cosine``); taylor needs a task loss
+and does not apply there.
+
+    sparsify sensitivity sentence-transformers/all-MiniLM-L6-v2 --task embedding --config sst2 --score l2,obs \
+        --sparsities 0.5,0.7,0.8,0.9 --max-length 128
 """
 
 from __future__ import annotations
@@ -57,8 +64,10 @@ def sensitivity(model_path: str, *, task: str = "sst2", dataset: str = "nyu-mll/
                 scopes=("layer", "global"), layer_types: bool = False, calibration_samples: int = 256,
                 damping: float = 0.01, max_sparsity: float = 0.98, batch_size: int = 64,
                 max_eval_samples: int | None = None, seed: int = 0, progress: bool = True,
-                train_file: str | None = None, validation_file: str | None = None) -> dict:
-    """The scan as a dict: the dense metrics and one record per (score, scope or layer type, sparsity)."""
+                train_file: str | None = None, validation_file: str | None = None, config: str | None = None) -> dict:
+    """The scan as a dict: the dense metrics and one record per (score, scope or layer type, sparsity).
+    ``task="embedding"``: a sentence-embedding model on the texts of ``config`` (default sst2), scored by the
+    cosine to the dense model's embeddings."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -67,21 +76,38 @@ def sensitivity(model_path: str, *, task: str = "sst2", dataset: str = "nyu-mll/
     from sparsify.evaluation import evaluate
     from sparsify.metrics import main_metric
     from sparsify.modeling import load_classifier, load_tokenizer
-    from sparsify.recipe import DataConfig
+    from sparsify.recipe import EMBEDDING, DataConfig
+    from sparsify.sentence import embed_batches, embedding_metrics, load_embedder
     from sparsify.techniques.pruning import BlockPruner, PruningConfig
     from sparsify.train import calibration_batches
 
+    embedding = task == EMBEDDING
+    if embedding and "taylor" in scores:
+        raise SparsifyError("--score taylor: taylor scores need the gradient of a task loss, and an embedding model "
+                            f"has none; use {', '.join(s for s in SCORES if s != 'taylor')}")
     tokenizer = load_tokenizer(model_path)
     source = ({"train_file": train_file, "validation_file": validation_file} if train_file is not None
-              else {"dataset": dataset, "config": task})
+              else {"dataset": dataset, "config": (config or "sst2") if embedding else task})
     cfg = DataConfig(**source, task=task, max_length=max_length, max_eval_samples=max_eval_samples)
     data = load_task_data(cfg, tokenizer)
-    dense = load_classifier(model_path, num_labels=data.num_labels, label_names=data.label_names,
-                            is_regression=data.is_regression).eval()
-    collate = collator(tokenizer)
+    if embedding:
+        dense = load_embedder(model_path).eval()
+    else:
+        dense = load_classifier(model_path, num_labels=data.num_labels, label_names=data.label_names,
+                                is_regression=data.is_regression).eval()
+    collate = collator(tokenizer, task)
     eval_dl = DataLoader(data.eval, batch_size=batch_size, collate_fn=collate)
     calibration = calibration_batches(data.train, collate, calibration_samples, 32, seed=seed)
     metric = main_metric(task)
+    reference = None
+    if embedding:
+        with torch.no_grad():
+            reference = embed_batches(dense, eval_dl)
+
+    def evaluate_model(model) -> dict:
+        if embedding:
+            return embedding_metrics(model, eval_dl, reference)
+        return evaluate(model, eval_dl, task, is_regression=data.is_regression)
 
     def run(score: str, scope: str, sparsity: float, include: tuple[str, ...] | None) -> dict:
         model = copy.deepcopy(dense)
@@ -95,7 +121,8 @@ def sensitivity(model_path: str, *, task: str = "sst2", dataset: str = "nyu-mll/
         pruner.prepare(model, total_steps=1, calibration=calibration)
         seconds = time.perf_counter() - started
         report = pruner.finalize()
-        metrics = evaluate(model, eval_dl, task, is_regression=data.is_regression)
+        with torch.no_grad():
+            metrics = evaluate_model(model)
         return {"score": score, "scope": scope, "target": sparsity, "sparsity": report["total"]["sparsity"],
                 "follows_block": report["total"]["follows_block"], "prune_seconds": round(seconds, 2),
                 "per_layer": {n: round(v["sparsity"], 4) for n, v in report["layers"].items()}, **metrics}
@@ -106,7 +133,7 @@ def sensitivity(model_path: str, *, task: str = "sst2", dataset: str = "nyu-mll/
                  for s in sparsities]
     records = []
     with torch.no_grad():
-        base = evaluate(dense, eval_dl, task, is_regression=data.is_regression)
+        base = evaluate_model(dense)
     bar = tqdm(plan, desc="sensitivity", unit="scan", disable=not progress)
     for score, scope, s, include in bar:
         bar.set_postfix_str(f"{score} {scope} {s:g}")
@@ -114,7 +141,7 @@ def sensitivity(model_path: str, *, task: str = "sst2", dataset: str = "nyu-mll/
         if include is not None:
             rec["scope"], rec["layer_type"] = "layer", scope
         records.append(rec)
-    return {"model": str(model_path), "task": task, "metric": metric, "block": block, "orientation": "(out x in)",
+    return {"model": str(model_path), "task": task, **({"config": cfg.config} if embedding else {}), "metric": metric, "block": block, "orientation": "(out x in)",
             "calibration_samples": calibration_samples, "damping": damping, "eval_examples": len(data.eval),
             "dense": base, "records": records, "cpu": cpu_info()}
 
@@ -163,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("model", help="model directory, run directory (uses RUN/model) or hub id")
-    parser.add_argument("--task", default="sst2", help="GLUE task whose dev split scores each scan (default sst2)")
+    parser.add_argument("--task", default="sst2", help="GLUE task whose dev split scores each scan (default sst2), "
+                        "or 'embedding': a sentence-embedding model scored by the cosine to the dense model's "
+                        "embeddings")
+    parser.add_argument("--config", default=None, help="with --task embedding: the dataset config whose texts it "
+                        "embeds (default sst2)")
     parser.add_argument("--dataset", default="nyu-mll/glue", help="dataset hub id or directory (default nyu-mll/glue)")
     parser.add_argument("--train-file", help="instead of --dataset: a local csv/tsv/json/jsonl/parquet file (calibration)")
     parser.add_argument("--validation-file", help="with --train-file: the file to evaluate on")
@@ -187,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         sparsities = _floats(args.sparsities, "sparsities")
         scores = _choices(args.score, "score", SCORES)
         scopes = _choices(args.scope, "scope", SCOPES)
+        if args.config is not None and args.task != "embedding":
+            raise SparsifyError(f"--config names the texts of --task embedding; --task {args.task} is its own config")
         if (args.train_file is None) != (args.validation_file is None):
             raise SparsifyError("--train-file and --validation-file go together")
         if args.calibration_samples < 1:
@@ -212,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                              block=args.block, sparsities=sparsities, scores=scores, scopes=scopes,
                              layer_types=args.layer_types, calibration_samples=args.calibration_samples,
                              damping=args.damping, max_eval_samples=args.max_eval_samples,
-                             train_file=args.train_file, validation_file=args.validation_file)
+                             train_file=args.train_file, validation_file=args.validation_file, config=args.config)
     except SparsifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

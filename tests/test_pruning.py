@@ -708,3 +708,27 @@ def test_sensitivity_scan_cli(tiny_model_dir, toy_data, tmp_path, capsys):
         assert any(f.startswith(("avx", "sse", "neon", "asimd")) for f in result["cpu"]["flags"])
     assert cli_main(["sensitivity", str(tiny_model_dir), "--score", "magnitude"]) == 2
     assert "choose from l1, l2, taylor, obs" in capsys.readouterr().err
+
+
+def test_sensitivity_scan_of_an_embedding_model(tiny_st_dir, toy_data, tmp_path, capsys):
+    """--task embedding: each pruned copy is scored by the cosine of its embeddings to the dense model's."""
+    from sparsify.cli import main as cli_main
+
+    out = tmp_path / "scan.json"
+    files = ["--train-file", str(toy_data["train"]), "--validation-file", str(toy_data["validation"])]
+    code = cli_main(["sensitivity", str(tiny_st_dir), "--task", "embedding", *files, "--max-length", "32",
+                     "--sparsities", "0.5,0.9", "--score", "l2,obs", "--scope", "layer", "--calibration-samples",
+                     "32", "--json", str(out), "--threads", "1"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["metric"] == "teacher_cosine" and result["dense"]["teacher_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert len(result["records"]) == 4
+    for r in result["records"]:
+        assert abs(r["sparsity"] - r["target"]) < 0.02 and r["follows_block"]
+        assert -1.0 <= r["teacher_cosine"] < 1.0 - 1e-6  # pruned: no longer the dense model
+    by = {(r["score"], r["target"]): r["teacher_cosine"] for r in result["records"]}
+    assert by[("obs", 0.5)] > by[("obs", 0.9)] and by[("l2", 0.5)] > by[("l2", 0.9)]
+    assert cli_main(["sensitivity", str(tiny_st_dir), "--task", "embedding", *files, "--score", "taylor"]) == 2
+    assert "taylor scores need the gradient of a task loss" in capsys.readouterr().err
+    assert cli_main(["sensitivity", str(tiny_st_dir), "--config", "mrpc"]) == 2
+    assert "--config names the texts of --task embedding" in capsys.readouterr().err

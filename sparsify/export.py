@@ -34,7 +34,10 @@ int8 rows on a model that did not train with them (smaller, but it changes the m
 
 ``hf`` writes a transformers checkpoint with the dense-equivalent weights (masks applied, int8 weights
 dequantized; activation quantization cannot be expressed there). ``onnx`` writes ``model.onnx`` of the same
-dense-equivalent network (inputs ``input_ids``, ``attention_mask``, ``token_type_ids``; output ``logits``).
+dense-equivalent network (inputs ``input_ids``, ``attention_mask`` and, where the model takes them,
+``token_type_ids``; outputs by head: ``logits`` (sequence, token classification), ``start_logits`` and
+``end_logits`` (question answering), ``sentence_embedding`` (embeddings, pooled and normalised as the model's
+sentence-transformers configuration says)).
 """
 
 from __future__ import annotations
@@ -381,6 +384,11 @@ class _Source:
         self.head = _detect_head(model_dir, self.config, self.state, self.arch, self.prefix, self.pooling)
 
 
+# an embeddings model without a sentence-transformers pooling configuration: mean over the real tokens
+DEFAULT_POOLING = {"modes": ["mean"], "normalize": False, "max_seq_length": None,
+                   "source": "default: no modules.json / 1_Pooling/config.json"}
+
+
 def _pooling(model_dir: Path) -> dict | None:
     """The sentence-transformers pipeline of ``modules.json`` (Transformer -> Pooling -> Normalize) as
     ``{"modes", "normalize", "max_seq_length", "source"}``; None for a model without modules.json."""
@@ -639,8 +647,7 @@ def _manifest(src, model_dir: Path, run_dir: Path | None, out: Path, *, layers: 
     sparse_layers = [m for m in layers.values() if m["block"]]
     pooling = src.pooling
     if pooling is None and src.head == "embeddings":
-        pooling = {"modes": ["mean"], "normalize": False, "max_seq_length": None,
-                   "source": "default: no modules.json / 1_Pooling/config.json"}
+        pooling = dict(DEFAULT_POOLING)
     word_key = f"{src.prefix}{src.arch.embeddings['word']}.weight"
     return {
         "format": FORMAT,
@@ -792,8 +799,25 @@ def _copy_sentence_transformers(model_dir: Path, out: Path) -> None:
             shutil.copytree(sub, out / sub.name, dirs_exist_ok=True)
 
 
-def export_onnx(model, path: Path, *, opset: int = 17, seq_len: int = 16) -> Path:
-    """``model.onnx`` with dynamic batch and sequence axes (IR version 8 so that older runtimes load it)."""
+# per head: the ONNX outputs and their dynamic axes (inputs: input_ids, attention_mask and, for models that take
+# them, token_type_ids, all (batch, sequence))
+ONNX_OUTPUTS = {
+    "sequence-classification": {"logits": {0: "batch"}},
+    "token-classification": {"logits": {0: "batch", 1: "sequence"}},
+    "question-answering": {"start_logits": {0: "batch", 1: "sequence"}, "end_logits": {0: "batch", 1: "sequence"}},
+    "embeddings": {"sentence_embedding": {0: "batch"}},
+}
+_HEAD_OF_AUTO = {None: "sequence-classification", "AutoModelForTokenClassification": "token-classification",
+                 "AutoModelForQuestionAnswering": "question-answering", "AutoModel": "embeddings"}
+
+
+def export_onnx(model, path: Path, *, head: str = "sequence-classification", pooling: dict | None = None,
+                opset: int = 17, seq_len: int = 16) -> Path:
+    """``model.onnx`` of ``head`` (outputs: :data:`ONNX_OUTPUTS`) with dynamic batch and sequence axes (IR version 8
+    so that older runtimes load it). Embeddings: the encoder with its sentence-transformers ``pooling`` (modes,
+    normalize) inside the graph."""
+    import inspect
+
     import torch
 
     try:
@@ -802,29 +826,37 @@ def export_onnx(model, path: Path, *, opset: int = 17, seq_len: int = 16) -> Pat
         raise SparsifyError("--format onnx needs the 'onnx' package (pip install 'sparsify-encoders[bench]')") from None
     import copy
 
+    from sparsify.sentence import pool
+
     model = copy.deepcopy(model).eval()  # tracing changes the module's state (its outputs drift afterwards)
     seq_len = min(seq_len, model.config.max_position_embeddings)
     ids = torch.randint(5, min(100, model.config.vocab_size), (2, seq_len))
-    mask = torch.ones_like(ids)
-    types = torch.zeros_like(ids)
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "token_type_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in inspect.signature(model.forward).parameters:  # not DistilBERT
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    outputs = ONNX_OUTPUTS[head]
+    if head == "embeddings":
+        pooling = pooling or DEFAULT_POOLING
 
     class _Wrap(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        def forward(self, *args):
+            out = self.m(**dict(zip(inputs, args)))
+            if head == "embeddings":
+                return pool(out.last_hidden_state, args[1], pooling["modes"], bool(pooling.get("normalize")))
+            return tuple(getattr(out, name) for name in outputs)
 
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Wrap(model), (ids, mask, types), str(path), dynamo=False, opset_version=opset,
-                          input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],
-                          dynamic_axes=axes, do_constant_folding=True)
+        torch.onnx.export(_Wrap(model), tuple(inputs.values()), str(path), dynamo=False, opset_version=opset,
+                          input_names=list(inputs), output_names=list(outputs),
+                          dynamic_axes={**{k: {0: "batch", 1: "sequence"} for k in inputs}, **outputs},
+                          do_constant_folding=True)
     m = onnx.load(str(path))
     m.ir_version = min(m.ir_version, 8)
     onnx.save(m, str(path))
@@ -886,9 +918,6 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
         manifest = _pack_artifact(model_dir, run_dir, out, quant, acts, embeddings, trained_bits)
         summary["manifest"] = manifest
     else:
-        if format == "onnx" and _auto_class(model_dir, _read_json(model_dir / "config.json")) is not None:
-            raise SparsifyError(f"{model_dir}: --format onnx writes sequence classifiers (output 'logits') only; use "
-                                "--format sparsify or hf for token classification, question answering and embeddings")
         out.mkdir(parents=True, exist_ok=True)
         model = dense_equivalent_model(model_dir, quant, embedding_bits=trained_bits)
         if format == "hf":
@@ -900,7 +929,13 @@ def export(run_or_model_dir: str | Path, out_dir: str | Path, format: str = "spa
                 shutil.copyfile(model_dir / "length_config.json", out / "length_config.json")
             _copy_sentence_transformers(model_dir, out)
         else:
-            export_onnx(model, out / "model.onnx")
+            head = _HEAD_OF_AUTO[_auto_class(model_dir, _read_json(model_dir / "config.json"))]
+            pooling = _pooling(model_dir) if head == "embeddings" else None
+            if head == "embeddings" and pooling is None:
+                summary["notes"].append("no sentence-transformers pooling configuration: the ONNX model's "
+                                        "sentence_embedding is the mean of the final hidden states, not normalised")
+            export_onnx(model, out / "model.onnx", head=head, pooling=pooling)
+            summary["onnx_outputs"] = list(ONNX_OUTPUTS[head])
             _copy_tokenizer(model_dir, out)
     summary["artifact_bytes"] = _dir_bytes(out)
     if format == "sparsify":

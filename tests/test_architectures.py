@@ -213,6 +213,33 @@ def test_embeddings_with_token_dropping_pool_what_reached_the_last_layer(arch, t
     assert np.abs(ref - full).max() > 1e-2  # tokens were dropped, and that changed the embeddings
 
 
+@pytest.mark.parametrize("head", list(AUTO))
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_onnx_export_of_every_head(arch, head, tiny_model_dir, tmp_path):
+    """--format onnx writes each head's outputs (embeddings pooled and normalised inside the graph), with
+    token_type_ids only for models that take them; onnxruntime reproduces the reference."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (bench extra)")
+    pytest.importorskip("onnx")
+    art, model, tok, st = _build(arch, head, "4x1-90", tiny_model_dir, tmp_path)
+    summary = export(tmp_path / ("st" if head == "embeddings" else "model"), tmp_path / "onnx", format="onnx")
+    texts, batch = _inputs(tok, arch, head)
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert names == ["input_ids", "attention_mask", *(["token_type_ids"] if arch == "bert" else [])]
+    assert [o.name for o in sess.get_outputs()] == summary["onnx_outputs"]
+    got = sess.run(None, {k: batch[k].numpy() for k in names})
+    with torch.no_grad():
+        if head == "embeddings":
+            refs = [st.encode(list(texts), convert_to_numpy=True, batch_size=len(texts))]
+        else:
+            out = model(**batch)
+            refs = [getattr(out, name).numpy() for name in summary["onnx_outputs"]]
+    assert len(got) == len(refs)
+    for g, r in zip(got, refs):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ other paths
 def test_token_predictions_and_qa_inputs(tiny_model_dir, tmp_path):
     art, model, tok, _ = _build("distilbert", "token-classification", "dense", tiny_model_dir, tmp_path)
